@@ -1,0 +1,93 @@
+//! Terminal glue shared by the two binaries: argument parsing with one-line
+//! errors, the progress bar, and turning a `run()` result into an exit code.
+//! Everything else lives in `tv-core`.
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::process::ExitCode;
+use tv_core::progress::Progress;
+
+/// Exit status for bad arguments (as clap uses).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report).
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Parses the command line; help and version print as usual, any other
+/// parse error becomes one `error: ...` line and exit status 2.
+pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
+    match T::try_parse() {
+        Ok(args) => Ok(args),
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments");
+            let first = first.trim_start_matches("error: ");
+            eprintln!("error: {first} (see --help)");
+            Err(ExitCode::from(EXIT_USAGE))
+        }
+    }
+}
+
+/// Prints an error chain as one line and picks the exit status.
+pub fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let interrupted = e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<tv_core::Error>(),
+                    Some(tv_core::Error::Interrupted)
+                )
+            });
+            if interrupted {
+                ExitCode::from(EXIT_INTERRUPTED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// A byte-counting progress bar on stderr; hidden when stderr is not a
+/// terminal or when `quiet`.
+pub struct Bar(ProgressBar);
+
+impl Bar {
+    /// A bar labelled `message`.
+    pub fn new(message: &'static str, quiet: bool) -> Self {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} ({binary_bytes_per_sec}, {eta} left)",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(message);
+        Self(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn begin(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}

@@ -1,0 +1,129 @@
+//! A base checkpoint and its fine-tunes, opened together and named.
+//!
+//! Model names default to the basename of each model argument (the last
+//! component of a path or of a hub id), as the original tool did; names must
+//! be unique, since they label output folders and tables.
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// The base and the fine-tunes of one merge or analysis.
+#[derive(Debug)]
+pub struct Family {
+    pub base: Checkpoint,
+    pub models: Vec<Checkpoint>,
+    pub names: Vec<String>,
+}
+
+impl Family {
+    /// Opens `base` and `models`; `names` overrides the derived names.
+    pub fn open(base: &str, models: &[String], names: Option<&[String]>) -> Result<Self> {
+        if models.is_empty() {
+            return Err(Error::InvalidArgument("no fine-tuned models given".into()));
+        }
+        let names = resolve_names(models, names)?;
+        let base = Checkpoint::open(base).map_err(|e| context("base model", e))?;
+        let models = models
+            .iter()
+            .zip(&names)
+            .map(|(spec, name)| {
+                Checkpoint::open(spec).map_err(|e| context(&format!("model '{name}'"), e))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            base,
+            models,
+            names,
+        })
+    }
+
+    /// Whether the base ties its output embedding to its input embedding
+    /// (`tie_word_embeddings` in its config, or no `lm_head.weight` stored
+    /// beside an embedding).
+    pub fn base_ties_embeddings(&self) -> bool {
+        let from_config = self
+            .base
+            .config()
+            .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()));
+        from_config.unwrap_or_else(|| {
+            !self.base.contains("lm_head.weight")
+                && self.base.names().iter().any(|n| n.contains("embed_tokens"))
+        })
+    }
+}
+
+fn context(what: &str, e: Error) -> Error {
+    match e {
+        Error::NotFound(msg) => Error::NotFound(format!("{what}: {msg}")),
+        other => other,
+    }
+}
+
+/// The display name of a model argument: its basename.
+pub fn model_name(spec: &str) -> String {
+    let trimmed = spec.trim_end_matches('/');
+    let path = Path::new(trimmed);
+    let name = match path.file_name() {
+        Some(n) => n.to_string_lossy().into_owned(),
+        None => std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| trimmed.to_string()),
+    };
+    if name == "." || name == ".." {
+        return std::fs::canonicalize(path)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or(name);
+    }
+    name
+}
+
+/// Names for `models`: `names` when given (one per model), else basenames;
+/// duplicates are an error that suggests `--names`.
+pub fn resolve_names(models: &[String], names: Option<&[String]>) -> Result<Vec<String>> {
+    let names: Vec<String> = match names {
+        Some(given) => {
+            if given.len() != models.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "--names: got {} names for {} models",
+                    given.len(),
+                    models.len()
+                )));
+            }
+            given.to_vec()
+        }
+        None => models.iter().map(|m| model_name(m)).collect(),
+    };
+    for (i, a) in names.iter().enumerate() {
+        if a.is_empty() || a.contains('/') || a.contains('\\') {
+            return Err(Error::InvalidArgument(format!(
+                "model name '{a}' is not usable as a folder name; set names with --names"
+            )));
+        }
+        if let Some(j) = names[..i].iter().position(|b| b == a) {
+            return Err(Error::InvalidArgument(format!(
+                "models {} and {} are both named '{a}'; give distinct names with --names n1 n2 ...",
+                models[j], models[i]
+            )));
+        }
+    }
+    Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_basenames_and_must_be_unique() {
+        let models = vec!["/a/x/m1/".to_string(), "org/m2".to_string()];
+        assert_eq!(resolve_names(&models, None).unwrap(), ["m1", "m2"]);
+        let dup = vec!["/a/m".to_string(), "/b/m".to_string()];
+        let err = resolve_names(&dup, None).unwrap_err().to_string();
+        assert!(err.contains("--names"), "{err}");
+        let named = ["p".to_string(), "q".to_string()];
+        assert_eq!(resolve_names(&dup, Some(&named)).unwrap(), ["p", "q"]);
+    }
+}

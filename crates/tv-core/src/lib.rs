@@ -1,0 +1,30 @@
+//! `tv-core`: streaming task-vector arithmetic over safetensors checkpoints.
+//!
+//! The library behind `ta-merge` and `ta-analyze`. It finds and mmaps
+//! checkpoints ([`locate`], [`checkpoint`], [`family`]), converts element
+//! types ([`dtype`]), runs fused kernels ([`kernels`], or candle on a GPU via
+//! [`gpu`]), derives merge weights ([`weights`]), merges ([`merge`]) and
+//! writes results atomically ([`writer`], [`staging`], [`sidecar`]). It
+//! parses no arguments and prints nothing; progress goes through
+//! [`progress::Progress`].
+
+pub mod checkpoint;
+pub mod device;
+pub mod dtype;
+pub mod error;
+pub mod family;
+pub mod gpu;
+pub mod interrupt;
+pub mod kernels;
+pub mod locate;
+pub mod merge;
+pub mod progress;
+pub mod sidecar;
+pub mod staging;
+pub mod weights;
+pub mod writer;
+
+pub use error::{Error, Result};
+
+/// This library's version, recorded in outputs.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

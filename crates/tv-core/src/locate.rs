@@ -1,0 +1,236 @@
+//! Turning what the user typed into weight files.
+//!
+//! A model argument may be a folder holding `model.safetensors` or a
+//! `*.safetensors.index.json` with its shards, a single `.safetensors` file,
+//! an index file, or a Hugging Face model id (`org/name`) already present in
+//! the local cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
+//! `~/.cache/huggingface/hub`). This module only finds files; reading them is
+//! the job of [`crate::checkpoint`].
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// Where a checkpoint's weights live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightFiles {
+    /// One safetensors file.
+    Single(PathBuf),
+    /// An index json mapping tensors to shards in the same folder.
+    Indexed(PathBuf),
+    /// Several safetensors files in one folder without an index.
+    Loose(Vec<PathBuf>),
+}
+
+/// A located checkpoint: its weight files and the folder holding its
+/// configuration and tokenizer files.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// What the user typed.
+    pub spec: String,
+    /// The file or folder the user named (the snapshot folder for a hub id).
+    pub root: PathBuf,
+    /// The folder (or, for a single file, the file's folder) of side files.
+    pub folder: PathBuf,
+    /// The weight files.
+    pub weights: WeightFiles,
+}
+
+/// Finds the weight files of `spec` (a path or a cached Hugging Face id).
+pub fn locate(spec: &str) -> Result<Located> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return locate_path(spec, path);
+    }
+    if looks_like_hub_id(spec) {
+        let folder = hub_snapshot(spec)?;
+        return locate_path(spec, &folder);
+    }
+    Err(Error::NotFound(format!("{spec}: no such file or folder")))
+}
+
+fn locate_path(spec: &str, path: &Path) -> Result<Located> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let parent = || {
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    if meta.is_file() {
+        let name = file_name(path);
+        let weights = if name.ends_with(".index.json") {
+            WeightFiles::Indexed(path.to_path_buf())
+        } else if name.ends_with(".safetensors") {
+            WeightFiles::Single(path.to_path_buf())
+        } else {
+            return Err(unsupported_file(path));
+        };
+        return Ok(Located {
+            spec: spec.to_string(),
+            root: path.to_path_buf(),
+            folder: parent(),
+            weights,
+        });
+    }
+    let weights = find_in_folder(path)?;
+    Ok(Located {
+        spec: spec.to_string(),
+        root: path.to_path_buf(),
+        folder: path.to_path_buf(),
+        weights,
+    })
+}
+
+fn unsupported_file(path: &Path) -> Error {
+    let name = file_name(path);
+    if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) {
+        Error::NotFound(format!(
+            "{}: PyTorch pickle checkpoints are not read yet; convert the model to safetensors first",
+            path.display()
+        ))
+    } else {
+        Error::NotFound(format!(
+            "{}: not a safetensors file or index (expected *.safetensors or *.safetensors.index.json)",
+            path.display()
+        ))
+    }
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        return Ok(WeightFiles::Indexed(index));
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(WeightFiles::Single(single));
+    }
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
+    let mut indexes = Vec::new();
+    let mut files = Vec::new();
+    let mut pickles = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list", dir, e))?;
+        let path = entry.path();
+        if !path.is_file() {
+            continue;
+        }
+        let name = file_name(&path);
+        if name.ends_with(".safetensors.index.json") {
+            indexes.push(path);
+        } else if name.ends_with(".safetensors") {
+            files.push(path);
+        } else if name.ends_with(".bin") && name.starts_with("pytorch_model") {
+            pickles.push(path);
+        }
+    }
+    indexes.sort();
+    files.sort();
+    match (indexes.len(), files.len()) {
+        (1, _) => Ok(WeightFiles::Indexed(indexes.remove(0))),
+        (0, 1) => Ok(WeightFiles::Single(files.remove(0))),
+        (0, n) if n > 1 => Ok(WeightFiles::Loose(files)),
+        (0, _) if !pickles.is_empty() => Err(Error::NotFound(format!(
+            "{}: holds only PyTorch pickle weights ({}); convert the model to safetensors first",
+            dir.display(),
+            file_name(&pickles[0])
+        ))),
+        (0, _) => Err(Error::NotFound(format!(
+            "{}: no weights found (looked for model.safetensors, model.safetensors.index.json, *.safetensors)",
+            dir.display()
+        ))),
+        _ => Err(Error::NotFound(format!(
+            "{}: several index files ({}); pass the one to use as the model path",
+            dir.display(),
+            indexes
+                .iter()
+                .map(|p| file_name(p))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// Whether `spec` has the shape of a hub id: `org/name`, nothing more.
+fn looks_like_hub_id(spec: &str) -> bool {
+    let mut parts = spec.split('/');
+    let (Some(org), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    ok(org) && ok(name)
+}
+
+/// The hub cache folder, as huggingface_hub chooses it.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(home) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join("hub");
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache").join("huggingface").join("hub")
+}
+
+fn hub_snapshot(id: &str) -> Result<PathBuf> {
+    let cache = hub_cache_dir();
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let not_cached = || {
+        Error::NotFound(format!(
+            "{id}: not a local path, and not in the Hugging Face cache at {} \
+             (download it first, e.g. `huggingface-cli download {id}`)",
+            cache.display()
+        ))
+    };
+    if !repo.is_dir() {
+        return Err(not_cached());
+    }
+    let snapshots = repo.join("snapshots");
+    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
+        let dir = snapshots.join(rev.trim());
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    // No usable refs/main: accept the cache only when it holds one snapshot.
+    let mut revs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    revs.retain(|p| p.is_dir());
+    match revs.len() {
+        1 => Ok(revs.remove(0)),
+        0 => Err(not_cached()),
+        n => Err(Error::NotFound(format!(
+            "{id}: the cache at {} holds {n} snapshots and no refs/main; pass the snapshot folder path",
+            repo.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_recognised() {
+        assert!(looks_like_hub_id("meta-llama/Llama-3.2-3B"));
+        assert!(!looks_like_hub_id("./x/y"));
+        assert!(!looks_like_hub_id("/abs/path"));
+        assert!(!looks_like_hub_id("a/b/c"));
+        assert!(!looks_like_hub_id("plain"));
+    }
+}

@@ -1,0 +1,85 @@
+//! `ta-merge`'s command line. Flags keep the original tool's underscore
+//! spellings as aliases of the kebab-case names, so its commands run
+//! unchanged.
+
+use clap::Parser;
+use std::path::PathBuf;
+
+/// Merge fine-tunes onto their base by Task Arithmetic:
+/// merged = base + Σ λ_i (model_i − base), with λ from each task vector's
+/// global L2 norm (or given directly).
+#[derive(Debug, Parser)]
+#[command(name = "ta-merge", version, about, long_about = None)]
+pub struct Args {
+    /// The base checkpoint: a folder, a .safetensors file, an index json, or a cached hub id.
+    #[arg(
+        long = "base-model-path",
+        visible_alias = "base_model_path",
+        value_name = "PATH"
+    )]
+    pub base: String,
+
+    /// The fine-tuned checkpoints, same forms as the base.
+    #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required = true)]
+    pub models: Vec<String>,
+
+    /// Global L2 norm of each model's task vector, in model order.
+    #[arg(long = "l2-norms", visible_alias = "l2_norms", value_name = "L2", num_args = 1.., allow_negative_numbers = true, conflicts_with = "lambdas")]
+    pub l2_norms: Option<Vec<f64>>,
+
+    /// Explicit merge weights, one per model, used as given (not normalised).
+    #[arg(long, value_name = "λ", num_args = 1.., allow_negative_numbers = true)]
+    pub lambdas: Option<Vec<f64>>,
+
+    /// The merged model's folder.
+    #[arg(
+        long = "output-path",
+        visible_alias = "output_path",
+        value_name = "DIR"
+    )]
+    pub output: PathBuf,
+
+    /// How norms become weights: linear (1/L), power (1/L^alpha), exp (exp(-beta L / mean L)).
+    #[arg(long, default_value = "exp", value_parser = ["linear", "power", "exp"])]
+    pub mode: String,
+
+    /// Exponent of power mode.
+    #[arg(long, default_value_t = 1.5, allow_negative_numbers = true)]
+    pub alpha: f64,
+
+    /// Temperature of exp mode.
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub beta: f64,
+
+    /// Float type of the output (bf16, f16, f32, f64); default: as the base stores each tensor.
+    #[arg(long)]
+    pub dtype: Option<String>,
+
+    /// Largest output shard, like transformers' save_pretrained (5GB, 500MB, 2GiB).
+    #[arg(
+        long = "max-shard-size",
+        visible_alias = "max_shard_size",
+        default_value = "5GB"
+    )]
+    pub max_shard_size: String,
+
+    /// Where the arithmetic runs: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Names for the models in tables and the record (default: path basenames).
+    #[arg(long, value_name = "NAME", num_args = 1..)]
+    pub names: Option<Vec<String>>,
+
+    /// Check the inputs and print the weights and the output plan; write nothing.
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+
+    /// Replace an existing output folder (only once the new one is complete).
+    #[arg(long)]
+    pub force: bool,
+
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}

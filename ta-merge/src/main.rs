@@ -1,0 +1,140 @@
+//! `ta-merge`: the Task Arithmetic merge as a command. Parses flags, calls
+//! `tv-core`, prints the weight table and the plan; all logic is in the
+//! library.
+
+mod args;
+
+use anyhow::{bail, Context, Result};
+use args::Args;
+use std::process::ExitCode;
+use std::time::Instant;
+use tv_core::device::{Device, DeviceRequest};
+use tv_core::dtype::FloatType;
+use tv_core::family::Family;
+use tv_core::merge::{human_bytes, parse_size, MergePlan};
+use tv_core::sidecar::{self, MergeRecord, RecordModel};
+use tv_core::staging::{check_output_apart, Staging};
+use tv_core::weights::{self, Mode, WeightParams};
+
+fn main() -> ExitCode {
+    match tv_cli::parse_args::<Args>() {
+        Ok(args) => tv_cli::report(run(args)),
+        Err(code) => code,
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    tv_core::interrupt::install().context("cannot install signal handlers")?;
+    let started = Instant::now();
+
+    // Validate the flags before touching any file.
+    let out_type = match &args.dtype {
+        Some(d) => Some(
+            FloatType::parse(d)
+                .with_context(|| format!("--dtype '{d}' is not one of bf16, f16, f32, f64"))?,
+        ),
+        None => None,
+    };
+    let device_request = DeviceRequest::parse(&args.device)?;
+    let max_shard_size = parse_size(&args.max_shard_size)?;
+    let params = WeightParams {
+        mode: Mode::parse(&args.mode).expect("clap checked the mode"),
+        alpha: args.alpha,
+        beta: args.beta,
+    };
+    if args.l2_norms.is_none() && args.lambdas.is_none() {
+        bail!("give the models' task-vector norms with --l2_norms (one per model), or weights with --lambdas");
+    }
+    let device = Device::resolve(device_request)?;
+
+    let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
+    let lambdas = match (&args.l2_norms, &args.lambdas) {
+        (Some(norms), _) => weights::lambdas_from_norms(&family.names, norms, params)?,
+        (None, Some(l)) => {
+            weights::check_explicit(&family.names, l)?;
+            l.clone()
+        }
+        (None, None) => unreachable!("checked above"),
+    };
+    let plan = MergePlan::new(&family, lambdas, out_type, max_shard_size)?;
+
+    print!(
+        "{}",
+        weights::format_table(&family.names, args.l2_norms.as_deref(), &plan.lambdas)
+    );
+    print!("{}", plan.describe(&family.names));
+
+    let mut inputs = vec![("base model", family.base.located.root.as_path())];
+    for m in &family.models {
+        inputs.push(("model", m.located.root.as_path()));
+    }
+    check_output_apart(&args.output, &inputs)?;
+    if args.dry_run {
+        if args.output.exists() && !args.force {
+            bail!(
+                "output {} already exists; pass --force to replace it",
+                args.output.display()
+            );
+        }
+        println!(
+            "dry run: checked inputs and plan on {}; nothing written",
+            device.describe()
+        );
+        return Ok(());
+    }
+
+    let staging = Staging::new(&args.output, args.force)?;
+    let bar = tv_cli::Bar::new("merging", args.quiet);
+    plan.execute(&family, &device, staging.path(), &bar)?;
+    sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;
+    sidecar::copy_side_files(family.base.folder(), staging.path())?;
+    record(&args, &family, &plan).write(staging.path())?;
+    staging.commit()?;
+
+    println!(
+        "wrote {} ({} in {} shard(s)) in {:.1} s",
+        args.output.display(),
+        human_bytes(plan.layout.total_bytes()),
+        plan.layout.shards.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn record(args: &Args, family: &Family, plan: &MergePlan) -> MergeRecord {
+    let models = family
+        .models
+        .iter()
+        .enumerate()
+        .map(|(i, m)| RecordModel {
+            name: family.names[i].clone(),
+            path: m.located.spec.clone(),
+            l2_norm: args.l2_norms.as_ref().map(|n| n[i]),
+            lambda: plan.lambdas[i],
+            missing_tensors: plan.missing[i].clone(),
+            extra_tensors: plan.extra[i].clone(),
+        })
+        .collect();
+    let from_norms = args.l2_norms.is_some();
+    MergeRecord {
+        tool: "ta-merge",
+        version: tv_core::VERSION,
+        method: "task_arithmetic",
+        formula: "merged = base + sum_i lambda_i * (model_i - base)",
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        base: family.base.located.spec.clone(),
+        models,
+        weights_from: if from_norms { "l2_norms" } else { "lambdas" }.to_string(),
+        mode: from_norms.then(|| args.mode.clone()),
+        alpha: args.alpha,
+        beta: args.beta,
+        dtype: plan.main_type.map(|t| t.torch_name().to_string()),
+        tensors_merged: plan.merged_count(),
+        tensors_copied: plan.tensors.len() - plan.merged_count(),
+        shards: plan.layout.shards.len(),
+        total_size: plan.layout.total_bytes(),
+        tied_embeddings: plan.tied_embeddings,
+    }
+}

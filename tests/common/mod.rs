@@ -1,0 +1,414 @@
+//! Helpers shared by the end-to-end tests: tiny checkpoint families written
+//! with the `safetensors` crate (not with the code under test), readers for
+//! the tools' outputs, and independent f64 oracles.
+
+#![allow(dead_code)]
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Storage types the tests generate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    BF16,
+    F16,
+    F32,
+    I64,
+}
+
+impl Ty {
+    pub fn dtype(self) -> Dtype {
+        match self {
+            Ty::BF16 => Dtype::BF16,
+            Ty::F16 => Dtype::F16,
+            Ty::F32 => Dtype::F32,
+            Ty::I64 => Dtype::I64,
+        }
+    }
+
+    pub fn from_dtype(d: Dtype) -> Ty {
+        match d {
+            Dtype::BF16 => Ty::BF16,
+            Dtype::F16 => Ty::F16,
+            Dtype::F32 => Ty::F32,
+            Dtype::I64 => Ty::I64,
+            other => panic!("unexpected dtype {other:?}"),
+        }
+    }
+
+    /// Encodes values (already representable, or rounded by `half`).
+    pub fn encode(self, values: &[f64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for &v in values {
+            match self {
+                Ty::BF16 => out.extend(half::bf16::from_f64(v).to_le_bytes()),
+                Ty::F16 => out.extend(half::f16::from_f64(v).to_le_bytes()),
+                Ty::F32 => out.extend((v as f32).to_le_bytes()),
+                Ty::I64 => out.extend((v as i64).to_le_bytes()),
+            }
+        }
+        out
+    }
+
+    pub fn decode(self, bytes: &[u8]) -> Vec<f64> {
+        match self {
+            Ty::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            Ty::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
+                .collect(),
+            Ty::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+            Ty::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                .collect(),
+        }
+    }
+
+    /// The raw bit pattern of each element, for ulp distances.
+    pub fn bits(self, bytes: &[u8]) -> Vec<i64> {
+        match self {
+            Ty::BF16 | Ty::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]) as i64)
+                .collect(),
+            Ty::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect(),
+            Ty::I64 => bytes
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect(),
+        }
+    }
+
+    /// The correctly rounded value of `x` in this type (nearest, ties to
+    /// even), found by comparing the neighbours of a first guess in f64.
+    pub fn round(self, x: f64) -> Vec<u8> {
+        let (guess, width): (i64, u32) = match self {
+            Ty::BF16 => (half::bf16::from_f64(x).to_bits() as i64, 16),
+            Ty::F16 => (half::f16::from_f64(x).to_bits() as i64, 16),
+            Ty::F32 => ((x as f32).to_bits() as i64, 32),
+            Ty::I64 => return Ty::I64.encode(&[x]),
+        };
+        let value = |bits: i64| -> f64 {
+            match self {
+                Ty::BF16 => half::bf16::from_bits(bits as u16).to_f64(),
+                Ty::F16 => half::f16::from_bits(bits as u16).to_f64(),
+                _ => f32::from_bits(bits as u32) as f64,
+            }
+        };
+        let mask = (1i64 << width) - 1;
+        let mut best = guess;
+        for cand in [guess - 1, guess, guess + 1] {
+            let cand = cand & mask;
+            let (dc, db) = ((value(cand) - x).abs(), (value(best) - x).abs());
+            if dc < db || (dc == db && cand & 1 == 0 && best & 1 == 1) {
+                best = cand;
+            }
+        }
+        match self {
+            Ty::F32 => (best as u32).to_le_bytes().to_vec(),
+            _ => (best as u16).to_le_bytes().to_vec(),
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Ty::BF16 | Ty::F16 => 2,
+            Ty::F32 => 4,
+            Ty::I64 => 8,
+        }
+    }
+}
+
+/// A tensor as the tests describe it.
+#[derive(Debug, Clone)]
+pub struct T {
+    pub name: String,
+    pub ty: Ty,
+    pub shape: Vec<usize>,
+    /// The stored values (exactly as decoded from the stored bytes).
+    pub values: Vec<f64>,
+}
+
+impl T {
+    pub fn new(name: &str, ty: Ty, shape: &[usize], values: Vec<f64>) -> Self {
+        let stored = ty.decode(&ty.encode(&values));
+        T {
+            name: name.into(),
+            ty,
+            shape: shape.to_vec(),
+            values: stored,
+        }
+    }
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+pub fn noise(seed: u64, n: usize, scale: f64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// A base model: embedding, two layers of attention/mlp/norm, optional
+/// lm_head, all of `ty`.
+pub fn base_tensors(ty: Ty, tied: bool) -> Vec<T> {
+    let (vocab, hidden, inter) = (37, 16, 24);
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, hidden])];
+    for l in 0..2 {
+        shapes.push((
+            format!("model.layers.{l}.self_attn.q_proj.weight"),
+            vec![hidden, hidden],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.self_attn.o_proj.weight"),
+            vec![hidden, hidden],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.mlp.up_proj.weight"),
+            vec![inter, hidden],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.mlp.down_proj.weight"),
+            vec![hidden, inter],
+        ));
+        shapes.push((
+            format!("model.layers.{l}.input_layernorm.weight"),
+            vec![hidden],
+        ));
+    }
+    shapes.push(("model.norm.weight".into(), vec![hidden]));
+    if !tied {
+        shapes.push(("lm_head.weight".into(), vec![vocab, hidden]));
+    }
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (name, shape))| {
+            let n = shape.iter().product();
+            let scale = if name.contains("norm") { 1.0 } else { 0.05 };
+            T::new(&name, ty, &shape, noise(i as u64 + 1, n, scale))
+        })
+        .collect()
+}
+
+/// A fine-tune: the base plus `scale`-sized noise (0 gives an exact copy).
+pub fn fine_tune(base: &[T], seed: u64, scale: f64, ty: Ty) -> Vec<T> {
+    base.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let d = noise(seed * 1000 + i as u64, t.values.len(), scale);
+            let v = t.values.iter().zip(d).map(|(b, d)| b + d).collect();
+            T::new(&t.name, ty, &t.shape, v)
+        })
+        .collect()
+}
+
+/// Writes `tensors` as a Hugging Face folder with `shards` files (1 gives
+/// model.safetensors) plus a config.
+pub fn write_model(dir: &Path, tensors: &[T], shards: usize, tied: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let per = tensors.len().div_ceil(shards);
+    let mut weight_map = BTreeMap::new();
+    for (k, chunk) in tensors.chunks(per).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, shards)
+        };
+        let data: Vec<(String, Vec<u8>, &T)> = chunk
+            .iter()
+            .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
+            .collect();
+        let views: Vec<(String, TensorView)> = data
+            .iter()
+            .map(|(n, b, t)| {
+                (
+                    n.clone(),
+                    TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        let mut meta = std::collections::HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        safetensors::serialize_to_file(views, Some(meta), &dir.join(&file)).unwrap();
+        for t in chunk {
+            weight_map.insert(t.name.clone(), file.clone());
+        }
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "tie_word_embeddings": tied,
+        "torch_dtype": "bfloat16",
+        "vocab_size": 37
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+}
+
+/// Adds generation and tokenizer files to a model folder.
+pub fn write_side_files(dir: &Path) {
+    std::fs::write(
+        dir.join("generation_config.json"),
+        "{\"eos_token_id\": 2}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": {}}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        "{\"model_max_length\": 64}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("special_tokens_map.json"),
+        "{\"eos_token\": \"</s>\"}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("tokenizer.model"), [0u8, 1, 2, 3, 255]).unwrap();
+    std::fs::write(dir.join("trainer_state.json"), "{}").unwrap();
+}
+
+/// One stored tensor as read back: type, shape and raw bytes.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub ty: Ty,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
+/// Reads every tensor of a model folder (single file or index + shards)
+/// with the `safetensors` crate.
+pub fn read_model(dir: &Path) -> BTreeMap<String, Stored> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        let mut f: Vec<String> = v["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut out = BTreeMap::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            out.insert(
+                name,
+                Stored {
+                    ty: Ty::from_dtype(view.dtype()),
+                    shape: view.shape().to_vec(),
+                    bytes: view.data().to_vec(),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Runs a binary of this package.
+pub fn run(bin: &str, args: &[&str]) -> Output {
+    run_env(bin, args, &[])
+}
+
+pub fn run_env(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let path = match bin {
+        "ta-merge" => env!("CARGO_BIN_EXE_ta-merge"),
+        other => panic!("unknown binary {other}"),
+    };
+    let mut cmd = Command::new(path);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts a failure with exactly one non-empty stderr line containing
+/// every one of `needles`.
+pub fn assert_one_line_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert!(
+        !o.status.success(),
+        "expected failure, got success; stderr: {err}"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} lacks {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Every file under `dir` with its bytes, to prove inputs unchanged.
+pub fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Names of the entries of `dir`.
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
