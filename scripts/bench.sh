@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Speed and memory of the tools on a benchmark family (a base and five
+# fine-tunes of about 160M parameters each, bf16, two shards each),
+# against floors measured in the same run:
+#   read floor   cat of every input file to /dev/null (warm page cache)
+#   write floor  dd of the output's size to a file, fsynced (as ta-merge does)
+# Reports the median of RUNS runs (default 5) and the ratios to the floors.
+# Usage: scripts/bench.sh [RUNS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:-5}
+data=bench-data
+fam=$data/family
+scratch=$data/scratch
+
+command -v /usr/bin/time >/dev/null || { echo "bench.sh needs GNU time (apt-get install time)" >&2; exit 1; }
+cargo build --release --quiet --bins --examples
+bin=target/release
+[ -f "$fam/home-tune/model.safetensors.index.json" ] || "$bin/examples/make-family" "$fam" --size bench --models 5 >/dev/null
+models=("$fam/math-tune" "$fam/korean-tune" "$fam/instruct-copy" "$fam/dpo-tune" "$fam/home-tune")
+inputs=$(find "$fam/base" "${models[@]}" -name '*.safetensors')
+out_bytes=$(du -cb "$fam"/base/*.safetensors | tail -1 | cut -f1)
+rm -rf "$scratch"; mkdir -p "$scratch"
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.4f", b - a }'; }
+calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
+
+# Warm the page cache once.
+cat $inputs > /dev/null
+
+read_t=(); write_t=(); merge_t=(); merge_rss=()
+for _ in $(seq "$runs"); do
+  t=$(now); cat $inputs > /dev/null; read_t+=("$(elapsed "$t")")
+  t=$(now); dd if=/dev/zero of="$scratch/floor" bs=1M count=$((out_bytes / 1048576)) conv=fsync status=none
+  write_t+=("$(elapsed "$t")"); rm -f "$scratch/floor"
+  rm -rf "$scratch/merged"
+  /usr/bin/time -f '%e %M' -o "$scratch/time" "$bin/ta-merge" --quiet \
+      --base_model_path "$fam/base" --other_model_paths "${models[@]}" \
+      --l2_norms 182.63449804 31.87331430 0.00000000 0.52867741 9.26351817 \
+      --output_path "$scratch/merged" --mode exp --device cpu > /dev/null
+  read -r wall rss < "$scratch/time"
+  merge_t+=("$wall"); merge_rss+=("$rss")
+done
+
+r=$(printf '%s\n' "${read_t[@]}" | median)
+w=$(printf '%s\n' "${write_t[@]}" | median)
+m=$(printf '%s\n' "${merge_t[@]}" | median)
+mr=$(printf '%s\n' "${merge_rss[@]}" | median)
+in_gb=$(du -cb $inputs | tail -1 | cut -f1 | awk '{printf "%.2f", $1/1e9}')
+printf 'benchmark family: 6 x 162M parameters, bf16, %s GB of inputs, %d runs, %s cores\n' "$in_gb" "$runs" "$(nproc)"
+printf '%-28s %10s %12s\n' "measure" "median s" "peak RSS MB"
+printf '%-28s %10.3f %12s\n' "read floor (cat inputs)" "$r" "-"
+printf '%-28s %10.3f %12s\n' "write floor (dd + fsync)" "$w" "-"
+printf '%-28s %10.3f %12.0f\n' "ta-merge" "$m" "$(calc "$mr / 1024")"
+printf 'ta-merge / (read + write floor) = %.2f   (runs: %s)\n' "$(calc "$m / ($r + $w)")" "${merge_t[*]}"
+rm -rf "$scratch"
