@@ -30,7 +30,7 @@ calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
 # Warm the page cache once.
 cat $inputs > /dev/null
 
-read_t=(); write_t=(); merge_t=(); merge_rss=()
+read_t=(); write_t=(); merge_t=(); merge_rss=(); an_t=(); an_rss=()
 for _ in $(seq "$runs"); do
   t=$(now); cat $inputs > /dev/null; read_t+=("$(elapsed "$t")")
   t=$(now); dd if=/dev/zero of="$scratch/floor" bs=1M count=$((out_bytes / 1048576)) conv=fsync status=none
@@ -42,17 +42,26 @@ for _ in $(seq "$runs"); do
       --output_path "$scratch/merged" --mode exp --device cpu > /dev/null
   read -r wall rss < "$scratch/time"
   merge_t+=("$wall"); merge_rss+=("$rss")
+  rm -rf "$scratch/stats"
+  /usr/bin/time -f '%e %M' -o "$scratch/time" "$bin/ta-analyze" --quiet \
+      --base "$fam/base" --models "${models[@]}" --outdir "$scratch/stats" > /dev/null
+  read -r wall rss < "$scratch/time"
+  an_t+=("$wall"); an_rss+=("$rss")
 done
 
 r=$(printf '%s\n' "${read_t[@]}" | median)
 w=$(printf '%s\n' "${write_t[@]}" | median)
 m=$(printf '%s\n' "${merge_t[@]}" | median)
 mr=$(printf '%s\n' "${merge_rss[@]}" | median)
+a=$(printf '%s\n' "${an_t[@]}" | median)
+ar=$(printf '%s\n' "${an_rss[@]}" | median)
 in_gb=$(du -cb $inputs | tail -1 | cut -f1 | awk '{printf "%.2f", $1/1e9}')
 printf 'benchmark family: 6 x 162M parameters, bf16, %s GB of inputs, %d runs, %s cores\n' "$in_gb" "$runs" "$(nproc)"
 printf '%-28s %10s %12s\n' "measure" "median s" "peak RSS MB"
 printf '%-28s %10.3f %12s\n' "read floor (cat inputs)" "$r" "-"
 printf '%-28s %10.3f %12s\n' "write floor (dd + fsync)" "$w" "-"
 printf '%-28s %10.3f %12.0f\n' "ta-merge" "$m" "$(calc "$mr / 1024")"
+printf '%-28s %10.3f %12.0f\n' "ta-analyze" "$a" "$(calc "$ar / 1024")"
 printf 'ta-merge / (read + write floor) = %.2f   (runs: %s)\n' "$(calc "$m / ($r + $w)")" "${merge_t[*]}"
+printf 'ta-analyze / read floor         = %.2f   (runs: %s)\n' "$(calc "$a / $r")" "${an_t[*]}"
 rm -rf "$scratch"

@@ -28,8 +28,17 @@ pub struct Args {
     pub l2_norms: Option<Vec<f64>>,
 
     /// Explicit merge weights, one per model, used as given (not normalised).
-    #[arg(long, value_name = "λ", num_args = 1.., allow_negative_numbers = true)]
+    #[arg(long, value_name = "λ", num_args = 1.., allow_negative_numbers = true, conflicts_with = "from_analysis")]
     pub lambdas: Option<Vec<f64>>,
+
+    /// Take each model's norm from a ta-analyze folder (DIR/<name>/summary.json's global_l2).
+    #[arg(
+        long = "from-analysis",
+        visible_alias = "from_analysis",
+        value_name = "DIR",
+        conflicts_with = "l2_norms"
+    )]
+    pub from_analysis: Option<PathBuf>,
 
     /// The merged model's folder.
     #[arg(

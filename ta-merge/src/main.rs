@@ -12,6 +12,7 @@ use tv_core::device::{Device, DeviceRequest};
 use tv_core::dtype::FloatType;
 use tv_core::family::Family;
 use tv_core::merge::{human_bytes, parse_size, MergePlan};
+use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
 use tv_core::weights::{self, Mode, WeightParams};
@@ -42,13 +43,21 @@ fn run(args: Args) -> Result<()> {
         alpha: args.alpha,
         beta: args.beta,
     };
-    if args.l2_norms.is_none() && args.lambdas.is_none() {
-        bail!("give the models' task-vector norms with --l2_norms (one per model), or weights with --lambdas");
+    if args.l2_norms.is_none() && args.lambdas.is_none() && args.from_analysis.is_none() {
+        bail!(
+            "give the models' task-vector norms with --l2_norms (one per model) or --from-analysis DIR, \
+             or weights with --lambdas"
+        );
     }
     let device = Device::resolve(device_request)?;
 
     let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
-    let lambdas = match (&args.l2_norms, &args.lambdas) {
+    let norms = match (&args.l2_norms, &args.from_analysis) {
+        (Some(n), _) => Some(n.clone()),
+        (None, Some(dir)) => Some(report::norms_from_analysis(dir, &family.names)?),
+        (None, None) => None,
+    };
+    let lambdas = match (&norms, &args.lambdas) {
         (Some(norms), _) => weights::lambdas_from_norms(&family.names, norms, params)?,
         (None, Some(l)) => {
             weights::check_explicit(&family.names, l)?;
@@ -58,11 +67,12 @@ fn run(args: Args) -> Result<()> {
     };
     let plan = MergePlan::new(&family, lambdas, out_type, max_shard_size)?;
 
-    print!(
-        "{}",
-        weights::format_table(&family.names, args.l2_norms.as_deref(), &plan.lambdas)
-    );
-    print!("{}", plan.describe(&family.names));
+    tv_cli::say(weights::format_table(
+        &family.names,
+        norms.as_deref(),
+        &plan.lambdas,
+    ));
+    tv_cli::say(plan.describe(&family.names));
 
     let mut inputs = vec![("base model", family.base.located.root.as_path())];
     for m in &family.models {
@@ -76,7 +86,7 @@ fn run(args: Args) -> Result<()> {
                 args.output.display()
             );
         }
-        println!(
+        tv_cli::sayln!(
             "dry run: checked inputs and plan on {}; nothing written",
             device.describe()
         );
@@ -88,10 +98,10 @@ fn run(args: Args) -> Result<()> {
     plan.execute(&family, &device, staging.path(), &bar)?;
     sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;
     sidecar::copy_side_files(family.base.folder(), staging.path())?;
-    record(&args, &family, &plan).write(staging.path())?;
+    record(&args, &family, &plan, norms.as_deref()).write(staging.path())?;
     staging.commit()?;
 
-    println!(
+    tv_cli::sayln!(
         "wrote {} ({} in {} shard(s)) in {:.1} s",
         args.output.display(),
         human_bytes(plan.layout.total_bytes()),
@@ -101,7 +111,7 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn record(args: &Args, family: &Family, plan: &MergePlan) -> MergeRecord {
+fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>) -> MergeRecord {
     let models = family
         .models
         .iter()
@@ -109,13 +119,18 @@ fn record(args: &Args, family: &Family, plan: &MergePlan) -> MergeRecord {
         .map(|(i, m)| RecordModel {
             name: family.names[i].clone(),
             path: m.located.spec.clone(),
-            l2_norm: args.l2_norms.as_ref().map(|n| n[i]),
+            l2_norm: norms.map(|n| n[i]),
             lambda: plan.lambdas[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
         })
         .collect();
-    let from_norms = args.l2_norms.is_some();
+    let weights_from = match (&args.l2_norms, &args.from_analysis) {
+        (Some(_), _) => "l2_norms".to_string(),
+        (None, Some(dir)) => format!("analysis {}", dir.display()),
+        (None, None) => "lambdas".to_string(),
+    };
+    let from_norms = norms.is_some();
     MergeRecord {
         tool: "ta-merge",
         version: tv_core::VERSION,
@@ -126,7 +141,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan) -> MergeRecord {
             .map_or(0, |d| d.as_secs()),
         base: family.base.located.spec.clone(),
         models,
-        weights_from: if from_norms { "l2_norms" } else { "lambdas" }.to_string(),
+        weights_from,
         mode: from_norms.then(|| args.mode.clone()),
         alpha: args.alpha,
         beta: args.beta,

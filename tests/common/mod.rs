@@ -351,6 +351,7 @@ pub fn run(bin: &str, args: &[&str]) -> Output {
 pub fn run_env(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let path = match bin {
         "ta-merge" => env!("CARGO_BIN_EXE_ta-merge"),
+        "ta-analyze" => env!("CARGO_BIN_EXE_ta-analyze"),
         other => panic!("unknown binary {other}"),
     };
     let mut cmd = Command::new(path);

@@ -91,3 +91,16 @@ impl Progress for Bar {
         self.0.finish_and_clear();
     }
 }
+
+/// Writes `text` to stdout, ignoring a closed pipe (`ta-merge ... | head`):
+/// the human summary is optional, the files are the result.
+pub fn say(text: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = write!(std::io::stdout().lock(), "{text}");
+}
+
+/// `println!` through [`say`].
+#[macro_export]
+macro_rules! sayln {
+    ($($arg:tt)*) => { $crate::say(format!("{}\n", format_args!($($arg)*))) };
+}

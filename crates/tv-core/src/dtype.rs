@@ -50,6 +50,11 @@ impl FloatType {
         }
     }
 
+    /// The byte range of elements `start..end` in a tensor of this type.
+    pub fn byte_range(self, start: usize, end: usize) -> std::ops::Range<usize> {
+        start * self.size()..end * self.size()
+    }
+
     /// The name PyTorch and `config.json` (`torch_dtype`) use.
     pub fn torch_name(self) -> &'static str {
         match self {

@@ -6,6 +6,7 @@
 //! independent pieces and run them on rayon's pool.
 
 use crate::dtype::{decode_f64, encode_f64, FloatType};
+use crate::stats::Moments;
 
 /// Elements per cache-resident block.
 pub const BLOCK: usize = 2048;
@@ -41,10 +42,14 @@ pub fn merge_range(
         let len = BLOCK.min(n - start);
         let (b, m, acc) = (&mut b[..len], &mut m[..len], &mut acc[..len]);
         let elems = start..start + len;
-        decode_f64(base_ty, &base[byte_range(&elems, base_ty)], b);
+        decode_f64(
+            base_ty,
+            &base[base_ty.byte_range(elems.start, elems.end)],
+            b,
+        );
         acc.fill(0.0);
         for a in addends {
-            decode_f64(a.ty, &a.bytes[byte_range(&elems, a.ty)], m);
+            decode_f64(a.ty, &a.bytes[a.ty.byte_range(elems.start, elems.end)], m);
             for ((acc, &m), &b) in acc.iter_mut().zip(m.iter()).zip(b.iter()) {
                 *acc += a.lambda * (m - b);
             }
@@ -52,7 +57,11 @@ pub fn merge_range(
         for (acc, &b) in acc.iter_mut().zip(b.iter()) {
             *acc += b;
         }
-        encode_f64(out_ty, acc, &mut out[byte_range(&elems, out_ty)]);
+        encode_f64(
+            out_ty,
+            acc,
+            &mut out[out_ty.byte_range(elems.start, elems.end)],
+        );
         start += len;
     }
 }
@@ -66,6 +75,171 @@ pub fn convert_range(in_ty: FloatType, input: &[u8], out_ty: FloatType, out: &mu
     merge_range(in_ty, input, &[], out_ty, out);
 }
 
-fn byte_range(elems: &std::ops::Range<usize>, ty: FloatType) -> std::ops::Range<usize> {
-    elems.start * ty.size()..elems.end * ty.size()
+/// Per-model sums of one task-vector tensor range, from [`delta_stats`].
+#[derive(Debug, Clone, Default)]
+pub struct DeltaSums {
+    pub moments: Moments,
+    pub sum_abs: f64,
+    pub max_abs: f64,
+    pub unchanged: u64,
+    pub nonfinite: u64,
+}
+
+/// Everything [`delta_stats`] accumulates over an element range.
+#[derive(Debug, Clone)]
+pub struct DeltaAcc {
+    pub models: Vec<DeltaSums>,
+    /// `dots[i * k + j]` = Σ d_i d_j (the diagonal is Σ d_i²).
+    pub dots: Vec<f64>,
+    /// Σ base², for the base's own norm.
+    pub base_sum_sq: f64,
+}
+
+impl DeltaAcc {
+    /// An empty accumulator for `k` models.
+    pub fn new(k: usize) -> Self {
+        Self {
+            models: vec![DeltaSums::default(); k],
+            dots: vec![0.0; k * k],
+            base_sum_sq: 0.0,
+        }
+    }
+
+    /// Adds a later range's sums (order matters only in the last bits).
+    pub fn combine(mut self, other: &Self) -> Self {
+        for (a, b) in self.models.iter_mut().zip(&other.models) {
+            a.moments = a.moments.combine(b.moments);
+            a.sum_abs += b.sum_abs;
+            a.max_abs = a.max_abs.max(b.max_abs);
+            a.unchanged += b.unchanged;
+            a.nonfinite += b.nonfinite;
+        }
+        for (a, b) in self.dots.iter_mut().zip(&other.dots) {
+            *a += b;
+        }
+        self.base_sum_sq += other.base_sum_sq;
+        self
+    }
+}
+
+/// One pass over an element range of the base and of `k` models: for each
+/// model's delta d = m − base, its moments, Σ|d|, max|d|, zero and
+/// non-finite counts; Σ d_i d_j for every pair; and Σ base².
+pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc {
+    let k = models.len();
+    let n = base.len() / base_ty.size();
+    let mut acc = DeltaAcc::new(k);
+    let mut b = vec![0f64; BLOCK];
+    let mut ds = vec![0f64; k * BLOCK];
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let elems = start..start + len;
+        let b = &mut b[..len];
+        decode_f64(
+            base_ty,
+            &base[base_ty.byte_range(elems.start, elems.end)],
+            b,
+        );
+        acc.base_sum_sq += b.iter().map(|x| x * x).sum::<f64>();
+        for (i, &(ty, bytes)) in models.iter().enumerate() {
+            let d = &mut ds[i * BLOCK..i * BLOCK + len];
+            decode_f64(ty, &bytes[ty.byte_range(elems.start, elems.end)], d);
+            let mut sum_abs = 0.0;
+            let mut max_abs = 0f64;
+            let mut unchanged = 0u64;
+            let mut nonfinite = 0u64;
+            for (d, &b) in d.iter_mut().zip(b.iter()) {
+                *d -= b;
+                let a = d.abs();
+                sum_abs += a;
+                max_abs = max_abs.max(a);
+                unchanged += u64::from(*d == 0.0);
+                nonfinite += u64::from(!d.is_finite());
+            }
+            let s = &mut acc.models[i];
+            s.moments = s.moments.combine(Moments::of(d));
+            s.sum_abs += sum_abs;
+            s.max_abs = s.max_abs.max(max_abs);
+            s.unchanged += unchanged;
+            s.nonfinite += nonfinite;
+        }
+        for i in 0..k {
+            let di = &ds[i * BLOCK..i * BLOCK + len];
+            for j in i..k {
+                let dj = &ds[j * BLOCK..j * BLOCK + len];
+                let dot: f64 = di.iter().zip(dj).map(|(x, y)| x * y).sum();
+                acc.dots[i * k + j] += dot;
+                if i != j {
+                    acc.dots[j * k + i] += dot;
+                }
+            }
+        }
+        start += len;
+    }
+    acc
+}
+
+/// Writes d = model − base for an element range into `out` as f32 and
+/// reports whether every value was exact in f32.
+pub fn delta_into_f32(
+    base_ty: FloatType,
+    base: &[u8],
+    ty: FloatType,
+    model: &[u8],
+    out: &mut [f32],
+) -> bool {
+    let mut exact = true;
+    delta_blocks(base_ty, base, ty, model, out.len(), |start, d| {
+        for (o, &v) in out[start..start + d.len()].iter_mut().zip(d) {
+            *o = v as f32;
+            exact &= f64::from(*o) == v || v.is_nan();
+        }
+    });
+    exact
+}
+
+/// Writes d = model − base for an element range into `out` as f64.
+pub fn delta_into_f64(
+    base_ty: FloatType,
+    base: &[u8],
+    ty: FloatType,
+    model: &[u8],
+    out: &mut [f64],
+) {
+    delta_blocks(base_ty, base, ty, model, out.len(), |start, d| {
+        out[start..start + d.len()].copy_from_slice(d);
+    });
+}
+
+fn delta_blocks(
+    base_ty: FloatType,
+    base: &[u8],
+    ty: FloatType,
+    model: &[u8],
+    n: usize,
+    mut emit: impl FnMut(usize, &[f64]),
+) {
+    let mut b = [0f64; BLOCK];
+    let mut d = [0f64; BLOCK];
+    let mut start = 0;
+    while start < n {
+        let len = BLOCK.min(n - start);
+        let elems = start..start + len;
+        decode_f64(
+            base_ty,
+            &base[base_ty.byte_range(elems.start, elems.end)],
+            &mut b[..len],
+        );
+        decode_f64(
+            ty,
+            &model[ty.byte_range(elems.start, elems.end)],
+            &mut d[..len],
+        );
+        for (d, b) in d[..len].iter_mut().zip(&b[..len]) {
+            *d -= b;
+        }
+        emit(start, &d[..len]);
+        start += len;
+    }
 }

@@ -8,6 +8,7 @@
 //! parses no arguments and prints nothing; progress goes through
 //! [`progress::Progress`].
 
+pub mod analyze;
 pub mod checkpoint;
 pub mod device;
 pub mod dtype;
@@ -18,9 +19,13 @@ pub mod interrupt;
 pub mod kernels;
 pub mod locate;
 pub mod merge;
+pub mod plot;
 pub mod progress;
+pub mod quantile;
+pub mod report;
 pub mod sidecar;
 pub mod staging;
+pub mod stats;
 pub mod weights;
 pub mod writer;
 

@@ -1,0 +1,144 @@
+//! `ta-analyze`: task-vector statistics of fine-tunes against their base.
+//! Parses flags, calls `tv-core`'s single-pass analysis, writes the report
+//! folder atomically and prints a short table; all logic is in the library.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+use tv_core::analyze::{analyze, AnalyzeOptions};
+use tv_core::device::{Device, DeviceRequest};
+use tv_core::family::Family;
+use tv_core::report;
+use tv_core::staging::{check_output_apart, Staging};
+use tv_core::weights::Mode;
+
+/// Compute each fine-tune's task vector (fine-tune − base) and report
+/// per-tensor statistics, group summaries, pairwise cosines and plots.
+#[derive(Debug, Parser)]
+#[command(name = "ta-analyze", version, about, long_about = None)]
+struct Args {
+    /// The base checkpoint: a folder, a .safetensors file, an index json, or a cached hub id.
+    #[arg(long, value_name = "PATH")]
+    base: String,
+
+    /// The fine-tuned checkpoints, same forms as the base.
+    #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
+    models: Vec<String>,
+
+    /// Output folder (a previous analysis there is replaced).
+    #[arg(long, default_value = "./tv_stats")]
+    outdir: PathBuf,
+
+    /// Model names for folders and tables (default: path basenames).
+    #[arg(long, value_name = "NAME", num_args = 1..)]
+    names: Option<Vec<String>>,
+
+    /// auto, cpu, cuda or cuda:N. The statistics run on the CPU's fused kernels.
+    #[arg(long, default_value = "auto")]
+    device: String,
+
+    /// Accepted for compatibility with the original tool; no effect.
+    #[arg(long = "multi-gpu", visible_alias = "multi_gpu")]
+    multi_gpu: bool,
+
+    /// Count a tied embedding twice (as lm_head.weight too), reproducing the
+    /// original tool's numbers for tied models.
+    #[arg(long = "count-tied-lm-head")]
+    count_tied_lm_head: bool,
+
+    /// Replace an output folder that does not hold a previous analysis.
+    #[arg(long)]
+    force: bool,
+
+    /// No progress bar.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn main() -> ExitCode {
+    match tv_cli::parse_args::<Args>() {
+        Ok(args) => tv_cli::report(run(args)),
+        Err(code) => code,
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    tv_core::interrupt::install().context("cannot install signal handlers")?;
+    let started = Instant::now();
+    // The device is checked for the same errors as ta-merge's; the analysis
+    // itself is memory-bound and runs on the CPU kernels.
+    Device::resolve(DeviceRequest::parse(&args.device)?)?;
+
+    let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
+    let mut inputs = vec![("base model", family.base.located.root.as_path())];
+    for m in &family.models {
+        inputs.push(("model", m.located.root.as_path()));
+    }
+    check_output_apart(&args.outdir, &inputs)?;
+    let replace = args.force || report::is_replaceable_output(&args.outdir);
+    if args.outdir.exists() && !replace {
+        anyhow::bail!(
+            "--outdir {} exists and does not hold a previous analysis; pass --force to replace it",
+            args.outdir.display()
+        );
+    }
+
+    let bar = tv_cli::Bar::new("analysing", args.quiet);
+    let options = AnalyzeOptions {
+        count_tied_lm_head: args.count_tied_lm_head,
+    };
+    let analysis = analyze(&family, options, &bar)?;
+
+    let staging = Staging::new(&args.outdir, replace)?;
+    report::write_all(&analysis, staging.path())?;
+    staging.commit()?;
+
+    let exp = analysis
+        .merge_weights()
+        .into_iter()
+        .find(|(m, _)| *m == Mode::Exp)
+        .and_then(|(_, w)| w.ok());
+    let width = family
+        .names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(12);
+    tv_cli::sayln!(
+        "{:<width$}  {:>14}  {:>12}  {:>9}",
+        "model",
+        "global L2",
+        "rel. change",
+        "λ (exp)"
+    );
+    for (i, m) in analysis.models.iter().enumerate() {
+        let s = &m.summary;
+        let lambda = exp
+            .as_ref()
+            .map_or("n/a".to_string(), |w| format!("{:.6}", w[i]));
+        tv_cli::sayln!(
+            "{:<width$}  {:>14.6}  {:>12.3e}  {:>9}",
+            m.name,
+            s.global_l2,
+            s.relative_change,
+            lambda
+        );
+        if s.skipped_params > 0 {
+            tv_cli::sayln!(
+                "{:<width$}  ({} tensors skipped; see summary.json)",
+                "",
+                s.skipped_params
+            );
+        }
+    }
+    tv_cli::sayln!(
+        "wrote {} in {:.1} s; merge with: ta-merge --from-analysis {} ...",
+        args.outdir.display(),
+        started.elapsed().as_secs_f64(),
+        args.outdir.display()
+    );
+    Ok(())
+}
