@@ -365,12 +365,33 @@ fn analyze(dir: &Path, models: &[&str], extra: &[&str]) -> std::process::Output 
 #[test]
 fn bf16_family_statistics_cosines_and_outputs() {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_tensors(Ty::BF16, false);
-    let models = [
+    let mut base = base_tensors(Ty::BF16, false);
+    // Deltas f32 cannot tell apart: 0.5 and 0.5 ± 2^-40 (exact in f64) all
+    // round to 0.5 in f32, so their order must come from their true values;
+    // in a tensor large enough for the radix path and in a small one.
+    let tiny = 2f64.powi(-40);
+    let tie_tensors = [
+        ("model.ties_big.weight", 70_000),
+        ("model.ties_small.weight", 300),
+    ];
+    for (name, n) in tie_tensors {
+        let values = (0..n).map(|i| [0.25, -tiny, tiny][i % 3]).collect();
+        base.push(T::new(name, Ty::BF16, &[n], values));
+    }
+    let mut models = [
         fine_tune(&base, 1, 0.02, Ty::BF16),
         fine_tune(&base, 2, 0.0, Ty::BF16),
         fine_tune(&base, 3, 0.005, Ty::BF16),
     ];
+    for (name, n) in tie_tensors {
+        let t = models[0].iter_mut().find(|t| t.name == name).unwrap();
+        *t = T::new(
+            name,
+            Ty::BF16,
+            &[n],
+            (0..n).map(|i| [0.75, 0.5, 0.5][i % 3]).collect(),
+        );
+    }
     write_model(&dir.path().join("base"), &base, 1, false);
     let names = ["alpha", "same", "gamma"];
     for (n, m) in names.iter().zip(&models) {

@@ -13,9 +13,9 @@ use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::family::Family;
 use crate::interrupt;
-use crate::kernels::{delta_into_f32, delta_into_f64, delta_stats, DeltaAcc};
+use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc};
 use crate::progress::Progress;
-use crate::quantile::quantiles;
+use crate::quantile::{quantiles, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
 use crate::weights::{lambdas_from_norms, Mode, WeightParams};
 use rayon::prelude::*;
@@ -172,7 +172,10 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             base_sum_sq[i] += acc.base_sum_sq;
         }
         for (slot, &(i, tref)) in sources.iter().enumerate() {
-            let q = buffers.quantiles(&Pair::new(family, base, i, tref))?;
+            let q = buffers.quantiles(
+                &Pair::new(family, base, i, tref),
+                acc.models[slot].unchanged,
+            )?;
             let s = &acc.models[slot];
             rows[i].push(TensorRow {
                 param: name.to_string(),
@@ -368,22 +371,24 @@ struct Buffers {
 
 impl Buffers {
     /// Exact quantiles of one model's delta for one tensor: in the f32
-    /// buffer when every delta is exact in f32 (the usual case for 16-bit
-    /// checkpoints), else in the f64 buffer.
-    fn quantiles(&mut self, pair: &Pair) -> Result<[f64; 11]> {
+    /// buffer for 16-bit checkpoints (with the rare deltas f32 cannot hold
+    /// listed exactly beside it), else in the f64 buffer. Zero deltas are
+    /// counted, not stored, when they are many.
+    fn quantiles(&mut self, pair: &Pair, zeros: u64) -> Result<[f64; 11]> {
         let numel = pair.base.numel();
+        let compact = zeros as usize * 4 > numel;
         if pair.base_ty.size() == 2 && pair.model_ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
-            if pair.fill(&mut self.f32s, delta_into_f32)? {
-                return Ok(quantiles(&mut self.f32s[..numel]));
-            }
+            let (kept, mut inexact) = pair.fill(&mut self.f32s, compact, delta_into_f32)?;
+            return Ok(quantiles(
+                &mut self.f32s[..kept],
+                numel - kept,
+                &mut inexact,
+            ));
         }
         self.f64s.resize(numel, 0.0);
-        pair.fill(&mut self.f64s, |bt, b, mt, m, out| {
-            delta_into_f64(bt, b, mt, m, out);
-            true
-        })?;
-        Ok(quantiles(&mut self.f64s[..numel]))
+        let (kept, _) = pair.fill(&mut self.f64s, compact, delta_into_f64)?;
+        Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []))
     }
 }
 
@@ -409,45 +414,64 @@ impl<'a> Pair<'a> {
         }
     }
 
-    /// Fills `out` with model − base in parallel segments, releasing the
-    /// input pages as it goes; returns whether `write` reported every value
-    /// exact.
-    fn fill<T: Send>(
+    /// Writes the deltas into `out` in parallel segments, releasing the input
+    /// pages as it goes; with `compact`, only the non-zero ones, at the
+    /// front. Returns how many were kept and the true values of those `T`
+    /// could not hold exactly.
+    fn fill<T: Sample>(
         &self,
         out: &mut [T],
-        write: impl Fn(FloatType, &[u8], FloatType, &[u8], &mut [T]) -> bool + Sync,
-    ) -> Result<bool> {
+        compact: bool,
+        write: impl Fn(FloatType, &[u8], FloatType, &[u8], &mut [T], &mut Vec<f64>) + Sync,
+    ) -> Result<(usize, Vec<f64>)> {
         let (bt, mt) = (self.base_ty, self.model_ty);
         let base_bytes = self.family.base.bytes(self.base);
         let model = &self.family.models[self.model];
         let model_bytes = model.bytes(self.tensor);
-        let mut exact = true;
-        for (seg, chunk) in out.chunks_mut(SEGMENT).enumerate() {
+        let numel = out.len();
+        let mut kept = 0;
+        let mut inexact = Vec::new();
+        let mut s0 = 0;
+        while s0 < numel {
             if interrupt::requested() {
                 return Err(Error::Interrupted);
             }
-            let s0 = seg * SEGMENT;
-            let s1 = s0 + chunk.len();
-            exact &= chunk
+            let s1 = (s0 + SEGMENT).min(numel);
+            let parts: Vec<(usize, Vec<f64>)> = out[s0..s1]
                 .par_chunks_mut(TASK)
                 .enumerate()
                 .map(|(c, part)| {
                     let e0 = s0 + c * TASK;
                     let e1 = e0 + part.len();
-                    write(
-                        bt,
+                    let (b, m) = (
                         &base_bytes[bt.byte_range(e0, e1)],
-                        mt,
                         &model_bytes[mt.byte_range(e0, e1)],
-                        part,
-                    )
+                    );
+                    let mut odd = Vec::new();
+                    let count = if compact {
+                        delta_nonzero(bt, b, mt, m, part, &mut odd)
+                    } else {
+                        write(bt, b, mt, m, part, &mut odd);
+                        part.len()
+                    };
+                    (count, odd)
                 })
-                .reduce(|| true, |a, b| a && b);
+                .collect();
+            // Close the gaps the zeros left: parts start at multiples of TASK.
+            for (c, (count, odd)) in parts.into_iter().enumerate() {
+                let from = s0 + c * TASK;
+                if from != kept {
+                    out.copy_within(from..from + count, kept);
+                }
+                kept += count;
+                inexact.extend(odd);
+            }
             let (b, m) = (bt.byte_range(s0, s1), mt.byte_range(s0, s1));
             self.family.base.release(self.base, b.start, b.end);
             model.release(self.tensor, m.start, m.end);
+            s0 = s1;
         }
-        Ok(exact)
+        Ok((kept, inexact))
     }
 }
 

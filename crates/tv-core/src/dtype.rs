@@ -92,6 +92,7 @@ fn bf16_bits_to_f32(bits: u16) -> f32 {
 /// Decodes `out.len()` elements of type `ty` from `bytes` into f64.
 ///
 /// `bytes` must hold exactly `out.len() * ty.size()` bytes.
+#[inline(always)]
 pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
     debug_assert_eq!(bytes.len(), out.len() * ty.size());
     match ty {
@@ -151,6 +152,7 @@ pub fn f32_to_bf16_bits(x: f32) -> u16 {
 /// nearest representable value (ties to even).
 ///
 /// `out` must hold exactly `values.len() * ty.size()` bytes.
+#[inline(always)]
 pub fn encode_f64(ty: FloatType, values: &[f64], out: &mut [u8]) {
     debug_assert_eq!(out.len(), values.len() * ty.size());
     match ty {

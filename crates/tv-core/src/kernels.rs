@@ -6,6 +6,9 @@
 //! independent pieces and run them on rayon's pool.
 
 use crate::dtype::{decode_f64, encode_f64, FloatType};
+use crate::lanes;
+use crate::quantile::Sample;
+use crate::simd::simd_dispatch;
 use crate::stats::Moments;
 
 /// Elements per cache-resident block.
@@ -20,12 +23,18 @@ pub struct Addend<'a> {
     pub bytes: &'a [u8],
 }
 
-/// Computes `base + Σ λ_i (model_i - base)` for one element range, in f64,
-/// rounding once into `out` (type `out_ty`).
-///
-/// `base` holds `n` elements of `base_ty`, each addend `n` elements of its
-/// own type, `out` `n` elements of `out_ty`.
-pub fn merge_range(
+simd_dispatch! {
+    /// Computes `base + Σ λ_i (model_i - base)` for one element range, in
+    /// f64, rounding once into `out` (type `out_ty`).
+    ///
+    /// `base` holds `n` elements of `base_ty`, each addend `n` elements of its
+    /// own type, `out` `n` elements of `out_ty`.
+    pub fn merge_range(base_ty: FloatType, base: &[u8], addends: &[Addend<'_>], out_ty: FloatType, out: &mut [u8])
+        => merge_kernel
+}
+
+#[inline(always)]
+fn merge_kernel(
     base_ty: FloatType,
     base: &[u8],
     addends: &[Addend<'_>],
@@ -122,13 +131,21 @@ impl DeltaAcc {
     }
 }
 
-/// One pass over an element range of the base and of `k` models: for each
-/// model's delta d = m − base, its moments, Σ|d|, max|d|, zero and
-/// non-finite counts; Σ d_i d_j for every pair; and Σ base².
-pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc {
+simd_dispatch! {
+    /// One pass over an element range of the base and of `k` models: for
+    /// each model's delta d = m − base, its moments, Σ|d|, max|d|, zero and
+    /// non-finite counts; Σ d_i d_j for every pair; and Σ base².
+    pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc
+        => delta_stats_kernel
+}
+
+#[inline(always)]
+fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc {
     let k = models.len();
     let n = base.len() / base_ty.size();
     let mut acc = DeltaAcc::new(k);
+    // Smaller blocks than the merge's: k deltas must stay in the L1 cache.
+    const BLOCK: usize = 512;
     let mut b = vec![0f64; BLOCK];
     let mut ds = vec![0f64; k * BLOCK];
     let mut start = 0;
@@ -141,22 +158,14 @@ pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])
             &base[base_ty.byte_range(elems.start, elems.end)],
             b,
         );
-        acc.base_sum_sq += b.iter().map(|x| x * x).sum::<f64>();
+        acc.base_sum_sq += lanes::dot(b, b);
         for (i, &(ty, bytes)) in models.iter().enumerate() {
             let d = &mut ds[i * BLOCK..i * BLOCK + len];
             decode_f64(ty, &bytes[ty.byte_range(elems.start, elems.end)], d);
-            let mut sum_abs = 0.0;
-            let mut max_abs = 0f64;
-            let mut unchanged = 0u64;
-            let mut nonfinite = 0u64;
             for (d, &b) in d.iter_mut().zip(b.iter()) {
                 *d -= b;
-                let a = d.abs();
-                sum_abs += a;
-                max_abs = max_abs.max(a);
-                unchanged += u64::from(*d == 0.0);
-                nonfinite += u64::from(!d.is_finite());
             }
+            let (sum_abs, max_abs, unchanged, nonfinite) = lanes::abs_stats(d);
             let s = &mut acc.models[i];
             s.moments = s.moments.combine(Moments::of(d));
             s.sum_abs += sum_abs;
@@ -168,7 +177,7 @@ pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])
             let di = &ds[i * BLOCK..i * BLOCK + len];
             for j in i..k {
                 let dj = &ds[j * BLOCK..j * BLOCK + len];
-                let dot: f64 = di.iter().zip(dj).map(|(x, y)| x * y).sum();
+                let dot = lanes::dot(di, dj);
                 acc.dots[i * k + j] += dot;
                 if i != j {
                     acc.dots[j * k + i] += dot;
@@ -180,38 +189,72 @@ pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])
     acc
 }
 
-/// Writes d = model − base for an element range into `out` as f32 and
-/// reports whether every value was exact in f32.
-pub fn delta_into_f32(
+/// Writes the non-zero deltas d = model − base of an element range to the
+/// front of `out` (as f32 or f64, rounded to nearest), the true value of
+/// each inexact one to `inexact`, and returns how many there were.
+pub fn delta_nonzero<T: Sample>(
     base_ty: FloatType,
     base: &[u8],
     ty: FloatType,
     model: &[u8],
-    out: &mut [f32],
-) -> bool {
-    let mut exact = true;
-    delta_blocks(base_ty, base, ty, model, out.len(), |start, d| {
-        for (o, &v) in out[start..start + d.len()].iter_mut().zip(d) {
-            *o = v as f32;
-            exact &= f64::from(*o) == v || v.is_nan();
+    out: &mut [T],
+    inexact: &mut Vec<f64>,
+) -> usize {
+    let mut written = 0;
+    delta_blocks(base_ty, base, ty, model, out.len(), |_, d| {
+        for &v in d {
+            // Branch-free compaction: always store, advance only past non-zeros.
+            let t = T::from_f64(v);
+            if t.to_f64() != v && !v.is_nan() {
+                inexact.push(v);
+            }
+            out[written] = t;
+            written += usize::from(v != 0.0);
         }
     });
-    exact
+    written
 }
 
-/// Writes d = model − base for an element range into `out` as f64.
-pub fn delta_into_f64(
+simd_dispatch! {
+    /// Writes d = model − base for an element range into `out` as f32,
+    /// rounded to nearest, and the true value of each inexact one to
+    /// `inexact`.
+    pub fn delta_into_f32(base_ty: FloatType, base: &[u8], ty: FloatType, model: &[u8], out: &mut [f32], inexact: &mut Vec<f64>)
+        => delta_into_kernel
+}
+
+simd_dispatch! {
+    /// Writes d = model − base for an element range into `out` as f64.
+    pub fn delta_into_f64(base_ty: FloatType, base: &[u8], ty: FloatType, model: &[u8], out: &mut [f64], inexact: &mut Vec<f64>)
+        => delta_into_kernel
+}
+
+#[inline(always)]
+fn delta_into_kernel<T: Sample>(
     base_ty: FloatType,
     base: &[u8],
     ty: FloatType,
     model: &[u8],
-    out: &mut [f64],
+    out: &mut [T],
+    inexact: &mut Vec<f64>,
 ) {
     delta_blocks(base_ty, base, ty, model, out.len(), |start, d| {
-        out[start..start + d.len()].copy_from_slice(d);
+        let mut exact = true;
+        for (o, &v) in out[start..start + d.len()].iter_mut().zip(d) {
+            *o = T::from_f64(v);
+            exact &= o.to_f64() == v || v.is_nan();
+        }
+        if !exact {
+            let odd = d
+                .iter()
+                .copied()
+                .filter(|&v| T::from_f64(v).to_f64() != v && !v.is_nan());
+            inexact.extend(odd);
+        }
     });
 }
 
+#[inline(always)]
 fn delta_blocks(
     base_ty: FloatType,
     base: &[u8],

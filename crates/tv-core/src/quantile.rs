@@ -17,12 +17,21 @@ pub const LEVELS: [f64; 11] = [
 
 /// A buffer element: f32 or f64 with an order-preserving 64-bit key.
 pub trait Sample: Copy + Send + Sync + PartialOrd {
+    /// Rounds an f64 to this type.
+    fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     /// A key whose unsigned order is the numeric order (NaN sorts last).
     fn key(self) -> u64;
+    /// The value of a key.
+    fn from_key(key: u64) -> Self;
+    /// Whether the top 32 key bits determine the value.
+    const KEY_IS_32_BITS: bool;
 }
 
 impl Sample for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
     fn to_f64(self) -> f64 {
         f64::from(self)
     }
@@ -35,9 +44,21 @@ impl Sample for f32 {
         };
         u64::from(k) << 32
     }
+    fn from_key(key: u64) -> Self {
+        let k = (key >> 32) as u32;
+        f32::from_bits(if k & 0x8000_0000 != 0 {
+            k & 0x7FFF_FFFF
+        } else {
+            !k
+        })
+    }
+    const KEY_IS_32_BITS: bool = true;
 }
 
 impl Sample for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
     fn to_f64(self) -> f64 {
         self
     }
@@ -49,6 +70,14 @@ impl Sample for f64 {
             b | (1 << 63)
         }
     }
+    fn from_key(key: u64) -> Self {
+        f64::from_bits(if key & (1 << 63) != 0 {
+            key & !(1 << 63)
+        } else {
+            !key
+        })
+    }
+    const KEY_IS_32_BITS: bool = false;
 }
 
 /// numpy's linear interpolation between `a` and `b` at `t` in [0, 1].
@@ -61,10 +90,20 @@ pub fn lerp(a: f64, b: f64, t: f64) -> f64 {
     }
 }
 
-/// The quantiles at [`LEVELS`] of `values` (which is reordered). Empty input
-/// gives NaN.
-pub fn quantiles<T: Sample>(values: &mut [T]) -> [f64; LEVELS.len()] {
-    let n = values.len();
+/// The quantiles at [`LEVELS`] of `values` plus `zeros` further elements
+/// equal to 0 (left out of the buffer: unchanged weights are often most of
+/// a task vector). `values` is reordered. No elements at all gives NaN.
+///
+/// `inexact` lists the true values of elements that `values` holds rounded
+/// to nearest (an f32 buffer of deltas that f32 cannot always represent):
+/// rounding keeps the order between different stored values, so only ties
+/// of a stored value need the true values to be ranked exactly.
+pub fn quantiles<T: Sample>(
+    values: &mut [T],
+    zeros: usize,
+    inexact: &mut [f64],
+) -> [f64; LEVELS.len()] {
+    let n = values.len() + zeros;
     if n == 0 {
         return [f64::NAN; LEVELS.len()];
     }
@@ -81,8 +120,54 @@ pub fn quantiles<T: Sample>(values: &mut [T]) -> [f64; LEVELS.len()] {
     let mut ranks: Vec<usize> = positions.iter().flat_map(|&(lo, hi, _)| [lo, hi]).collect();
     ranks.sort_unstable();
     ranks.dedup();
-    let stats = order_statistics(values, &ranks);
-    let at = |r: usize| stats[ranks.binary_search(&r).expect("rank selected")];
+
+    // In sorted order the zeros sit between the negative and the positive
+    // values; translate ranks to ranks among `values`.
+    let small = values.len() < SMALL;
+    let hist = if small { Vec::new() } else { histogram(values) };
+    let negatives: usize = if small {
+        values.iter().filter(|v| v.key() < ZERO_KEY).count()
+    } else {
+        hist[..ZERO_BUCKET].iter().map(|&c| c as usize).sum()
+    };
+    let mut inner: Vec<usize> = Vec::new();
+    for &r in &ranks {
+        if r < negatives {
+            inner.push(r);
+        } else if r >= negatives + zeros {
+            inner.push(r - zeros);
+        }
+    }
+    inexact.sort_by(f64::total_cmp);
+    let found: Vec<f64> = if small {
+        let found = select_in_place(values, &inner);
+        if inexact.is_empty() {
+            found
+        } else {
+            inner
+                .iter()
+                .zip(found)
+                .map(|(&r, v)| {
+                    let key = T::from_f64(v).key();
+                    let below = values.iter().filter(|x| x.key() < key).count();
+                    let group = values.iter().filter(|x| x.key() == key).count();
+                    resolve(v, r - below, group, inexact)
+                })
+                .collect()
+        }
+    } else {
+        order_statistics(values, &hist, &inner)
+            .into_iter()
+            .map(|(v, rank, group)| resolve(v, rank, group, inexact))
+            .collect()
+    };
+    let at = |r: usize| {
+        if r >= negatives && r < negatives + zeros {
+            return 0.0;
+        }
+        let inner_rank = if r < negatives { r } else { r - zeros };
+        found[inner.binary_search(&inner_rank).expect("rank selected")]
+    };
     let mut out = [0.0; LEVELS.len()];
     for (o, &(lo, hi, t)) in out.iter_mut().zip(&positions) {
         *o = lerp(at(lo), at(hi), t);
@@ -90,79 +175,191 @@ pub fn quantiles<T: Sample>(values: &mut [T]) -> [f64; LEVELS.len()] {
     out
 }
 
-/// The values of the given ascending, distinct `ranks` (0-based) in sorted
-/// order of `values`.
-pub fn order_statistics<T: Sample>(values: &mut [T], ranks: &[usize]) -> Vec<f64> {
-    let n = values.len();
-    const BUCKETS: usize = 1 << 16;
-    let bucket = |v: T| (v.key() >> 48) as usize;
+/// The true value at rank `rank` among the `group` stored values equal to
+/// `v`, some of which may stand for the (sorted) `inexact` values.
+fn resolve(v: f64, rank: usize, group: usize, inexact: &[f64]) -> f64 {
+    let stored = v as f32;
+    let mine: Vec<f64> = inexact
+        .iter()
+        .copied()
+        .filter(|&x| x as f32 == stored)
+        .collect();
+    if mine.is_empty() {
+        return v;
+    }
+    let below = mine.iter().take_while(|&&x| x < v).count();
+    let copies = group - mine.len();
+    if rank < below {
+        mine[rank]
+    } else if rank < below + copies {
+        v
+    } else {
+        mine[rank - copies]
+    }
+}
 
-    // Pass 1: histogram of the top 16 key bits.
-    let hist = values
+const BUCKETS: usize = 1 << 16;
+/// Below this many values, plain selection beats building histograms.
+const SMALL: usize = 1 << 16;
+/// The key of +0.0: every key below it belongs to a negative value.
+const ZERO_KEY: u64 = 1 << 63;
+/// The bucket of +0.0: every key below it belongs to a negative value.
+const ZERO_BUCKET: usize = 1 << 15;
+
+fn bucket<T: Sample>(v: T) -> usize {
+    (v.key() >> 48) as usize
+}
+
+/// Counts of the top 16 key bits.
+fn histogram<T: Sample>(values: &[T]) -> Vec<u32> {
+    values
         .par_chunks(1 << 18)
-        .map(|chunk| {
-            let mut h = vec![0u32; BUCKETS];
-            for &v in chunk {
-                h[bucket(v)] += 1;
-            }
-            h
-        })
+        .fold(
+            || vec![0u32; BUCKETS],
+            |mut h, chunk| {
+                for &v in chunk {
+                    h[bucket(v)] += 1;
+                }
+                h
+            },
+        )
         .reduce(
             || vec![0u32; BUCKETS],
             |mut a, b| {
                 a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
                 a
             },
-        );
+        )
+}
 
-    // The bucket of each rank, and its rank within the bucket.
+/// The values of the given ascending, distinct `ranks` (0-based) in sorted
+/// order of `values`, whose [`histogram`] is `hist`, each with its rank
+/// among the values of equal key and their count (for 32-bit keys; f64
+/// values are exact and report a group of one).
+///
+/// The top 16 key bits of each rank come from `hist`; one more pass counts
+/// the next 16 bits within the wanted buckets, which fixes an f32 value
+/// completely. For f64, the few values sharing a rank's 32-bit prefix are
+/// gathered and selected among.
+fn order_statistics<T: Sample>(
+    values: &mut [T],
+    hist: &[u32],
+    ranks: &[usize],
+) -> Vec<(f64, usize, usize)> {
+    // Level 1: the bucket of each rank and its rank within the bucket.
+    let level1 = locate(hist, ranks);
     let mut slot_of_bucket = vec![u8::MAX; BUCKETS];
-    let mut slots: Vec<(usize, usize)> = Vec::new(); // (bucket, count)
-    let mut wanted: Vec<(usize, usize)> = Vec::with_capacity(ranks.len()); // (slot, rank in bucket)
+    let mut buckets: Vec<usize> = Vec::new();
+    for &(b, _) in &level1 {
+        if slot_of_bucket[b] == u8::MAX {
+            slot_of_bucket[b] = buckets.len() as u8;
+            buckets.push(b);
+        }
+    }
+    // Level 2: the next 16 bits, counted within the wanted buckets.
+    let slots = buckets.len();
+    let hist2 = values
+        .par_chunks(1 << 20)
+        .fold(
+            || vec![0u32; slots * BUCKETS],
+            |mut h, chunk| {
+                for &v in chunk {
+                    let key = v.key();
+                    let s = slot_of_bucket[(key >> 48) as usize];
+                    if s != u8::MAX {
+                        h[s as usize * BUCKETS + ((key >> 32) & 0xFFFF) as usize] += 1;
+                    }
+                }
+                h
+            },
+        )
+        .reduce(
+            || vec![0u32; slots * BUCKETS],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    // Each rank's 32-bit key prefix and its rank among values sharing it.
+    let mut prefixes: Vec<(u64, usize, usize)> = Vec::with_capacity(level1.len());
+    for group in level1.chunk_by(|a, b| a.0 == b.0) {
+        let b = group[0].0;
+        let s = slot_of_bucket[b] as usize;
+        let h2 = &hist2[s * BUCKETS..(s + 1) * BUCKETS];
+        let inner: Vec<usize> = group.iter().map(|&(_, r)| r).collect();
+        for (b2, r2) in locate(h2, &inner) {
+            prefixes.push(((b as u64) << 16 | b2 as u64, r2, h2[b2] as usize));
+        }
+    }
+    if T::KEY_IS_32_BITS {
+        return prefixes
+            .iter()
+            .map(|&(p, r, g)| (T::from_key(p << 32).to_f64(), r, g))
+            .collect();
+    }
+
+    // f64: gather the values of each wanted prefix, then select.
+    let mut distinct: Vec<u64> = prefixes.iter().map(|&(p, _, _)| p).collect();
+    distinct.dedup();
+    let sizes: usize = distinct
+        .iter()
+        .map(|&p| {
+            let s = slot_of_bucket[(p >> 16) as usize] as usize;
+            hist2[s * BUCKETS + (p & 0xFFFF) as usize] as usize
+        })
+        .sum();
+    if sizes > values.len() / 4 + (1 << 16) {
+        return select_in_place(values, ranks)
+            .into_iter()
+            .map(|v| (v, 0, 1))
+            .collect();
+    }
+    let mut groups: Vec<Vec<T>> = vec![Vec::new(); distinct.len()];
+    for &v in values.iter() {
+        let p = v.key() >> 32;
+        if slot_of_bucket[(p >> 16) as usize] != u8::MAX {
+            if let Ok(g) = distinct.binary_search(&p) {
+                groups[g].push(v);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(ranks.len());
+    let mut lo_in = vec![0usize; groups.len()];
+    for &(p, k, _) in &prefixes {
+        let g = distinct.binary_search(&p).expect("gathered prefix");
+        let (lo, group) = (lo_in[g], &mut groups[g]);
+        let (_, v, _) = group[lo..].select_nth_unstable_by(k - lo, |a, b| a.key().cmp(&b.key()));
+        out.push((v.to_f64(), 0, 1));
+        lo_in[g] = k + 1;
+    }
+    out
+}
+
+/// For each of the ascending `ranks`, the bucket of `hist` holding it and
+/// the rank within that bucket.
+fn locate(hist: &[u32], ranks: &[usize]) -> Vec<(usize, usize)> {
+    let mut out = Vec::with_capacity(ranks.len());
     let mut below = 0usize;
     let mut r = 0;
     for (b, &count) in hist.iter().enumerate() {
+        if r == ranks.len() {
+            break;
+        }
         let count = count as usize;
         while r < ranks.len() && ranks[r] < below + count {
-            if slot_of_bucket[b] == u8::MAX {
-                slot_of_bucket[b] = slots.len() as u8;
-                slots.push((b, count));
-            }
-            wanted.push((slot_of_bucket[b] as usize, ranks[r] - below));
+            out.push((b, ranks[r] - below));
             r += 1;
         }
         below += count;
-    }
-    debug_assert_eq!(wanted.len(), ranks.len());
-
-    let gathered: usize = slots.iter().map(|&(_, c)| c).sum();
-    if gathered > n / 4 + (1 << 16) {
-        return select_in_place(values, ranks);
-    }
-
-    // Pass 2: gather the wanted buckets.
-    let mut groups: Vec<Vec<T>> = slots.iter().map(|&(_, c)| Vec::with_capacity(c)).collect();
-    for &v in values.iter() {
-        let s = slot_of_bucket[bucket(v)];
-        if s != u8::MAX {
-            groups[s as usize].push(v);
-        }
-    }
-    // Selection within each bucket, ranks ascending.
-    let mut out = Vec::with_capacity(ranks.len());
-    let mut lo_in = vec![0usize; groups.len()];
-    for &(slot, k) in &wanted {
-        let g = &mut groups[slot];
-        let lo = lo_in[slot];
-        let (_, v, _) = g[lo..].select_nth_unstable_by(k - lo, |a, b| a.key().cmp(&b.key()));
-        out.push(v.to_f64());
-        lo_in[slot] = k + 1;
     }
     out
 }
 
 /// Sequential in-place selection, for inputs concentrated in few buckets.
 fn select_in_place<T: Sample>(values: &mut [T], ranks: &[usize]) -> Vec<f64> {
+    if ranks.is_empty() {
+        return Vec::new();
+    }
     let (min, max) = values.iter().fold((u64::MAX, 0u64), |(lo, hi), v| {
         let k = v.key();
         (lo.min(k), hi.max(k))
@@ -184,8 +381,9 @@ fn select_in_place<T: Sample>(values: &mut [T], ranks: &[usize]) -> Vec<f64> {
 mod tests {
     use super::*;
 
-    fn reference(values: &[f64]) -> Vec<f64> {
+    fn reference(values: &[f64], zeros: usize) -> Vec<f64> {
         let mut s = values.to_vec();
+        s.extend(std::iter::repeat(0.0).take(zeros));
         s.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = s.len();
         LEVELS
@@ -202,6 +400,7 @@ mod tests {
     #[test]
     fn matches_a_full_sort_on_ties_small_and_skewed_inputs() {
         let cases: Vec<Vec<f64>> = vec![
+            vec![],
             vec![3.0],
             vec![2.0, -1.0],
             vec![0.0; 1000],
@@ -214,21 +413,64 @@ mod tests {
                 .collect(),
         ];
         for case in cases {
-            let want = reference(&case);
-            let mut v64 = case.clone();
-            assert_eq!(quantiles(&mut v64).to_vec(), want);
-            let mut v32: Vec<f32> = case.iter().map(|&x| x as f32).collect();
-            let exact32: Vec<f64> = v32.iter().map(|&x| f64::from(x)).collect();
-            assert_eq!(quantiles(&mut v32).to_vec(), reference(&exact32));
+            for zeros in [0, 1, 5000] {
+                if case.is_empty() && zeros == 0 {
+                    continue;
+                }
+                let want = reference(&case, zeros);
+                let mut v64 = case.clone();
+                assert_eq!(quantiles(&mut v64, zeros, &mut []).to_vec(), want);
+                let mut v32: Vec<f32> = case.iter().map(|&x| x as f32).collect();
+                let exact32: Vec<f64> = v32.iter().map(|&x| f64::from(x)).collect();
+                assert_eq!(
+                    quantiles(&mut v32, zeros, &mut []).to_vec(),
+                    reference(&exact32, zeros)
+                );
+            }
         }
     }
 
     #[test]
-    fn keys_order_negative_zero_and_positive() {
+    fn rounded_f32_values_are_ranked_by_their_true_values() {
+        // 1 + 2^-30 and 1 - 2^-30 both round to 1.0 in f32.
+        let (up, down) = (1.0 + 2f64.powi(-30), 1.0 - 2f64.powi(-30));
+        for n in [11usize, 100_001] {
+            let mut truth: Vec<f64> = (0..n).map(|i| (i % 5) as f64 * 0.5).collect();
+            let mut inexact = Vec::new();
+            // Replace some 1.0 values with values that round to 1.0.
+            let mut flip = 0;
+            for t in truth.iter_mut().filter(|t| **t == 1.0) {
+                flip += 1;
+                if flip % 3 == 1 {
+                    *t = up;
+                    inexact.push(up);
+                } else if flip % 3 == 2 {
+                    *t = down;
+                    inexact.push(down);
+                }
+            }
+            let mut stored: Vec<f32> = truth.iter().map(|&x| x as f32).collect();
+            assert_eq!(
+                quantiles(&mut stored, 0, &mut inexact).to_vec(),
+                reference(&truth, 0),
+                "n = {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn keys_order_negative_zero_and_positive_and_invert() {
         let xs = [-2.5f64, -1e-300, -0.0, 0.0, 1e-300, 7.0];
         for w in xs.windows(2) {
             assert!(w[0].key() <= w[1].key());
             assert!((w[0] as f32).key() <= (w[1] as f32).key());
+        }
+        for x in xs {
+            assert_eq!(f64::from_key(x.key()).to_bits(), x.to_bits());
+            assert_eq!(
+                f32::from_key((x as f32).key()).to_bits(),
+                (x as f32).to_bits()
+            );
         }
     }
 }

@@ -5,6 +5,7 @@
 //! and combined with the pairwise formulas of Chan and Pébay, which stay
 //! exact-ish in f64 even when the mean is large against the spread.
 
+use crate::lanes;
 use serde::Serialize;
 
 /// Count, mean and central moment sums (Σ(x−mean)^k, k = 2..4).
@@ -19,20 +20,14 @@ pub struct Moments {
 
 impl Moments {
     /// Moments of one block.
+    #[inline(always)]
     pub fn of(values: &[f64]) -> Self {
         if values.is_empty() {
             return Self::default();
         }
         let n = values.len() as f64;
-        let mean = values.iter().sum::<f64>() / n;
-        let (mut m2, mut m3, mut m4) = (0.0, 0.0, 0.0);
-        for &v in values {
-            let d = v - mean;
-            let d2 = d * d;
-            m2 += d2;
-            m3 += d2 * d;
-            m4 += d2 * d2;
-        }
+        let mean = lanes::sum(values) / n;
+        let (m2, m3, m4) = lanes::central_moments(values, mean);
         Self {
             n,
             mean,
@@ -43,6 +38,7 @@ impl Moments {
     }
 
     /// Combines two disjoint sets' moments.
+    #[inline(always)]
     pub fn combine(self, b: Self) -> Self {
         let a = self;
         if a.n == 0.0 {

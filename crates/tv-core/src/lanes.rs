@@ -1,0 +1,136 @@
+//! Reductions over f64 slices in sixteen independent lanes.
+//!
+//! A plain `iter().sum()` is one long chain of dependent additions, which
+//! the compiler may not reorder; sixteen lanes let it keep several (SIMD)
+//! accumulators busy, even two full AVX-512 registers. Lanes are combined
+//! in a fixed order, so results are deterministic on every CPU.
+
+const L: usize = 16;
+
+#[inline(always)]
+fn combine(acc: [f64; L]) -> f64 {
+    let mut width = L;
+    let mut acc = acc;
+    while width > 1 {
+        width /= 2;
+        for l in 0..width {
+            acc[l] += acc[l + width];
+        }
+    }
+    acc[0]
+}
+
+/// Σ x.
+#[inline(always)]
+pub fn sum(xs: &[f64]) -> f64 {
+    let mut acc = [0.0; L];
+    let chunks = xs.chunks_exact(L);
+    let tail: f64 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..L {
+            acc[l] += c[l];
+        }
+    }
+    combine(acc) + tail
+}
+
+/// Σ a·b.
+#[inline(always)]
+pub fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let tail: f64 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    combine(acc) + tail
+}
+
+/// Σ(x − mean)^k for k = 2, 3, 4.
+#[inline(always)]
+pub fn central_moments(xs: &[f64], mean: f64) -> (f64, f64, f64) {
+    let (mut m2, mut m3, mut m4) = ([0.0; L], [0.0; L], [0.0; L]);
+    let chunks = xs.chunks_exact(L);
+    let (mut t2, mut t3, mut t4) = (0.0, 0.0, 0.0);
+    for &x in chunks.remainder() {
+        let d = x - mean;
+        let d2 = d * d;
+        t2 += d2;
+        t3 += d2 * d;
+        t4 += d2 * d2;
+    }
+    for c in chunks {
+        for l in 0..L {
+            let d = c[l] - mean;
+            let d2 = d * d;
+            m2[l] += d2;
+            m3[l] += d2 * d;
+            m4[l] += d2 * d2;
+        }
+    }
+    (combine(m2) + t2, combine(m3) + t3, combine(m4) + t4)
+}
+
+/// Σ|x|, max|x| (NaN ignored), and the counts of zeros and non-finite values.
+#[inline(always)]
+pub fn abs_stats(xs: &[f64]) -> (f64, f64, u64, u64) {
+    let (mut sa, mut ma) = ([0.0; L], [0.0f64; L]);
+    let (mut zeros, mut nonfinite) = ([0u64; L], [0u64; L]);
+    let chunks = xs.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            let a = c[l].abs();
+            sa[l] += a;
+            if a > ma[l] {
+                ma[l] = a;
+            }
+            zeros[l] += u64::from(c[l] == 0.0);
+            nonfinite[l] += u64::from(!c[l].is_finite());
+        }
+    }
+    let mut sum_abs = combine(sa);
+    let mut max_abs = ma.iter().fold(0.0f64, |m, &x| m.max(x));
+    let mut z: u64 = zeros.iter().sum();
+    let mut nf: u64 = nonfinite.iter().sum();
+    for &x in rest {
+        sum_abs += x.abs();
+        max_abs = max_abs.max(x.abs());
+        z += u64::from(x == 0.0);
+        nf += u64::from(!x.is_finite());
+    }
+    (sum_abs, max_abs, z, nf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_reductions_match_plain_loops() {
+        let xs: Vec<f64> = (0..1003)
+            .map(|i| ((i * 37 % 101) as f64 - 50.0) * 0.125)
+            .collect();
+        let ys: Vec<f64> = (0..1003).map(|i| (i % 7) as f64).collect();
+        assert_eq!(sum(&xs), xs.iter().sum::<f64>());
+        assert_eq!(
+            dot(&xs, &ys),
+            xs.iter().zip(&ys).map(|(a, b)| a * b).sum::<f64>()
+        );
+        let (m2, _, m4) = central_moments(&xs, 1.0);
+        assert_eq!(m2, xs.iter().map(|x| (x - 1.0).powi(2)).sum::<f64>());
+        assert_eq!(m4, xs.iter().map(|x| (x - 1.0).powi(4)).sum::<f64>());
+        let (sa, ma, z, nf) = abs_stats(&xs);
+        assert_eq!(sa, xs.iter().map(|x| x.abs()).sum::<f64>());
+        assert_eq!(ma, 6.25);
+        assert_eq!(z, xs.iter().filter(|&&x| x == 0.0).count() as u64);
+        assert_eq!(nf, 0);
+    }
+}
