@@ -165,13 +165,23 @@ fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u
             for (d, &b) in d.iter_mut().zip(b.iter()) {
                 *d -= b;
             }
-            let (sum_abs, max_abs, unchanged, nonfinite) = lanes::abs_stats(d);
             let s = &mut acc.models[i];
-            s.moments = s.moments.combine(Moments::of(d));
-            s.sum_abs += sum_abs;
-            s.max_abs = s.max_abs.max(max_abs);
-            s.unchanged += unchanged;
-            s.nonfinite += nonfinite;
+            // Power sums around a value near the mean keep the moments exact
+            // enough in one pass: the mean so far, or the block's first delta.
+            let shift = if s.moments.n > 0.0 {
+                s.moments.mean
+            } else {
+                d[0]
+            };
+            let shift = if shift.is_finite() { shift } else { 0.0 };
+            let sums = lanes::block_sums(d, shift);
+            s.moments = s
+                .moments
+                .combine(Moments::from_power_sums(len, shift, sums.powers));
+            s.sum_abs += sums.sum_abs;
+            s.max_abs = s.max_abs.max(sums.max_abs);
+            s.unchanged += sums.zeros;
+            s.nonfinite += sums.nonfinite;
         }
         for i in 0..k {
             let di = &ds[i * BLOCK..i * BLOCK + len];

@@ -109,6 +109,65 @@ pub fn abs_stats(xs: &[f64]) -> (f64, f64, u64, u64) {
     (sum_abs, max_abs, z, nf)
 }
 
+/// One pass over a block of deltas: the power sums Σ(x − shift)^k for
+/// k = 1..4, and Σ|x|, max|x| (NaN ignored), zero and non-finite counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BlockSums {
+    pub powers: [f64; 4],
+    pub sum_abs: f64,
+    pub max_abs: f64,
+    pub zeros: u64,
+    pub nonfinite: u64,
+}
+
+/// [`BlockSums`] of `xs` around `shift`.
+#[inline(always)]
+pub fn block_sums(xs: &[f64], shift: f64) -> BlockSums {
+    let (mut p1, mut p2, mut p3, mut p4) = ([0.0; L], [0.0; L], [0.0; L], [0.0; L]);
+    let (mut sa, mut ma) = ([0.0; L], [0.0f64; L]);
+    let (mut zeros, mut nonfinite) = ([0u64; L], [0u64; L]);
+    let chunks = xs.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for l in 0..L {
+            let x = c[l];
+            let d = x - shift;
+            let d2 = d * d;
+            p1[l] += d;
+            p2[l] += d2;
+            p3[l] += d2 * d;
+            p4[l] += d2 * d2;
+            let a = x.abs();
+            sa[l] += a;
+            if a > ma[l] {
+                ma[l] = a;
+            }
+            zeros[l] += u64::from(x == 0.0);
+            nonfinite[l] += u64::from(!x.is_finite());
+        }
+    }
+    let mut out = BlockSums {
+        powers: [combine(p1), combine(p2), combine(p3), combine(p4)],
+        sum_abs: combine(sa),
+        max_abs: ma.iter().fold(0.0f64, |m, &x| m.max(x)),
+        zeros: zeros.iter().sum(),
+        nonfinite: nonfinite.iter().sum(),
+    };
+    for &x in rest {
+        let d = x - shift;
+        let d2 = d * d;
+        out.powers[0] += d;
+        out.powers[1] += d2;
+        out.powers[2] += d2 * d;
+        out.powers[3] += d2 * d2;
+        out.sum_abs += x.abs();
+        out.max_abs = out.max_abs.max(x.abs());
+        out.zeros += u64::from(x == 0.0);
+        out.nonfinite += u64::from(!x.is_finite());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +191,11 @@ mod tests {
         assert_eq!(ma, 6.25);
         assert_eq!(z, xs.iter().filter(|&&x| x == 0.0).count() as u64);
         assert_eq!(nf, 0);
+        let b = block_sums(&xs, 0.5);
+        assert_eq!(b.sum_abs, sa);
+        assert_eq!(b.max_abs, ma);
+        assert_eq!(b.zeros, z);
+        let p3: f64 = xs.iter().map(|x| (x - 0.5).powi(3)).sum();
+        assert!((b.powers[2] - p3).abs() <= 1e-12 * p3.abs());
     }
 }

@@ -212,24 +212,36 @@ fn bucket<T: Sample>(v: T) -> usize {
 
 /// Counts of the top 16 key bits.
 fn histogram<T: Sample>(values: &[T]) -> Vec<u32> {
+    count_per_thread(values, BUCKETS, |h, chunk| {
+        for &v in chunk {
+            h[bucket(v)] += 1;
+        }
+    })
+}
+
+/// Runs `count` over one contiguous part of `values` per thread, each with
+/// its own zeroed table of `len` counters, and adds the tables up.
+fn count_per_thread<T: Sample>(
+    values: &[T],
+    len: usize,
+    count: impl Fn(&mut [u32], &[T]) + Sync,
+) -> Vec<u32> {
+    let part = values
+        .len()
+        .div_ceil(rayon::current_num_threads())
+        .max(1 << 16);
     values
-        .par_chunks(1 << 18)
-        .fold(
-            || vec![0u32; BUCKETS],
-            |mut h, chunk| {
-                for &v in chunk {
-                    h[bucket(v)] += 1;
-                }
-                h
-            },
-        )
-        .reduce(
-            || vec![0u32; BUCKETS],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .par_chunks(part)
+        .map(|chunk| {
+            let mut table = vec![0u32; len];
+            count(&mut table, chunk);
+            table
+        })
+        .reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            a
+        })
+        .unwrap_or_else(|| vec![0u32; len])
 }
 
 /// The values of the given ascending, distinct `ranks` (0-based) in sorted
@@ -258,28 +270,25 @@ fn order_statistics<T: Sample>(
     }
     // Level 2: the next 16 bits, counted within the wanted buckets.
     let slots = buckets.len();
-    let hist2 = values
-        .par_chunks(1 << 20)
-        .fold(
-            || vec![0u32; slots * BUCKETS],
-            |mut h, chunk| {
-                for &v in chunk {
-                    let key = v.key();
-                    let s = slot_of_bucket[(key >> 48) as usize];
-                    if s != u8::MAX {
-                        h[s as usize * BUCKETS + ((key >> 32) & 0xFFFF) as usize] += 1;
-                    }
-                }
-                h
-            },
-        )
-        .reduce(
-            || vec![0u32; slots * BUCKETS],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
+    // Branch-free: values outside the wanted buckets count in a spare
+    // table (slot `slots`), which is ignored.
+    let spare: Vec<u32> = slot_of_bucket
+        .iter()
+        .map(|&s| {
+            if s == u8::MAX {
+                slots as u32
+            } else {
+                u32::from(s)
+            }
+        })
+        .collect();
+    let hist2 = count_per_thread(values, (slots + 1) * BUCKETS, |h, chunk| {
+        for &v in chunk {
+            let key = v.key();
+            let s = spare[(key >> 48) as usize] as usize;
+            h[s * BUCKETS + ((key >> 32) & 0xFFFF) as usize] += 1;
+        }
+    });
     // Each rank's 32-bit key prefix and its rank among values sharing it.
     let mut prefixes: Vec<(u64, usize, usize)> = Vec::with_capacity(level1.len());
     for group in level1.chunk_by(|a, b| a.0 == b.0) {
