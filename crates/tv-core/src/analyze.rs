@@ -376,6 +376,9 @@ impl Buffers {
     /// counted, not stored, when they are many.
     fn quantiles(&mut self, pair: &Pair, zeros: u64) -> Result<[f64; 11]> {
         let numel = pair.base.numel();
+        if zeros as usize == numel {
+            return Ok([0.0; 11]);
+        }
         let compact = zeros as usize * 4 > numel;
         if pair.base_ty.size() == 2 && pair.model_ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
