@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the toolkit end to end on a generated model family (nothing is
-# downloaded): a tiny Llama-shaped base and five fine-tunes, then the merge.
+# downloaded): a tiny Llama-shaped base and five fine-tunes, analysed with
+# ta-analyze, then merged with ta-merge using the analysis' norms.
 # Usage: scripts/demo.sh [WORKDIR]   (default: ./demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,12 +14,14 @@ rm -rf "$work"
 fam=$work/family
 models=("$fam/math-tune" "$fam/korean-tune" "$fam/instruct-copy" "$fam/dpo-tune" "$fam/home-tune")
 
-# The original tool's command, binary name swapped; the norms are the seed
-# example's, so the printed λ table matches the original's.
-"$bin/ta-merge" --base_model_path "$fam/base" \
-    --other_model_paths "${models[@]}" \
-    --l2_norms 182.63449804 31.87331430 0.00000000 0.52867741 9.26351817 \
-    --output_path "$work/merged" --mode exp --device cpu
+echo "== ta-analyze: task-vector statistics of each fine-tune"
+"$bin/ta-analyze" --base "$fam/base" --models "${models[@]}" --outdir "$work/tv_stats"
 
 echo
-ls -l "$work/merged"
+echo "== ta-merge: weights from the analysis' global L2 norms (exp mode)"
+"$bin/ta-merge" --base-model-path "$fam/base" --other-model-paths "${models[@]}" \
+    --from-analysis "$work/tv_stats" --output-path "$work/merged" --mode exp --device cpu
+
+echo
+echo "== outputs"
+ls "$work/tv_stats" "$work/tv_stats/math-tune" "$work/merged"

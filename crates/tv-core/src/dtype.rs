@@ -244,6 +244,19 @@ mod tests {
     }
 
     #[test]
+    fn unaligned_bytes_decode_like_aligned_ones() {
+        let values = [1.5, -0.25, 3.0, 1e-3];
+        let mut bytes = vec![0u8; 1 + values.len() * 2];
+        encode_f64(FloatType::BF16, &values, &mut bytes[1..]);
+        let (mut a, mut b) = ([0f64; 4], [0f64; 4]);
+        decode_f64(FloatType::BF16, &bytes[1..], &mut a);
+        let aligned = bytes[1..].to_vec();
+        decode_f64(FloatType::BF16, &aligned, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(a[..3], [1.5, -0.25, 3.0]);
+    }
+
+    #[test]
     fn round_odd_keeps_exact_values_and_marks_inexact_ones_odd() {
         assert_eq!(f64_to_f32_round_odd(1.5), 1.5f32);
         let x = 1.0 + 2f64.powi(-30);
