@@ -636,3 +636,60 @@ fn analysis_feeds_the_merge_and_names_must_be_unique() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn pytorch_pickle_checkpoints_are_read_tensor_by_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    // A tied base: lm_head.weight is a second name for the embedding.
+    let base = base_tensors(Ty::BF16, true);
+    let ft = fine_tune(&base, 11, 0.02, Ty::BF16);
+    let tie = [("lm_head.weight", "model.embed_tokens.weight")];
+    std::fs::create_dir_all(dir.path().join("base")).unwrap();
+    write_pth(&dir.path().join("base/pytorch_model.bin"), &base, &tie);
+    std::fs::create_dir_all(dir.path().join("ft")).unwrap();
+    write_pth(&dir.path().join("ft/pytorch_model.bin"), &ft, &tie);
+    // The same fine-tune as safetensors, and as a bare .pt file.
+    write_model(&dir.path().join("ft_st"), &ft, 1, true);
+    write_pth(&dir.path().join("ft.pt"), &ft, &[]);
+
+    let o = analyze(dir.path(), &["ft", "ft_st", "ft.pt"], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("stats");
+    for name in ["ft", "ft_st", "ft.pt"] {
+        // The shared matrix is counted once, like the safetensors copy.
+        check_model(&out, name, &base, &ft, 0);
+    }
+
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let merged = p("merged");
+    let o = run(
+        "ta-merge",
+        &[
+            "--base-model-path",
+            &p("base"),
+            "--other-model-paths",
+            &p("ft.pt"),
+            "--lambdas",
+            "0.5",
+            "--output-path",
+            &merged,
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = read_model(Path::new(&merged));
+    assert!(!m.contains_key("lm_head.weight"));
+    for t in &base {
+        let f = ft.iter().find(|f| f.name == t.name).unwrap();
+        let got = Ty::BF16.decode(&m[&t.name].bytes);
+        for (j, g) in got.iter().enumerate() {
+            let exact = t.values[j] + 0.5 * (f.values[j] - t.values[j]);
+            let want = Ty::BF16.decode(&Ty::BF16.round(exact))[0];
+            assert!(
+                *g == want || (exact - (g + want) / 2.0).abs() <= 1e-12 * exact.abs(),
+                "{}[{j}]",
+                t.name
+            );
+        }
+    }
+}

@@ -413,3 +413,83 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Writes `tensors` as a PyTorch zip checkpoint (what `torch.save` of a
+/// state dict produces), with the pickle opcodes written by hand. Each name
+/// in `aliases` is stored as a second name for the storage of the tensor
+/// it maps to, as tied weights are.
+pub fn write_pth(path: &Path, tensors: &[T], aliases: &[(&str, &str)]) {
+    use std::io::Write;
+    fn text(out: &mut Vec<u8>, s: &str) {
+        out.push(b'X');
+        out.extend((s.len() as u32).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn int(out: &mut Vec<u8>, v: usize) {
+        out.push(b'J');
+        out.extend((v as i32).to_le_bytes());
+    }
+    let storage_class = |ty: Ty| match ty {
+        Ty::BF16 => "BFloat16Storage",
+        Ty::F16 => "HalfStorage",
+        Ty::F32 => "FloatStorage",
+        Ty::I64 => "LongStorage",
+    };
+    let entry = |p: &mut Vec<u8>, name: &str, key: usize, t: &T| {
+        text(p, name);
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        // storage: persistent id ('storage', class, key, 'cpu', numel)
+        p.push(b'(');
+        text(p, "storage");
+        p.extend(format!("ctorch\n{}\n", storage_class(t.ty)).as_bytes());
+        text(p, &key.to_string());
+        text(p, "cpu");
+        int(p, t.values.len());
+        p.extend(b"tQ");
+        int(p, 0); // storage offset
+        p.push(b'(');
+        for &d in &t.shape {
+            int(p, d);
+        }
+        p.push(b't');
+        p.push(b'(');
+        let mut stride = 1;
+        let mut strides = vec![0; t.shape.len()];
+        for (i, &d) in t.shape.iter().enumerate().rev() {
+            strides[i] = stride;
+            stride *= d;
+        }
+        for s in strides {
+            int(p, s);
+        }
+        p.push(b't');
+        p.push(0x89); // requires_grad = False
+        p.extend(b"ccollections\nOrderedDict\n)R"); // backward hooks
+        p.extend(b"tR");
+    };
+    let mut pkl = vec![0x80, 2, b'}', b'('];
+    for (key, t) in tensors.iter().enumerate() {
+        entry(&mut pkl, &t.name, key, t);
+    }
+    for (alias, target) in aliases {
+        let key = tensors
+            .iter()
+            .position(|t| t.name == *target)
+            .expect("alias target");
+        entry(&mut pkl, alias, key, &tensors[key]);
+    }
+    pkl.extend(b"u.");
+
+    let file = std::fs::File::create(path).unwrap();
+    let mut zip = zip::ZipWriter::new(file);
+    let options: zip::write::SimpleFileOptions =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", options).unwrap();
+    zip.write_all(&pkl).unwrap();
+    for (key, t) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{key}"), options)
+            .unwrap();
+        zip.write_all(&t.ty.encode(&t.values)).unwrap();
+    }
+    zip.finish().unwrap();
+}

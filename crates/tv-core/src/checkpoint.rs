@@ -61,6 +61,8 @@ pub struct Checkpoint {
     tensors: HashMap<String, TensorRef>,
     /// Tensor names in storage order (shard by shard, by offset).
     order: Vec<String>,
+    /// Safetensors copies of pickle files, deleted with the checkpoint.
+    _converted: Option<tempfile::TempDir>,
 }
 
 impl Checkpoint {
@@ -72,9 +74,15 @@ impl Checkpoint {
 
     /// Opens already located weight files.
     pub fn open_located(located: Located) -> Result<Self> {
+        let mut converted = None;
         let (files, index) = match &located.weights {
             WeightFiles::Single(p) => (vec![p.clone()], None),
             WeightFiles::Loose(ps) => (ps.clone(), None),
+            WeightFiles::Pickle(ps) => {
+                let (dir, files) = crate::pickle::convert(ps)?;
+                converted = Some(dir);
+                (files, None)
+            }
             WeightFiles::Indexed(index_path) => {
                 let map = read_index(index_path)?;
                 let dir = index_path.parent().unwrap_or(Path::new("."));
@@ -144,6 +152,7 @@ impl Checkpoint {
             shards,
             tensors,
             order,
+            _converted: converted,
         })
     }
 

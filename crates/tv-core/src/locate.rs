@@ -19,6 +19,8 @@ pub enum WeightFiles {
     Indexed(PathBuf),
     /// Several safetensors files in one folder without an index.
     Loose(Vec<PathBuf>),
+    /// PyTorch pickle files (`pytorch_model.bin`, its shards, `.pt`, `.pth`).
+    Pickle(Vec<PathBuf>),
 }
 
 /// A located checkpoint: its weight files and the folder holding its
@@ -58,8 +60,12 @@ fn locate_path(spec: &str, path: &Path) -> Result<Located> {
     };
     if meta.is_file() {
         let name = file_name(path);
-        let weights = if name.ends_with(".index.json") {
+        let weights = if name.ends_with(".bin.index.json") {
+            WeightFiles::Pickle(pickle_shards(path)?)
+        } else if name.ends_with(".index.json") {
             WeightFiles::Indexed(path.to_path_buf())
+        } else if is_pickle_name(&name) {
+            WeightFiles::Pickle(vec![path.to_path_buf()])
         } else if name.ends_with(".safetensors") {
             WeightFiles::Single(path.to_path_buf())
         } else {
@@ -82,18 +88,42 @@ fn locate_path(spec: &str, path: &Path) -> Result<Located> {
 }
 
 fn unsupported_file(path: &Path) -> Error {
-    let name = file_name(path);
-    if [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e)) {
-        Error::NotFound(format!(
-            "{}: PyTorch pickle checkpoints are not read yet; convert the model to safetensors first",
-            path.display()
-        ))
-    } else {
-        Error::NotFound(format!(
-            "{}: not a safetensors file or index (expected *.safetensors or *.safetensors.index.json)",
-            path.display()
-        ))
+    Error::NotFound(format!(
+        "{}: not a checkpoint file (expected *.safetensors, *.safetensors.index.json, *.bin, *.pt or *.pth)",
+        path.display()
+    ))
+}
+
+fn is_pickle_name(name: &str) -> bool {
+    [".bin", ".pt", ".pth"].iter().any(|e| name.ends_with(e))
+}
+
+/// The shard files named by a `pytorch_model.bin.index.json`.
+fn pickle_shards(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
     }
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io("cannot read", index, e))?;
+    let parsed: Index = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(index, format!("not a valid index json: {e}")))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = Vec::new();
+    for file in parsed.weight_map.values() {
+        let p = dir.join(file);
+        if file.contains('/') || !p.is_file() {
+            return Err(Error::NotFound(format!(
+                "{}: names shard {file}, which is missing from {}",
+                index.display(),
+                dir.display()
+            )));
+        }
+        if !files.contains(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn file_name(path: &Path) -> String {
@@ -126,6 +156,8 @@ fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
             indexes.push(path);
         } else if name.ends_with(".safetensors") {
             files.push(path);
+        } else if name == "pytorch_model.bin.index.json" {
+            return Ok(WeightFiles::Pickle(pickle_shards(&path)?));
         } else if name.ends_with(".bin") && name.starts_with("pytorch_model") {
             pickles.push(path);
         }
@@ -136,11 +168,10 @@ fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
         (1, _) => Ok(WeightFiles::Indexed(indexes.remove(0))),
         (0, 1) => Ok(WeightFiles::Single(files.remove(0))),
         (0, n) if n > 1 => Ok(WeightFiles::Loose(files)),
-        (0, _) if !pickles.is_empty() => Err(Error::NotFound(format!(
-            "{}: holds only PyTorch pickle weights ({}); convert the model to safetensors first",
-            dir.display(),
-            file_name(&pickles[0])
-        ))),
+        (0, _) if !pickles.is_empty() => {
+            pickles.sort();
+            Ok(WeightFiles::Pickle(pickles))
+        }
         (0, _) => Err(Error::NotFound(format!(
             "{}: no weights found (looked for model.safetensors, model.safetensors.index.json, *.safetensors)",
             dir.display()
