@@ -15,12 +15,13 @@ pub struct Args {
     #[arg(
         long = "base-model-path",
         visible_alias = "base_model_path",
-        value_name = "PATH"
+        value_name = "PATH",
+        required_unless_present = "verify"
     )]
-    pub base: String,
+    pub base: Option<String>,
 
     /// The fine-tuned checkpoints, same forms as the base.
-    #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required = true)]
+    #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required_unless_present = "verify")]
     pub models: Vec<String>,
 
     /// Global L2 norm of each model's task vector, in model order.
@@ -44,9 +45,10 @@ pub struct Args {
     #[arg(
         long = "output-path",
         visible_alias = "output_path",
-        value_name = "DIR"
+        value_name = "DIR",
+        required_unless_present = "verify"
     )]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
 
     /// How norms become weights: linear (1/L), power (1/L^alpha), exp (exp(-beta L / mean L)).
     #[arg(long, default_value = "exp", value_parser = ["linear", "power", "exp"])]
@@ -79,6 +81,18 @@ pub struct Args {
     /// Names for the models in tables and the record (default: path basenames).
     #[arg(long, value_name = "NAME", num_args = 1..)]
     pub names: Option<Vec<String>>,
+
+    /// Leave a model out of the tensors it stores with another shape (a resized vocabulary).
+    #[arg(long = "skip-mismatched")]
+    pub skip_mismatched: bool,
+
+    /// Write merged values that are NaN or infinite instead of refusing.
+    #[arg(long = "allow-nonfinite")]
+    pub allow_nonfinite: bool,
+
+    /// Only check a finished merged folder (headers, offsets, index, sizes, values) and exit.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["base", "models", "output", "dry_run"])]
+    pub verify: Option<PathBuf>,
 
     /// Check the inputs and print the weights and the output plan; write nothing.
     #[arg(long = "dry-run")]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use tv_core::device::{Device, DeviceRequest};
 use tv_core::dtype::FloatType;
 use tv_core::family::Family;
-use tv_core::merge::{human_bytes, parse_size, MergePlan};
+use tv_core::merge::{human_bytes, parse_size, MergeOptions, MergePlan};
 use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
@@ -26,7 +26,13 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     tv_core::interrupt::install().context("cannot install signal handlers")?;
+    if let Some(dir) = &args.verify {
+        return verify(dir, args.quiet);
+    }
     let started = Instant::now();
+    let (Some(base), Some(output)) = (args.base.as_deref(), args.output.as_deref()) else {
+        unreachable!("clap requires them without --verify");
+    };
 
     // Validate the flags before touching any file.
     let out_type = match &args.dtype {
@@ -51,7 +57,7 @@ fn run(args: Args) -> Result<()> {
     }
     let device = Device::resolve(device_request)?;
 
-    let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
+    let family = Family::open(base, &args.models, args.names.as_deref())?;
     let norms = match (&args.l2_norms, &args.from_analysis) {
         (Some(n), _) => Some(n.clone()),
         (None, Some(dir)) => Some(report::norms_from_analysis(dir, &family.names)?),
@@ -65,7 +71,13 @@ fn run(args: Args) -> Result<()> {
         }
         (None, None) => unreachable!("checked above"),
     };
-    let plan = MergePlan::new(&family, lambdas, out_type, max_shard_size)?;
+    let options = MergeOptions {
+        out_type,
+        max_shard_size,
+        skip_mismatched: args.skip_mismatched,
+        allow_nonfinite: args.allow_nonfinite,
+    };
+    let plan = MergePlan::new(&family, lambdas, options)?;
 
     tv_cli::say(weights::format_table(
         &family.names,
@@ -78,12 +90,12 @@ fn run(args: Args) -> Result<()> {
     for m in &family.models {
         inputs.push(("model", m.located.root.as_path()));
     }
-    check_output_apart(&args.output, &inputs)?;
+    check_output_apart(output, &inputs)?;
     if args.dry_run {
-        if args.output.exists() && !args.force {
+        if output.exists() && !args.force {
             bail!(
                 "output {} already exists; pass --force to replace it",
-                args.output.display()
+                output.display()
             );
         }
         tv_cli::sayln!(
@@ -93,7 +105,7 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
 
-    let staging = Staging::new(&args.output, args.force)?;
+    let staging = Staging::new(output, args.force)?;
     let bar = tv_cli::Bar::new("merging", args.quiet);
     plan.execute(&family, &device, staging.path(), &bar)?;
     sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;
@@ -103,7 +115,7 @@ fn run(args: Args) -> Result<()> {
 
     tv_cli::sayln!(
         "wrote {} ({} in {} shard(s)) in {:.1} s",
-        args.output.display(),
+        output.display(),
         human_bytes(plan.layout.total_bytes()),
         plan.layout.shards.len(),
         started.elapsed().as_secs_f64()
@@ -152,4 +164,19 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         total_size: plan.layout.total_bytes(),
         tied_embeddings: plan.tied_embeddings,
     }
+}
+
+/// `--verify DIR`: re-reads a finished merged folder and reports.
+fn verify(dir: &std::path::Path, quiet: bool) -> Result<()> {
+    let bar = tv_cli::Bar::new("verifying", quiet);
+    let report = tv_core::verify::verify(dir, &bar)?;
+    tv_cli::sayln!(
+        "ok: {} holds {} tensors ({} elements, {}) in {} shard(s); headers, offsets, index and values check out",
+        dir.display(),
+        report.tensors,
+        report.elements,
+        human_bytes(report.total_size),
+        report.shards
+    );
+    Ok(())
 }

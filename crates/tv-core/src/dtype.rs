@@ -128,6 +128,33 @@ pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
     }
 }
 
+/// Counts the NaN and infinite values among encoded elements (all exponent
+/// bits set).
+#[inline(always)]
+pub fn count_nonfinite(ty: FloatType, bytes: &[u8]) -> usize {
+    match ty {
+        FloatType::BF16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
+            .count(),
+        FloatType::F16 => bytes
+            .chunks_exact(2)
+            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7C00 == 0x7C00)
+            .count(),
+        FloatType::F32 => bytes
+            .chunks_exact(4)
+            .filter(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7F80_0000 == 0x7F80_0000)
+            .count(),
+        FloatType::F64 => bytes
+            .chunks_exact(8)
+            .filter(|c| {
+                let bits = u64::from_le_bytes((*c).try_into().expect("chunk of 8"));
+                bits & 0x7FF0_0000_0000_0000 == 0x7FF0_0000_0000_0000
+            })
+            .count(),
+    }
+}
+
 /// Rounds `x` to f32 with round-to-odd: exact values stay, inexact ones go to
 /// whichever neighbour has an odd significand. A later round-to-nearest-even
 /// into a format with at least two fewer significand bits is then correct.

@@ -38,6 +38,28 @@ impl Family {
         })
     }
 
+    /// Refuses a model that shares fewer than half of the base's tensor
+    /// names: it is almost certainly not a fine-tune of this base.
+    pub fn check_overlap(&self) -> Result<()> {
+        let total = self.base.len();
+        for (model, name) in self.models.iter().zip(&self.names) {
+            let shared = self
+                .base
+                .names()
+                .iter()
+                .filter(|n| model.contains(n))
+                .count();
+            if total > 0 && shared * 2 < total {
+                return Err(Error::Incompatible(format!(
+                    "model '{name}' shares only {shared} of the base's {total} tensor names \
+                     (it stores {}); is it a fine-tune of this base?",
+                    model.len()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the base ties its output embedding to its input embedding
     /// (`tie_word_embeddings` in its config, or no `lm_head.weight` stored
     /// beside an embedding).

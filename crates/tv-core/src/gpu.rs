@@ -25,7 +25,8 @@ fn upload(dev: &Device, ty: FloatType, bytes: &[u8]) -> candle_core::Result<Tens
     Tensor::from_raw_buffer(bytes, candle_dtype(ty), &[n], dev)?.to_dtype(DType::F64)
 }
 
-/// Computes `base + Σ λ_i (model_i − base)` for one segment on `dev`.
+/// Computes `base + Σ λ_i (model_i − base)` for one segment on `dev`;
+/// returns how many merged values are NaN or infinite.
 pub fn merge_segment(
     dev: &Device,
     base_type: FloatType,
@@ -33,7 +34,7 @@ pub fn merge_segment(
     addends: &[Addend<'_>],
     out_type: FloatType,
     out: &mut [u8],
-) -> Result<()> {
+) -> Result<usize> {
     let run = || -> candle_core::Result<Vec<f64>> {
         let b = upload(dev, base_type, base)?;
         let mut acc = b.zeros_like()?;
@@ -45,7 +46,7 @@ pub fn merge_segment(
     };
     let values = run().map_err(|e| Error::Device(format!("{dev:?}: {e}")))?;
     encode_f64(out_type, &values, out);
-    Ok(())
+    Ok(crate::dtype::count_nonfinite(out_type, out))
 }
 
 #[cfg(test)]
@@ -83,7 +84,7 @@ mod tests {
             },
         ];
         let mut fused = vec![0u8; n * 2];
-        merge_range(
+        let _ = merge_range(
             FloatType::BF16,
             &base,
             &addends,

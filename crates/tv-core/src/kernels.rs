@@ -5,7 +5,7 @@
 //! for the block, encode the result once. Callers split large tensors into
 //! independent pieces and run them on rayon's pool.
 
-use crate::dtype::{decode_f64, encode_f64, FloatType};
+use crate::dtype::{count_nonfinite, decode_f64, encode_f64, FloatType};
 use crate::lanes;
 use crate::quantile::Sample;
 use crate::simd::simd_dispatch;
@@ -28,8 +28,9 @@ simd_dispatch! {
     /// f64, rounding once into `out` (type `out_ty`).
     ///
     /// `base` holds `n` elements of `base_ty`, each addend `n` elements of its
-    /// own type, `out` `n` elements of `out_ty`.
-    pub fn merge_range(base_ty: FloatType, base: &[u8], addends: &[Addend<'_>], out_ty: FloatType, out: &mut [u8])
+    /// own type, `out` `n` elements of `out_ty`. Returns how many merged
+    /// values are NaN or infinite.
+    pub fn merge_range(base_ty: FloatType, base: &[u8], addends: &[Addend<'_>], out_ty: FloatType, out: &mut [u8]) -> usize
         => merge_kernel
 }
 
@@ -40,9 +41,10 @@ fn merge_kernel(
     addends: &[Addend<'_>],
     out_ty: FloatType,
     out: &mut [u8],
-) {
+) -> usize {
     let n = base.len() / base_ty.size();
     debug_assert_eq!(out.len(), n * out_ty.size());
+    let mut nonfinite = 0;
     let mut b = [0f64; BLOCK];
     let mut m = [0f64; BLOCK];
     let mut acc = [0f64; BLOCK];
@@ -66,13 +68,12 @@ fn merge_kernel(
         for (acc, &b) in acc.iter_mut().zip(b.iter()) {
             *acc += b;
         }
-        encode_f64(
-            out_ty,
-            acc,
-            &mut out[out_ty.byte_range(elems.start, elems.end)],
-        );
+        let out = &mut out[out_ty.byte_range(elems.start, elems.end)];
+        encode_f64(out_ty, acc, out);
+        nonfinite += count_nonfinite(out_ty, out);
         start += len;
     }
+    nonfinite
 }
 
 /// Converts one element range from `in_ty` to `out_ty` (rounding once).
@@ -81,7 +82,7 @@ pub fn convert_range(in_ty: FloatType, input: &[u8], out_ty: FloatType, out: &mu
         out.copy_from_slice(input);
         return;
     }
-    merge_range(in_ty, input, &[], out_ty, out);
+    let _ = merge_range(in_ty, input, &[], out_ty, out);
 }
 
 /// Per-model sums of one task-vector tensor range, from [`delta_stats`].

@@ -29,6 +29,8 @@ pub mod sidecar;
 mod simd;
 pub mod staging;
 pub mod stats;
+pub mod testhooks;
+pub mod verify;
 pub mod weights;
 pub mod writer;
 

@@ -44,6 +44,31 @@ pub struct PlannedTensor {
     pub action: Action,
 }
 
+/// Choices that shape the output.
+#[derive(Debug, Clone, Copy)]
+pub struct MergeOptions {
+    /// Float type of every float tensor; `None` keeps the base's.
+    pub out_type: Option<FloatType>,
+    /// Largest shard, in data bytes.
+    pub max_shard_size: u64,
+    /// Leave a model out of tensors it stores with another shape, instead
+    /// of refusing.
+    pub skip_mismatched: bool,
+    /// Write NaN or infinite merged values instead of refusing.
+    pub allow_nonfinite: bool,
+}
+
+impl Default for MergeOptions {
+    fn default() -> Self {
+        Self {
+            out_type: None,
+            max_shard_size: 5_000_000_000,
+            skip_mismatched: false,
+            allow_nonfinite: false,
+        }
+    }
+}
+
 /// Everything decided before writing a byte.
 #[derive(Debug)]
 pub struct MergePlan {
@@ -54,24 +79,24 @@ pub struct MergePlan {
     pub missing: Vec<Vec<String>>,
     /// Per model: tensors the model stores that the base lacks (not merged).
     pub extra: Vec<Vec<String>>,
+    /// Per model: tensors stored with another shape, left out with
+    /// `skip_mismatched`.
+    pub mismatched: Vec<Vec<String>>,
+    pub options: MergeOptions,
     /// The output's main float type (for `config.json`).
     pub main_type: Option<FloatType>,
     pub tied_embeddings: bool,
 }
 
 impl MergePlan {
-    /// Checks the family and plans the output. `out_type` forces the float
-    /// type of every float tensor; otherwise each keeps the base's.
-    pub fn new(
-        family: &Family,
-        lambdas: Vec<f64>,
-        out_type: Option<FloatType>,
-        max_shard_size: u64,
-    ) -> Result<Self> {
+    /// Checks the family and plans the output.
+    pub fn new(family: &Family, lambdas: Vec<f64>, options: MergeOptions) -> Result<Self> {
         assert_eq!(lambdas.len(), family.models.len());
-        check_overlap(family)?;
+        family.check_overlap()?;
+        let out_type = options.out_type;
         let mut tensors = Vec::with_capacity(family.base.len());
         let mut missing = vec![Vec::new(); family.models.len()];
+        let mut mismatched = vec![Vec::new(); family.models.len()];
         for name in family.base.names() {
             let base = family.base.get(name).expect("listed tensor").clone();
             let Some(base_type) = base.float_type() else {
@@ -91,8 +116,13 @@ impl MergePlan {
                     continue;
                 };
                 if t.shape != base.shape {
+                    if options.skip_mismatched {
+                        mismatched[i].push(name.clone());
+                        continue;
+                    }
                     return Err(Error::Incompatible(format!(
-                        "tensor '{name}': model '{model_name}' has shape {:?}, the base {:?}{}",
+                        "tensor '{name}': model '{model_name}' has shape {:?}, the base {:?}{}; \
+                         pass --skip-mismatched to merge it from the other models only",
                         t.shape,
                         base.shape,
                         if name.contains("embed") || name.contains("lm_head") {
@@ -143,7 +173,7 @@ impl MergePlan {
                     shape: t.base.shape.clone(),
                 })
                 .collect(),
-            max_shard_size,
+            options.max_shard_size,
         );
         let main_type = out_type.or_else(|| main_float_type(&tensors));
         Ok(Self {
@@ -152,6 +182,8 @@ impl MergePlan {
             lambdas,
             missing,
             extra,
+            mismatched,
+            options,
             main_type,
             tied_embeddings: family.base_ties_embeddings(),
         })
@@ -194,6 +226,13 @@ impl MergePlan {
                     "      model '{name}' lacks {} tensor(s) of the base (the others' deltas still apply): {}\n",
                     self.missing[i].len(),
                     preview(&self.missing[i])
+                ));
+            }
+            if !self.mismatched[i].is_empty() {
+                s.push_str(&format!(
+                    "      model '{name}' stores {} tensor(s) with another shape, left out: {}\n",
+                    self.mismatched[i].len(),
+                    preview(&self.mismatched[i])
                 ));
             }
             if !self.extra[i].is_empty() {
@@ -258,6 +297,7 @@ impl MergePlan {
         let numel = planned.base.numel();
         let mut start = 0;
         while start < numel {
+            crate::testhooks::before_segment();
             if interrupt::requested() {
                 return Err(Error::Interrupted);
             }
@@ -278,7 +318,7 @@ impl MergePlan {
                 writer.write(&base_bytes[b0..b1])?;
             } else {
                 buffer.resize((end - start) * out_type.size(), 0);
-                compute_segment(
+                let nonfinite = compute_segment(
                     device,
                     base_type,
                     &base_bytes[b0..b1],
@@ -286,6 +326,16 @@ impl MergePlan {
                     out_type,
                     buffer,
                 )?;
+                if nonfinite > 0 && !self.options.allow_nonfinite {
+                    return Err(nonfinite_error(
+                        family,
+                        planned,
+                        base_type,
+                        &base_bytes[b0..b1],
+                        sources,
+                        &addends,
+                    ));
+                }
                 writer.write(buffer)?;
             }
             let mut done = (b1 - b0) as u64;
@@ -301,7 +351,8 @@ impl MergePlan {
     }
 }
 
-/// Merges one segment on `device` into `out`.
+/// Merges one segment on `device` into `out`; returns how many merged
+/// values are NaN or infinite.
 fn compute_segment(
     device: &Device,
     base_type: FloatType,
@@ -309,13 +360,14 @@ fn compute_segment(
     addends: &[Addend<'_>],
     out_type: FloatType,
     out: &mut [u8],
-) -> Result<()> {
+) -> Result<usize> {
     match device {
         Device::Cpu => {
             let (bs, os) = (base_type.size(), out_type.size());
-            out.par_chunks_mut(TASK * os)
+            let nonfinite = out
+                .par_chunks_mut(TASK * os)
                 .enumerate()
-                .for_each(|(k, out)| {
+                .map(|(k, out)| {
                     let e0 = k * TASK;
                     let e1 = e0 + out.len() / os;
                     let parts: Vec<Addend<'_>> = addends
@@ -328,15 +380,54 @@ fn compute_segment(
                     let b = &base[e0 * bs..e1 * bs];
                     if parts.is_empty() {
                         convert_range(base_type, b, out_type, out);
+                        0
                     } else {
-                        merge_range(base_type, b, &parts, out_type, out);
+                        merge_range(base_type, b, &parts, out_type, out)
                     }
-                });
-            Ok(())
+                })
+                .sum();
+            Ok(nonfinite)
         }
         Device::Cuda(dev) => {
             crate::gpu::merge_segment(dev, base_type, base, addends, out_type, out)
         }
+    }
+}
+
+/// The error for non-finite merged values: names the input that holds
+/// NaN or infinity, or says the merge overflowed.
+fn nonfinite_error(
+    family: &Family,
+    planned: &PlannedTensor,
+    base_type: FloatType,
+    base: &[u8],
+    sources: &[(usize, TensorRef)],
+    addends: &[Addend<'_>],
+) -> Error {
+    let name = &planned.name;
+    let has_nonfinite = |ty: FloatType, bytes: &[u8]| {
+        let mut values = vec![0f64; bytes.len() / ty.size()];
+        crate::dtype::decode_f64(ty, bytes, &mut values);
+        values.iter().any(|v| !v.is_finite())
+    };
+    let culprit = if has_nonfinite(base_type, base) {
+        Some("the base model".to_string())
+    } else {
+        sources
+            .iter()
+            .zip(addends)
+            .find(|(_, a)| has_nonfinite(a.ty, a.bytes))
+            .map(|((i, _), _)| format!("model '{}'", family.names[*i]))
+    };
+    match culprit {
+        Some(who) => Error::Incompatible(format!(
+            "tensor '{name}': {who} holds NaN or infinite values; pass --allow-nonfinite to merge anyway"
+        )),
+        None => Error::Incompatible(format!(
+            "tensor '{name}': merged values overflow {}; use smaller weights, a wider --dtype, \
+             or pass --allow-nonfinite",
+            planned.out_type.map_or("the output type".to_string(), |t| t.to_string())
+        )),
     }
 }
 
@@ -346,28 +437,6 @@ fn read_bytes(t: &PlannedTensor) -> usize {
         Action::Copy => 0,
     };
     t.base.nbytes() + sources
-}
-
-/// Refuses a model that shares fewer than half of the base's tensors: it is
-/// almost certainly not a fine-tune of this base.
-fn check_overlap(family: &Family) -> Result<()> {
-    let total = family.base.len();
-    for (model, name) in family.models.iter().zip(&family.names) {
-        let shared = family
-            .base
-            .names()
-            .iter()
-            .filter(|n| model.contains(n))
-            .count();
-        if total > 0 && shared * 2 < total {
-            return Err(Error::Incompatible(format!(
-                "model '{name}' shares only {shared} of the base's {total} tensor names \
-                 (it stores {}); is it a fine-tune of this base?",
-                model.len()
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// The float type holding the most elements.

@@ -172,8 +172,8 @@ impl ShardWriter {
     /// Appends tensor data.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.written += bytes.len() as u64;
-        self.out
-            .write_all(bytes)
+        crate::testhooks::before_write(bytes.len())
+            .and_then(|()| self.out.write_all(bytes))
             .map_err(|e| Error::io("cannot write", &self.path, e))
     }
 
