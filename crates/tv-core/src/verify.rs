@@ -48,12 +48,14 @@ pub fn verify(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
             .and_then(serde_json::Value::as_u64)
         {
             Some(t) if t == total_size => {}
-            Some(t) => return Err(Error::bad_file(
-                &index,
-                format!(
+            Some(t) => {
+                return Err(Error::bad_file(
+                    &index,
+                    format!(
                     "metadata.total_size is {t}, but the shards hold {total_size} bytes of tensors"
                 ),
-            )),
+                ))
+            }
             None => return Err(Error::bad_file(&index, "has no metadata.total_size")),
         }
     }
