@@ -473,3 +473,28 @@ fn interrupts_remove_the_temporary_output() {
         assert_eq!(entries(s.dir.path()), ["base", "good"], "{signal}");
     }
 }
+
+#[test]
+fn analysis_output_inside_an_input_or_over_a_foreign_folder_is_refused() {
+    let s = Setup::new();
+    let before = snapshot(s.dir.path());
+    let (base, good) = (s.s("base"), s.s("good"));
+    let inside = s.s("base/stats");
+    let o = run(
+        "ta-analyze",
+        &["--base", &base, "--models", &good, "--outdir", &inside],
+    );
+    assert_one_line_error(&o, &["inside input"]);
+    let o = run(
+        "ta-analyze",
+        &["--base", &base, "--models", &good, "--outdir", &s.s("good")],
+    );
+    assert_one_line_error(&o, &["inside input"]);
+    let o = run(
+        "ta-analyze",
+        &["--base", &base, "--models", &good, "--device", "cuda:1"],
+    );
+    assert_one_line_error(&o, &["--device cuda:1", "CUDA"]);
+    assert_eq!(snapshot(s.dir.path()), before);
+    assert_eq!(entries(s.dir.path()), ["base", "good"]);
+}

@@ -22,13 +22,19 @@ pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
             Err(ExitCode::SUCCESS)
         }
         Err(e) => {
+            // clap spreads one error over several lines (the message, the
+            // missing arguments, a usage line, a hint); keep the message and
+            // the arguments, on one line.
             let text = e.render().to_string();
-            let first = text
+            let message: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid arguments");
-            let first = first.trim_start_matches("error: ");
-            eprintln!("error: {first} (see --help)");
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .collect();
+            let message = message.join(" ");
+            let message = message.trim_start_matches("error: ");
+            eprintln!("error: {message} (see --help)");
             Err(ExitCode::from(EXIT_USAGE))
         }
     }

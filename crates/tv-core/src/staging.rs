@@ -70,7 +70,7 @@ impl Staging {
     /// Fsyncs the temporary folder and renames it into place, replacing an
     /// existing target only now that the new one is complete.
     pub fn commit(mut self) -> Result<()> {
-        sync_dir(&self.temp)?;
+        sync_tree(&self.temp)?;
         if self.replace {
             let name = self
                 .target
@@ -109,6 +109,23 @@ fn parent_of(path: &Path) -> PathBuf {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     }
+}
+
+/// Fsyncs every file and folder under `dir`, so a crash after the rename
+/// cannot leave a complete-looking folder with empty files.
+fn sync_tree(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
+    for entry in entries {
+        let path = entry.map_err(|e| Error::io("cannot list", dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            let f = std::fs::File::open(&path).map_err(|e| Error::io("cannot open", &path, e))?;
+            f.sync_all()
+                .map_err(|e| Error::io("cannot sync", &path, e))?;
+        }
+    }
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
