@@ -58,10 +58,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    match tv_cli::parse_args::<Args>() {
-        Ok(args) => tv_cli::report(run(args)),
-        Err(code) => code,
-    }
+    tv_cli::main::<Args>(run)
 }
 
 fn run(args: Args) -> Result<()> {

@@ -18,10 +18,7 @@ use tv_core::staging::{check_output_apart, Staging};
 use tv_core::weights::{self, Mode, WeightParams};
 
 fn main() -> ExitCode {
-    match tv_cli::parse_args::<Args>() {
-        Ok(args) => tv_cli::report(run(args)),
-        Err(code) => code,
-    }
+    tv_cli::main::<Args>(run)
 }
 
 fn run(args: Args) -> Result<()> {

@@ -12,6 +12,14 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
+/// The whole `main` of a binary: parse `A`, call `run`, report the result.
+pub fn main<A: Parser>(run: fn(A) -> anyhow::Result<()>) -> ExitCode {
+    match parse_args::<A>() {
+        Ok(args) => report(run(args)),
+        Err(code) => code,
+    }
+}
+
 /// Parses the command line; help and version print as usual, any other
 /// parse error becomes one `error: ...` line and exit status 2.
 pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {

@@ -78,37 +78,6 @@ pub fn central_moments(xs: &[f64], mean: f64) -> (f64, f64, f64) {
     (combine(m2) + t2, combine(m3) + t3, combine(m4) + t4)
 }
 
-/// Σ|x|, max|x| (NaN ignored), and the counts of zeros and non-finite values.
-#[inline(always)]
-pub fn abs_stats(xs: &[f64]) -> (f64, f64, u64, u64) {
-    let (mut sa, mut ma) = ([0.0; L], [0.0f64; L]);
-    let (mut zeros, mut nonfinite) = ([0u64; L], [0u64; L]);
-    let chunks = xs.chunks_exact(L);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for l in 0..L {
-            let a = c[l].abs();
-            sa[l] += a;
-            if a > ma[l] {
-                ma[l] = a;
-            }
-            zeros[l] += u64::from(c[l] == 0.0);
-            nonfinite[l] += u64::from(!c[l].is_finite());
-        }
-    }
-    let mut sum_abs = combine(sa);
-    let mut max_abs = ma.iter().fold(0.0f64, |m, &x| m.max(x));
-    let mut z: u64 = zeros.iter().sum();
-    let mut nf: u64 = nonfinite.iter().sum();
-    for &x in rest {
-        sum_abs += x.abs();
-        max_abs = max_abs.max(x.abs());
-        z += u64::from(x == 0.0);
-        nf += u64::from(!x.is_finite());
-    }
-    (sum_abs, max_abs, z, nf)
-}
-
 /// One pass over a block of deltas: the power sums Σ(x − shift)^k for
 /// k = 1..4, and Σ|x|, max|x| (NaN ignored), zero and non-finite counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -186,15 +155,11 @@ mod tests {
         let (m2, _, m4) = central_moments(&xs, 1.0);
         assert_eq!(m2, xs.iter().map(|x| (x - 1.0).powi(2)).sum::<f64>());
         assert_eq!(m4, xs.iter().map(|x| (x - 1.0).powi(4)).sum::<f64>());
-        let (sa, ma, z, nf) = abs_stats(&xs);
-        assert_eq!(sa, xs.iter().map(|x| x.abs()).sum::<f64>());
-        assert_eq!(ma, 6.25);
-        assert_eq!(z, xs.iter().filter(|&&x| x == 0.0).count() as u64);
-        assert_eq!(nf, 0);
         let b = block_sums(&xs, 0.5);
-        assert_eq!(b.sum_abs, sa);
-        assert_eq!(b.max_abs, ma);
-        assert_eq!(b.zeros, z);
+        assert_eq!(b.sum_abs, xs.iter().map(|x| x.abs()).sum::<f64>());
+        assert_eq!(b.max_abs, 6.25);
+        assert_eq!(b.zeros, xs.iter().filter(|&&x| x == 0.0).count() as u64);
+        assert_eq!(b.nonfinite, 0);
         let p3: f64 = xs.iter().map(|x| (x - 0.5).powi(3)).sum();
         assert!((b.powers[2] - p3).abs() <= 1e-12 * p3.abs());
     }
