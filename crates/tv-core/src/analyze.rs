@@ -165,13 +165,9 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             continue;
         }
         let acc = fused_pass(family, base, sources, progress)?;
+        let indices: Vec<usize> = sources.iter().map(|&(i, _)| i).collect();
+        add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
         let ks = sources.len();
-        for (a, &(i, _)) in sources.iter().enumerate() {
-            for (b, &(j, _)) in sources.iter().enumerate() {
-                dots[i * k + j] += acc.dots[a * ks + b];
-            }
-            base_sum_sq[i] += acc.base_sum_sq;
-        }
         for (slot, &(i, tref)) in sources.iter().enumerate() {
             let q = buffers.quantiles(
                 &Pair::new(family, base, i, tref),
@@ -200,11 +196,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             && is_input_embedding(name)
             && !family.base.contains("lm_head.weight")
         {
-            tied_extra = Some((
-                name.to_string(),
-                sources.iter().map(|&(i, _)| i).collect(),
-                acc,
-            ));
+            tied_extra = Some((name.to_string(), indices, acc));
         }
     }
     progress.finish();
@@ -212,12 +204,8 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     // The original counted a tied embedding twice, once as lm_head.weight.
     let counted_twice = tied_extra.is_some();
     if let Some((embed, idx, acc)) = tied_extra {
-        let ks = idx.len();
-        for (a, &i) in idx.iter().enumerate() {
-            for (b, &j) in idx.iter().enumerate() {
-                dots[i * k + j] += acc.dots[a * ks + b];
-            }
-            base_sum_sq[i] += acc.base_sum_sq;
+        add_family_sums(&mut dots, &mut base_sum_sq, &idx, &acc);
+        for &i in &idx {
             if let Some(row) = rows[i].iter().find(|r| r.param == embed).cloned() {
                 rows[i].push(TensorRow {
                     param: "lm_head.weight".into(),
@@ -264,6 +252,19 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         models,
         cosines,
     })
+}
+
+/// Adds one tensor's pairwise dot products and Σ base² (from `acc`, whose
+/// models are `indices` of the family) to the family-wide sums.
+fn add_family_sums(dots: &mut [f64], base_sum_sq: &mut [f64], indices: &[usize], acc: &DeltaAcc) {
+    let k = base_sum_sq.len();
+    let ks = indices.len();
+    for (a, &i) in indices.iter().enumerate() {
+        for (b, &j) in indices.iter().enumerate() {
+            dots[i * k + j] += acc.dots[a * ks + b];
+        }
+        base_sum_sq[i] += acc.base_sum_sq;
+    }
 }
 
 fn is_input_embedding(name: &str) -> bool {

@@ -302,7 +302,8 @@ impl MergePlan {
                 return Err(Error::Interrupted);
             }
             let end = (start + SEGMENT).min(numel);
-            let (b0, b1) = (start * base_type.size(), end * base_type.size());
+            let base_range = base_type.byte_range(start, end);
+            let (b0, b1) = (base_range.start, base_range.end);
             let addends: Vec<Addend<'_>> = sources
                 .iter()
                 .map(|(i, t)| {
@@ -310,7 +311,7 @@ impl MergePlan {
                     Addend {
                         lambda: self.lambdas[*i],
                         ty,
-                        bytes: &family.models[*i].bytes(t)[start * ty.size()..end * ty.size()],
+                        bytes: &family.models[*i].bytes(t)[ty.byte_range(start, end)],
                     }
                 })
                 .collect();
@@ -341,7 +342,8 @@ impl MergePlan {
             let mut done = (b1 - b0) as u64;
             base.release(&planned.base, b0, b1);
             for ((i, t), a) in sources.iter().zip(&addends) {
-                family.models[*i].release(t, start * a.ty.size(), end * a.ty.size());
+                let range = a.ty.byte_range(start, end);
+                family.models[*i].release(t, range.start, range.end);
                 done += a.bytes.len() as u64;
             }
             progress.advance(done);
@@ -363,7 +365,7 @@ fn compute_segment(
 ) -> Result<usize> {
     match device {
         Device::Cpu => {
-            let (bs, os) = (base_type.size(), out_type.size());
+            let os = out_type.size();
             let nonfinite = out
                 .par_chunks_mut(TASK * os)
                 .enumerate()
@@ -373,11 +375,11 @@ fn compute_segment(
                     let parts: Vec<Addend<'_>> = addends
                         .iter()
                         .map(|a| Addend {
-                            bytes: &a.bytes[e0 * a.ty.size()..e1 * a.ty.size()],
+                            bytes: &a.bytes[a.ty.byte_range(e0, e1)],
                             ..*a
                         })
                         .collect();
-                    let b = &base[e0 * bs..e1 * bs];
+                    let b = &base[base_type.byte_range(e0, e1)];
                     if parts.is_empty() {
                         convert_range(base_type, b, out_type, out);
                         0
