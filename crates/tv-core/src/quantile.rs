@@ -268,11 +268,12 @@ fn order_statistics<T: Sample>(
             buckets.push(b);
         }
     }
-    // Level 2: the next 16 bits, counted within the wanted buckets.
+    // Levels 2 and 3: the next 8 key bits, then the 8 after, each counted
+    // within the wanted prefixes only, in tables small enough for the L1
+    // cache. Branch-free: values outside the wanted prefixes count in a
+    // spare row, which is ignored.
     let slots = buckets.len();
-    // Branch-free: values outside the wanted buckets count in a spare
-    // table (slot `slots`), which is ignored.
-    let spare: Vec<u32> = slot_of_bucket
+    let row_of_bucket: Vec<u32> = slot_of_bucket
         .iter()
         .map(|&s| {
             if s == u8::MAX {
@@ -282,22 +283,54 @@ fn order_statistics<T: Sample>(
             }
         })
         .collect();
-    let hist2 = count_per_thread(values, (slots + 1) * BUCKETS, |h, chunk| {
+    let level2_counts = count_per_thread(values, (slots + 1) * 256, |h, chunk| {
         for &v in chunk {
             let key = v.key();
-            let s = spare[(key >> 48) as usize] as usize;
-            h[s * BUCKETS + ((key >> 32) & 0xFFFF) as usize] += 1;
+            let row = row_of_bucket[(key >> 48) as usize] as usize;
+            h[row * 256 + ((key >> 40) & 0xFF) as usize] += 1;
         }
     });
-    // Each rank's 32-bit key prefix and its rank among values sharing it.
-    let mut prefixes: Vec<(u64, usize, usize)> = Vec::with_capacity(level1.len());
+    let mut level2: Vec<(usize, usize, usize)> = Vec::with_capacity(level1.len()); // (bucket, byte, rank)
     for group in level1.chunk_by(|a, b| a.0 == b.0) {
         let b = group[0].0;
-        let s = slot_of_bucket[b] as usize;
-        let h2 = &hist2[s * BUCKETS..(s + 1) * BUCKETS];
+        let row = slot_of_bucket[b] as usize;
         let inner: Vec<usize> = group.iter().map(|&(_, r)| r).collect();
-        for (b2, r2) in locate(h2, &inner) {
-            prefixes.push(((b as u64) << 16 | b2 as u64, r2, h2[b2] as usize));
+        for (byte, r) in locate(&level2_counts[row * 256..(row + 1) * 256], &inner) {
+            level2.push((b, byte, r));
+        }
+    }
+    // Rows of the level-3 table, one per wanted 24-bit prefix.
+    let mut row_of_prefix = vec![u32::MAX; (slots + 1) * 256];
+    let mut rows3 = 0u32;
+    for &(b, byte, _) in &level2 {
+        let i = slot_of_bucket[b] as usize * 256 + byte;
+        if row_of_prefix[i] == u32::MAX {
+            row_of_prefix[i] = rows3;
+            rows3 += 1;
+        }
+    }
+    for r in row_of_prefix.iter_mut().filter(|r| **r == u32::MAX) {
+        *r = rows3;
+    }
+    let level3_counts = count_per_thread(values, (rows3 as usize + 1) * 256, |h, chunk| {
+        for &v in chunk {
+            let key = v.key();
+            let row1 = row_of_bucket[(key >> 48) as usize] as usize;
+            let row = row_of_prefix[row1 * 256 + ((key >> 40) & 0xFF) as usize] as usize;
+            h[row * 256 + ((key >> 32) & 0xFF) as usize] += 1;
+        }
+    });
+    // Each rank's 32-bit key prefix, its rank among values sharing it, and
+    // their count.
+    let mut prefixes: Vec<(u64, usize, usize)> = Vec::with_capacity(level2.len());
+    for group in level2.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let (b, byte) = (group[0].0, group[0].1);
+        let row = row_of_prefix[slot_of_bucket[b] as usize * 256 + byte] as usize;
+        let counts = &level3_counts[row * 256..(row + 1) * 256];
+        let inner: Vec<usize> = group.iter().map(|&(_, _, r)| r).collect();
+        for (last, r) in locate(counts, &inner) {
+            let prefix = ((b as u64) << 16) | ((byte as u64) << 8) | last as u64;
+            prefixes.push((prefix, r, counts[last] as usize));
         }
     }
     if T::KEY_IS_32_BITS {
@@ -310,13 +343,9 @@ fn order_statistics<T: Sample>(
     // f64: gather the values of each wanted prefix, then select.
     let mut distinct: Vec<u64> = prefixes.iter().map(|&(p, _, _)| p).collect();
     distinct.dedup();
-    let sizes: usize = distinct
-        .iter()
-        .map(|&p| {
-            let s = slot_of_bucket[(p >> 16) as usize] as usize;
-            hist2[s * BUCKETS + (p & 0xFFFF) as usize] as usize
-        })
-        .sum();
+    let mut sized = prefixes.clone();
+    sized.dedup_by_key(|p| p.0);
+    let sizes: usize = sized.iter().map(|&(_, _, group)| group).sum();
     if sizes > values.len() / 4 + (1 << 16) {
         return select_in_place(values, ranks)
             .into_iter()
