@@ -498,3 +498,82 @@ fn analysis_output_inside_an_input_or_over_a_foreign_folder_is_refused() {
     assert_eq!(snapshot(s.dir.path()), before);
     assert_eq!(entries(s.dir.path()), ["base", "good"]);
 }
+
+/// Runs `bin` with `args` as an unprivileged user when the tests run as
+/// root (root reads any file), else directly.
+fn run_unprivileged(bin: &str, args: &[&str]) -> Output {
+    let is_root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| stdout(&o).trim() == "0")
+        .unwrap_or(false);
+    if !is_root {
+        return run(bin, args);
+    }
+    let path = match bin {
+        "ta-merge" => env!("CARGO_BIN_EXE_ta-merge"),
+        _ => env!("CARGO_BIN_EXE_ta-analyze"),
+    };
+    std::process::Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            path,
+        ])
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) runs the tools as an unprivileged user")
+}
+
+#[test]
+fn unreadable_files_are_named() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new();
+    let ft = fine_tune(&s.base, 12, 0.01, Ty::BF16);
+    write_model(&s.path("locked"), &ft, 1, false);
+    let locked = s.path("locked/model.safetensors");
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+    for dir in [
+        s.dir.path().to_path_buf(),
+        s.path("base"),
+        s.path("good"),
+        s.path("locked"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for file in std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+        {
+            let mode = if file == locked { 0o000 } else { 0o644 };
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
+    let (base, good, m) = (s.s("base"), s.s("good"), s.s("locked"));
+    let (out, stats) = (s.s("merged"), s.s("stats"));
+    let o = run_unprivileged(
+        "ta-merge",
+        &[
+            "--base-model-path",
+            &base,
+            "--other-model-paths",
+            &good,
+            &m,
+            "--output-path",
+            &out,
+            "--lambdas",
+            "0.5",
+            "0.5",
+        ],
+    );
+    assert_one_line_error(&o, &["locked/model.safetensors", "ermission denied"]);
+    let o = run_unprivileged(
+        "ta-analyze",
+        &["--base", &base, "--models", &good, &m, "--outdir", &stats],
+    );
+    assert_one_line_error(&o, &["locked/model.safetensors", "ermission denied"]);
+    assert_eq!(entries(s.dir.path()), ["base", "good", "locked"]);
+    std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o644)).unwrap();
+}

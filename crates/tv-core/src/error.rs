@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 /// Errors returned by `tv-core`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O operation on a named file failed.
-    #[error("{action} {}: {source}", path.display())]
+    /// An I/O operation on a named file failed (the cause follows in the
+    /// error chain).
+    #[error("{action} {}", path.display())]
     Io {
         action: &'static str,
         path: PathBuf,
