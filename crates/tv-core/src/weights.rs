@@ -175,7 +175,7 @@ pub fn format_table(names: &[String], norms: Option<&[f64]>, lambdas: &[f64]) ->
     for (i, (name, lambda)) in names.iter().zip(lambdas).enumerate() {
         let l2 = match norms {
             Some(n) => format!("L2={:<8.4}", n[i]),
-            None => "L2=n/a".to_string(),
+            None => format!("L2={:<8}", "n/a"),
         };
         out.push_str(&format!("{name:<width$} {l2}  λ={lambda:.6}\n"));
     }
