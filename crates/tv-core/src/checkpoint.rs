@@ -181,7 +181,7 @@ impl Checkpoint {
         self.order.is_empty()
     }
 
-    /// The bytes of `range` (absolute, within `tensor`) borrowed from the map.
+    /// The tensor's bytes, borrowed from the mapping (no copy).
     pub fn bytes(&self, tensor: &TensorRef) -> &[u8] {
         &self.shards[tensor.shard].map[tensor.start..tensor.end]
     }
