@@ -433,7 +433,7 @@ fn interrupts_remove_the_temporary_output() {
     for signal in ["-INT", "-TERM"] {
         let s = Setup::new();
         let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ta-merge"))
+        let child = std::process::Command::new(bin_path("ta-merge"))
             .args([
                 "--base-model-path",
                 &base,
@@ -510,17 +510,13 @@ fn run_unprivileged(bin: &str, args: &[&str]) -> Output {
     if !is_root {
         return run(bin, args);
     }
-    let path = match bin {
-        "ta-merge" => env!("CARGO_BIN_EXE_ta-merge"),
-        _ => env!("CARGO_BIN_EXE_ta-analyze"),
-    };
     std::process::Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
             "--",
-            path,
+            bin_path(bin),
         ])
         .args(args)
         .output()

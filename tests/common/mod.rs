@@ -348,13 +348,17 @@ pub fn run(bin: &str, args: &[&str]) -> Output {
     run_env(bin, args, &[])
 }
 
-pub fn run_env(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let path = match bin {
+/// The path of one of this package's binaries.
+pub fn bin_path(bin: &str) -> &'static str {
+    match bin {
         "ta-merge" => env!("CARGO_BIN_EXE_ta-merge"),
         "ta-analyze" => env!("CARGO_BIN_EXE_ta-analyze"),
         other => panic!("unknown binary {other}"),
-    };
-    let mut cmd = Command::new(path);
+    }
+}
+
+pub fn run_env(bin: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(bin_path(bin));
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
