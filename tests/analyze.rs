@@ -477,7 +477,34 @@ fn f32_sharded_with_missing_mismatched_extra_and_integer_tensors() {
     // m0 skips the integer tensor; m1 also the missing, the resized and the extra one.
     let d0 = check_model(&out, "m0", &base, &m0, 1);
     let d1 = check_model(&out, "m1", &base, &m1, 4);
+    let norm =
+        |d: &BTreeMap<String, Vec<f64>>| d.values().flatten().map(|x| x * x).sum::<f64>().sqrt();
+    let norms = [norm(&d0), norm(&d1)];
     check_cosines(&out, &["m0", "m1"], &[d0, d1]);
+    // Every mode's weights in analysis.json, from these norms.
+    let a = json(&out.join("analysis.json"));
+    let normalise = |w: [f64; 2]| [w[0] / (w[0] + w[1]), w[1] / (w[0] + w[1])];
+    let mean = (norms[0] + norms[1]) / 2.0;
+    for (mode, want) in [
+        ("linear", normalise([1.0 / norms[0], 1.0 / norms[1]])),
+        (
+            "power",
+            normalise([norms[0].powf(-1.5), norms[1].powf(-1.5)]),
+        ),
+        (
+            "exp",
+            normalise([(-norms[0] / mean).exp(), (-norms[1] / mean).exp()]),
+        ),
+    ] {
+        for (i, name) in ["m0", "m1"].iter().enumerate() {
+            let got = a["merge_weights"]["modes"][mode][name].as_f64().unwrap();
+            assert!(
+                (got - want[i]).abs() < 1e-12,
+                "{mode}/{name}: {got} vs {}",
+                want[i]
+            );
+        }
+    }
     let s = json(&out.join("m1/summary.json"));
     let reasons: Vec<String> = s["skipped"]
         .as_array()
