@@ -119,7 +119,15 @@ pub fn resolve_names(models: &[String], names: Option<&[String]>) -> Result<Vec<
         None => models.iter().map(|m| model_name(m)).collect(),
     };
     for (i, a) in names.iter().enumerate() {
-        if a.is_empty() || a.contains('/') || a.contains('\\') {
+        // Names become folders beside the family-level analysis files.
+        const RESERVED: [&str; 5] = [
+            ".",
+            "..",
+            "analysis.json",
+            "pairwise_cosines.csv",
+            "pairwise_cosines.png",
+        ];
+        if a.is_empty() || a.contains('/') || a.contains('\\') || RESERVED.contains(&a.as_str()) {
             return Err(Error::InvalidArgument(format!(
                 "model name '{a}' is not usable as a folder name; set names with --names"
             )));
@@ -145,6 +153,18 @@ mod tests {
         let dup = vec!["/a/m".to_string(), "/b/m".to_string()];
         let err = resolve_names(&dup, None).unwrap_err().to_string();
         assert!(err.contains("--names"), "{err}");
+        for bad in [
+            ".",
+            "..",
+            "a/b",
+            "",
+            "analysis.json",
+            "pairwise_cosines.png",
+        ] {
+            let names = [bad.to_string(), "q".to_string()];
+            let err = resolve_names(&dup, Some(&names)).unwrap_err().to_string();
+            assert!(err.contains("not usable as a folder name"), "{bad}: {err}");
+        }
         let named = ["p".to_string(), "q".to_string()];
         assert_eq!(resolve_names(&dup, Some(&named)).unwrap(), ["p", "q"]);
     }
