@@ -495,6 +495,11 @@ fn analysis_output_inside_an_input_or_over_a_foreign_folder_is_refused() {
         &["--base", &base, "--models", &good, "--device", "cuda:1"],
     );
     assert_one_line_error(&o, &["--device cuda:1", "CUDA"]);
+    let stats = s.s("stats");
+    let args = [
+        "--base", &base, "--models", &good, "--outdir", &stats, "--names", "..",
+    ];
+    assert_one_line_error(&run("ta-analyze", &args), &["'..'", "--names"]);
     assert_eq!(snapshot(s.dir.path()), before);
     assert_eq!(entries(s.dir.path()), ["base", "good"]);
 }
