@@ -404,7 +404,8 @@ fn verify_accepts_a_good_merge_and_names_what_is_broken() {
 #[test]
 fn a_full_disk_fails_cleanly() {
     let s = Setup::new();
-    let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
+    // A nested output whose parents do not exist yet: they go too.
+    let (base, good, out) = (s.s("base"), s.s("good"), s.s("new/deeper/merged"));
     let before = snapshot(s.dir.path());
     let o = run_env(
         "ta-merge",

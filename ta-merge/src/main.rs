@@ -89,12 +89,7 @@ fn run(args: Args) -> Result<()> {
     }
     check_output_apart(output, &inputs)?;
     if args.dry_run {
-        if output.exists() && !args.force {
-            bail!(
-                "output {} already exists; pass --force to replace it",
-                output.display()
-            );
-        }
+        Staging::check_target(output, args.force)?;
         tv_cli::sayln!(
             "dry run: checked inputs and plan on {}; nothing written",
             device.describe()

@@ -16,12 +16,15 @@ pub struct Staging {
     temp: PathBuf,
     replace: bool,
     committed: bool,
+    /// Parent folders this run created, deepest first, removed again if
+    /// the run fails.
+    created_parents: Vec<PathBuf>,
 }
 
 impl Staging {
-    /// Prepares to write `target`. An existing target is an error unless
-    /// `force`, in which case it is replaced at commit time.
-    pub fn new(target: &Path, force: bool) -> Result<Self> {
+    /// Checks that `target` may be written: it must not exist unless
+    /// `force`, and then must be a folder. Returns whether it exists.
+    pub fn check_target(target: &Path, force: bool) -> Result<bool> {
         let exists = target.exists() || target.is_symlink();
         if exists && !force {
             return Err(Error::InvalidArgument(format!(
@@ -35,6 +38,13 @@ impl Staging {
                 target.display()
             )));
         }
+        Ok(exists)
+    }
+
+    /// Prepares to write `target`. An existing target is an error unless
+    /// `force`, in which case it is replaced at commit time.
+    pub fn new(target: &Path, force: bool) -> Result<Self> {
+        let replace = Self::check_target(target, force)?;
         let name = target
             .file_name()
             .ok_or_else(|| {
@@ -43,18 +53,26 @@ impl Staging {
             .to_string_lossy()
             .into_owned();
         let parent = parent_of(target);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io("cannot create", &parent, e))?;
-        let temp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if temp.exists() {
-            std::fs::remove_dir_all(&temp).map_err(|e| Error::io("cannot remove", &temp, e))?;
-        }
-        std::fs::create_dir(&temp).map_err(|e| Error::io("cannot create", &temp, e))?;
-        Ok(Self {
+        let created_parents: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .map(Path::to_path_buf)
+            .collect();
+        let staging = Self {
             target: target.to_path_buf(),
-            temp,
-            replace: exists,
+            temp: parent.join(format!(".{name}.partial-{}", std::process::id())),
+            replace,
             committed: false,
-        })
+            created_parents,
+        };
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io("cannot create", &parent, e))?;
+        if staging.temp.exists() {
+            std::fs::remove_dir_all(&staging.temp)
+                .map_err(|e| Error::io("cannot remove", &staging.temp, e))?;
+        }
+        std::fs::create_dir(&staging.temp)
+            .map_err(|e| Error::io("cannot create", &staging.temp, e))?;
+        Ok(staging)
     }
 
     /// The temporary folder to write into.
@@ -100,6 +118,10 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.temp);
+            // Only folders this run created, and only while empty.
+            for dir in &self.created_parents {
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }
@@ -216,6 +238,13 @@ mod tests {
         s.commit().unwrap();
         assert!(!target.join("x").exists());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Parents created for a run that fails are removed again.
+        let nested = dir.path().join("a/b/out");
+        drop(Staging::new(&nested, false).unwrap());
+        assert!(!dir.path().join("a").exists());
+        let s = Staging::new(&nested, false).unwrap();
+        s.commit().unwrap();
+        assert!(nested.is_dir());
     }
 
     #[test]
