@@ -215,11 +215,10 @@ pub fn delta_nonzero<T: Sample>(
     delta_blocks(base_ty, base, ty, model, out.len(), |_, d| {
         for &v in d {
             // Branch-free compaction: always store, advance only past non-zeros.
-            let t = T::from_f64(v);
-            if t.to_f64() != v && !v.is_nan() {
+            if rounds_in::<T>(v) {
                 inexact.push(v);
             }
-            out[written] = t;
+            out[written] = T::from_f64(v);
             written += usize::from(v != 0.0);
         }
     });
@@ -250,19 +249,22 @@ fn delta_into_kernel<T: Sample>(
     inexact: &mut Vec<f64>,
 ) {
     delta_blocks(base_ty, base, ty, model, out.len(), |start, d| {
-        let mut exact = true;
+        let mut any_rounded = false;
         for (o, &v) in out[start..start + d.len()].iter_mut().zip(d) {
             *o = T::from_f64(v);
-            exact &= o.to_f64() == v || v.is_nan();
+            any_rounded |= rounds_in::<T>(v);
         }
-        if !exact {
-            let odd = d
-                .iter()
-                .copied()
-                .filter(|&v| T::from_f64(v).to_f64() != v && !v.is_nan());
-            inexact.extend(odd);
+        // Rare: list the true values only for blocks that need them.
+        if any_rounded {
+            inexact.extend(d.iter().copied().filter(|&v| rounds_in::<T>(v)));
         }
     });
+}
+
+/// Whether `T` cannot hold `v` exactly (NaN counts as held).
+#[inline(always)]
+fn rounds_in<T: Sample>(v: f64) -> bool {
+    T::from_f64(v).to_f64() != v && !v.is_nan()
 }
 
 #[inline(always)]
