@@ -79,6 +79,26 @@ fn reference(d: &[f64]) -> Ref {
     }
 }
 
+/// √Σd² over a model's deltas.
+fn global_norm(d: &BTreeMap<String, Vec<f64>>) -> f64 {
+    d.values().flatten().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+/// Merge weights from norms by the formulas (alpha 1.5, beta 1), normalised.
+fn reference_weights(norms: &[f64], mode: &str) -> Vec<f64> {
+    let mean = norms.iter().sum::<f64>() / norms.len() as f64;
+    let raw: Vec<f64> = norms
+        .iter()
+        .map(|&l| match mode {
+            "linear" => 1.0 / l,
+            "power" => l.powf(-1.5),
+            _ => (-l / mean).exp(),
+        })
+        .collect();
+    let total: f64 = raw.iter().sum();
+    raw.iter().map(|w| w / total).collect()
+}
+
 fn close(got: f64, want: f64, rel: f64, abs: f64) -> bool {
     (got - want).abs() <= rel * want.abs() || (got - want).abs() <= abs
 }
@@ -177,6 +197,7 @@ fn check_model(
     let mut zeros = 0;
     let mut elements = 0;
     let mut groups: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
+    let mut kinds: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
     let by_name: BTreeMap<&str, &BTreeMap<String, String>> =
         rows.iter().map(|r| (r["param"].as_str(), r)).collect();
     assert_eq!(by_name.len(), rows.len(), "{name}: one row per tensor");
@@ -239,6 +260,15 @@ fn check_model(
             "other".to_string()
         };
         let e = groups.entry(g).or_default();
+        e.0 += r.sum_sq;
+        e.1 += r.l1;
+        e.2 += d.len();
+        // The test families' names, by kind of module.
+        let kind = ["embed", "lm_head", "norm", "self_attn", "mlp"]
+            .into_iter()
+            .find(|k| tname.contains(k))
+            .map_or("other", |k| if k == "self_attn" { "attention" } else { k });
+        let e = kinds.entry(kind.to_string()).or_default();
         e.0 += r.sum_sq;
         e.1 += r.l1;
         e.2 += d.len();
@@ -310,11 +340,18 @@ fn check_model(
         close(module_sq, total_sq, 1e-9, 1e-15),
         "modules partition the tensors"
     );
-    for kind in modules.keys() {
+    assert_eq!(modules.len(), kinds.len(), "{name}: modules {modules:?}");
+    for (kind, (sq, l1, count)) in &kinds {
+        let v = &modules[kind];
         assert!(
-            ["attention", "mlp", "norm", "embed", "lm_head", "other"].contains(&kind.as_str()),
-            "{kind}"
+            close(v["l2"].as_f64().unwrap(), sq.sqrt(), 1e-9, 1e-12),
+            "{name}/{kind}"
         );
+        assert!(
+            close(v["l1"].as_f64().unwrap(), *l1, 1e-9, 1e-12),
+            "{name}/{kind}"
+        );
+        assert_eq!(v["param_count_approx"].as_u64().unwrap() as usize, *count);
     }
     ds.into_iter().map(|x| (x.name, x.d)).collect()
 }
@@ -324,8 +361,7 @@ fn check_cosines(out: &Path, names: &[&str], deltas: &[BTreeMap<String, Vec<f64>
     let text = std::fs::read_to_string(out.join("pairwise_cosines.csv")).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next().unwrap(), format!(",{}", names.join(",")));
-    let norm =
-        |m: &BTreeMap<String, Vec<f64>>| m.values().flatten().map(|x| x * x).sum::<f64>().sqrt();
+    let matrix = json(&out.join("analysis.json"))["pairwise_cosines"]["matrix"].clone();
     for (i, line) in lines.enumerate() {
         let cells: Vec<&str> = line.split(',').collect();
         assert_eq!(cells[0], names[i]);
@@ -338,9 +374,14 @@ fn check_cosines(out: &Path, names: &[&str], deltas: &[BTreeMap<String, Vec<f64>
                         .map(|dj| di.iter().zip(dj).map(|(a, b)| a * b).sum::<f64>())
                 })
                 .sum();
-            let denom = norm(&deltas[i]) * norm(&deltas[j]);
+            let denom = global_norm(&deltas[i]) * global_norm(&deltas[j]);
             let want = if denom > 0.0 { dot / denom } else { 0.0 };
             let got: f64 = cell.parse().unwrap();
+            let in_json = matrix[i][j].as_f64().unwrap();
+            assert!(
+                (in_json - want).abs() <= 1e-9,
+                "analysis.json cos({i},{j}) = {in_json}"
+            );
             assert!(
                 (got - want).abs() <= 1e-9,
                 "cos({},{}) = {got}, want {want}",
@@ -433,12 +474,10 @@ fn bf16_family_statistics_cosines_and_outputs() {
                 .unwrap()
         })
         .collect();
-    let mean = norms.iter().sum::<f64>() / 3.0;
-    let raw: Vec<f64> = norms.iter().map(|l| (-l / mean).exp()).collect();
-    let total: f64 = raw.iter().sum();
+    let want = reference_weights(&norms, "exp");
     for (i, n) in names.iter().enumerate() {
         let got = a["merge_weights"]["modes"]["exp"][n].as_f64().unwrap();
-        assert!((got - raw[i] / total).abs() < 1e-12, "{n}: {got}");
+        assert!((got - want[i]).abs() < 1e-12, "{n}: {got}");
     }
     assert!(a["merge_weights"]["modes"]["linear"]["error"]
         .as_str()
@@ -477,25 +516,12 @@ fn f32_sharded_with_missing_mismatched_extra_and_integer_tensors() {
     // m0 skips the integer tensor; m1 also the missing, the resized and the extra one.
     let d0 = check_model(&out, "m0", &base, &m0, 1);
     let d1 = check_model(&out, "m1", &base, &m1, 4);
-    let norm =
-        |d: &BTreeMap<String, Vec<f64>>| d.values().flatten().map(|x| x * x).sum::<f64>().sqrt();
-    let norms = [norm(&d0), norm(&d1)];
+    let norms = [global_norm(&d0), global_norm(&d1)];
     check_cosines(&out, &["m0", "m1"], &[d0, d1]);
     // Every mode's weights in analysis.json, from these norms.
     let a = json(&out.join("analysis.json"));
-    let normalise = |w: [f64; 2]| [w[0] / (w[0] + w[1]), w[1] / (w[0] + w[1])];
-    let mean = (norms[0] + norms[1]) / 2.0;
-    for (mode, want) in [
-        ("linear", normalise([1.0 / norms[0], 1.0 / norms[1]])),
-        (
-            "power",
-            normalise([norms[0].powf(-1.5), norms[1].powf(-1.5)]),
-        ),
-        (
-            "exp",
-            normalise([(-norms[0] / mean).exp(), (-norms[1] / mean).exp()]),
-        ),
-    ] {
+    for mode in ["linear", "power", "exp"] {
+        let want = reference_weights(&norms, mode);
         for (i, name) in ["m0", "m1"].iter().enumerate() {
             let got = a["merge_weights"]["modes"][mode][name].as_f64().unwrap();
             assert!(
@@ -595,12 +621,7 @@ fn analysis_feeds_the_merge_and_names_must_be_unique() {
     let stats = dir.path().join("stats");
     let d0 = check_model(&stats, "math", &base, &m0, 0);
     let d1 = check_model(&stats, "chat", &base, &m1, 0);
-    let norm =
-        |d: &BTreeMap<String, Vec<f64>>| d.values().flatten().map(|x| x * x).sum::<f64>().sqrt();
-    let norms = [norm(&d0), norm(&d1)];
-    let mean = (norms[0] + norms[1]) / 2.0;
-    let raw = [(-norms[0] / mean).exp(), (-norms[1] / mean).exp()];
-    let lambdas = [raw[0] / (raw[0] + raw[1]), raw[1] / (raw[0] + raw[1])];
+    let lambdas = reference_weights(&[global_norm(&d0), global_norm(&d1)], "exp");
 
     let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
     let merged = p("merged");
