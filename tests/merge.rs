@@ -425,6 +425,15 @@ fn output_layout_is_what_transformers_loads() {
         serde_json::from_str(&std::fs::read_to_string(out.join("merge_record.json")).unwrap())
             .unwrap();
     assert_eq!(record["mode"], "exp");
+    assert_eq!(record["total_size"].as_u64().unwrap(), expected_total);
+    assert_eq!(record["shards"].as_u64().unwrap() as usize, n);
+    assert_eq!(
+        record["tensors_merged"].as_u64().unwrap() as usize,
+        f.base.len()
+    );
+    assert_eq!(record["tensors_copied"], 0);
+    assert_eq!(record["dtype"], "bfloat16");
+    assert_eq!(record["tied_embeddings"], false);
     assert_eq!(record["models"][0]["l2_norm"], 1.0);
     let want = exp_weights(&[1.0, 2.0], 1.0);
     assert!((record["models"][1]["lambda"].as_f64().unwrap() - want[1]).abs() < 1e-15);
