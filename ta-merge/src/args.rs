@@ -24,6 +24,57 @@ pub struct Args {
     #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required_unless_present = "verify")]
     pub models: Vec<String>,
 
+    /// Merge method (mergekit's names): task_arithmetic, linear, ties, dare_linear, dare_ties,
+    /// magnitude_prune, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, magmax.
+    #[arg(long, default_value = "task_arithmetic", value_name = "METHOD")]
+    pub method: String,
+
+    /// Fraction of each task vector kept (ties, dare, breadcrumbs, della, magnitude_prune):
+    /// one value, or one per model.
+    #[arg(long, value_name = "ρ", num_args = 1.., allow_negative_numbers = true)]
+    pub density: Option<Vec<f64>>,
+
+    /// Breadcrumbs: fraction of the largest entries dropped as outliers (one, or one per model).
+    #[arg(long, value_name = "γ", num_args = 1.., allow_negative_numbers = true)]
+    pub gamma: Option<Vec<f64>>,
+
+    /// DELLA: keep probabilities range over density ± epsilon (one, or one per model).
+    #[arg(long, value_name = "ε", num_args = 1.., allow_negative_numbers = true)]
+    pub epsilon: Option<Vec<f64>>,
+
+    /// Scale λ of the merged task vector: base + λ · delta.
+    #[arg(long, value_name = "λ", allow_negative_numbers = true)]
+    pub scale: Option<f64>,
+
+    /// SLERP: interpolation factor from the base (0) to the model (1).
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
+    pub t: Option<f64>,
+
+    /// Divide by the sum of the weights (default on for linear, ties and della).
+    #[arg(long, overrides_with = "no_normalize")]
+    pub normalize: bool,
+
+    /// Do not divide by the sum of the weights.
+    #[arg(long = "no-normalize")]
+    pub no_normalize: bool,
+
+    /// How entries kept by dare/della/trimming are rescaled: inverse (1/p), l1 (restore the
+    /// tensor's L1 norm), none.
+    #[arg(long, value_parser = ["inverse", "l1", "none"])]
+    pub rescale: Option<String>,
+
+    /// Seed of DARE's and DELLA's random draws.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Whether densities select within each tensor or over each model's whole task vector.
+    #[arg(long = "density-scope", value_parser = ["tensor", "model"])]
+    pub density_scope: Option<String>,
+
+    /// Model Stock: one interpolation factor per row instead of per tensor.
+    #[arg(long = "filter-wise")]
+    pub filter_wise: bool,
+
     /// Global L2 norm of each model's task vector, in model order.
     #[arg(long = "l2-norms", visible_alias = "l2_norms", value_name = "L2", num_args = 1.., allow_negative_numbers = true, conflicts_with = "lambdas")]
     pub l2_norms: Option<Vec<f64>>,

@@ -12,6 +12,9 @@ use tv_core::device::{Device, DeviceRequest};
 use tv_core::dtype::FloatType;
 use tv_core::family::Family;
 use tv_core::merge::{human_bytes, parse_size, MergeOptions, MergePlan};
+use tv_core::methods::{
+    DensityScope, MethodKind, MethodSettings, Recipe, Rescale, TensorParams, Uniform,
+};
 use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
@@ -46,7 +49,13 @@ fn run(args: Args) -> Result<()> {
         alpha: args.alpha,
         beta: args.beta,
     };
-    if args.l2_norms.is_none() && args.lambdas.is_none() && args.from_analysis.is_none() {
+    let settings = method_settings(&args)?;
+    let uses_weights = settings.kind.uses_weights();
+    if uses_weights
+        && args.l2_norms.is_none()
+        && args.lambdas.is_none()
+        && args.from_analysis.is_none()
+    {
         bail!(
             "give the models' task-vector norms with --l2_norms (one per model) or --from-analysis DIR, \
              or weights with --lambdas"
@@ -66,21 +75,24 @@ fn run(args: Args) -> Result<()> {
             weights::check_explicit(&family.names, l)?;
             l.clone()
         }
-        (None, None) => unreachable!("checked above"),
+        (None, None) => vec![1.0; family.models.len()],
     };
+    let recipe = recipe(&args, settings, lambdas)?;
     let options = MergeOptions {
         out_type,
         max_shard_size,
         skip_mismatched: args.skip_mismatched,
         allow_nonfinite: args.allow_nonfinite,
     };
-    let plan = MergePlan::new(&family, lambdas, options)?;
+    let plan = MergePlan::with_recipe(&family, recipe, options)?;
 
-    tv_cli::say(weights::format_table(
-        &family.names,
-        norms.as_deref(),
-        &plan.lambdas,
-    ));
+    if uses_weights {
+        tv_cli::say(weights::format_table(
+            &family.names,
+            norms.as_deref(),
+            plan.lambdas(),
+        ));
+    }
     tv_cli::say(plan.describe(&family.names));
 
     let mut inputs = vec![("base model", family.base.located.root.as_path())];
@@ -115,6 +127,70 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The method and its whole-merge settings from the flags.
+fn method_settings(args: &Args) -> Result<MethodSettings> {
+    let kind = MethodKind::parse(&args.method).with_context(|| {
+        let names: Vec<&str> = MethodKind::ALL.iter().map(|m| m.name()).collect();
+        format!(
+            "--method '{}' is not one of {}",
+            args.method,
+            names.join(", ")
+        )
+    })?;
+    let mut settings = MethodSettings::new(kind);
+    if args.normalize {
+        settings.normalize = true;
+    }
+    if args.no_normalize {
+        settings.normalize = false;
+    }
+    if let Some(r) = &args.rescale {
+        settings.rescale = Rescale::parse(r).expect("clap checked --rescale");
+    }
+    if let Some(seed) = args.seed {
+        settings.seed = seed;
+    }
+    if let Some(scope) = &args.density_scope {
+        settings.density_scope = DensityScope::parse(scope).expect("clap checked --density-scope");
+    }
+    settings.filter_wise = args.filter_wise;
+    settings.check()?;
+    Ok(settings)
+}
+
+/// The recipe: settings, the models' weights, and the per-model numbers
+/// from the flags (one value for all models, or one per model).
+fn recipe(args: &Args, settings: MethodSettings, weights: Vec<f64>) -> Result<Recipe> {
+    let k = weights.len();
+    let mut params = TensorParams::with_weights(weights.clone());
+    for (flag, given, into) in [
+        ("--density", &args.density, &mut params.density),
+        ("--gamma", &args.gamma, &mut params.gamma),
+        ("--epsilon", &args.epsilon, &mut params.epsilon),
+    ] {
+        match given.as_deref() {
+            None => {}
+            Some([v]) => *into = vec![*v; k],
+            Some(vs) if vs.len() == k => *into = vs.to_vec(),
+            Some(vs) => bail!(
+                "{flag}: got {} values for {k} models; give one, or one per model",
+                vs.len()
+            ),
+        }
+    }
+    if let Some(scale) = args.scale {
+        params.scale = scale;
+    }
+    if let Some(t) = args.t {
+        params.t = t;
+    }
+    Ok(Recipe {
+        settings,
+        weights,
+        params: Box::new(Uniform(params)),
+    })
+}
+
 fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>) -> MergeRecord {
     let models = family
         .models
@@ -124,7 +200,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
             name: family.names[i].clone(),
             path: m.located.spec.clone(),
             l2_norm: norms.map(|n| n[i]),
-            lambda: plan.lambdas[i],
+            lambda: plan.lambdas()[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
         })

@@ -1,30 +1,18 @@
-//! The streaming Task Arithmetic merge.
+//! Planning a merge: what every output tensor is and where it comes from.
 //!
-//! [`MergePlan::new`] checks a [`Family`] against its weights and decides,
-//! for every tensor of the base in storage order, what to write: float
-//! tensors become `base + Σ λ_i (model_i − base)` over the models that store
-//! them, everything else is copied from the base. [`MergePlan::execute`]
-//! then makes one pass: each tensor of every input is read once, in
-//! segments of bounded size, merged on rayon's pool in f64, rounded once to
-//! the output type and streamed into the output shards.
+//! [`MergePlan::with_recipe`] checks a [`Family`] against a [`Recipe`] and
+//! decides, for every tensor of the base in storage order, what to write:
+//! float tensors are merged by the recipe's method from the models that
+//! store them (with that tensor's parameters), everything else is copied
+//! from the base. Nothing is read beyond headers; [`super::run`] executes
+//! the plan.
 
 use crate::checkpoint::TensorRef;
-use crate::device::Device;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::family::Family;
-use crate::interrupt;
-use crate::kernels::{convert_range, merge_range, Addend};
-use crate::progress::Progress;
-use crate::writer::{Layout, OutTensor, ShardWriter};
-use rayon::prelude::*;
-use std::path::Path;
-
-/// Elements per segment: bounds the output buffer (and the input pages
-/// resident at once) whatever the tensor size.
-const SEGMENT: usize = 1 << 22;
-/// Elements per parallel task within a segment.
-const TASK: usize = 1 << 16;
+use crate::methods::{MethodKind, Recipe, TensorParams};
+use crate::writer::{Layout, OutTensor};
 
 /// What happens to one tensor of the base.
 #[derive(Debug, Clone)]
@@ -42,6 +30,8 @@ pub struct PlannedTensor {
     pub base: TensorRef,
     pub out_type: Option<FloatType>,
     pub action: Action,
+    /// The method's numbers for this tensor (merged tensors only).
+    pub params: Option<TensorParams>,
 }
 
 /// Choices that shape the output.
@@ -74,7 +64,7 @@ impl Default for MergeOptions {
 pub struct MergePlan {
     pub tensors: Vec<PlannedTensor>,
     pub layout: Layout,
-    pub lambdas: Vec<f64>,
+    pub recipe: Recipe,
     /// Per model: float tensors of the base that the model lacks.
     pub missing: Vec<Vec<String>>,
     /// Per model: tensors the model stores that the base lacks (not merged).
@@ -89,9 +79,21 @@ pub struct MergePlan {
 }
 
 impl MergePlan {
-    /// Checks the family and plans the output.
+    /// Plans a Task Arithmetic merge with weights `lambdas`.
     pub fn new(family: &Family, lambdas: Vec<f64>, options: MergeOptions) -> Result<Self> {
-        assert_eq!(lambdas.len(), family.models.len());
+        Self::with_recipe(family, Recipe::task_arithmetic(lambdas), options)
+    }
+
+    /// The models' weights as a whole (what the weight table prints).
+    pub fn lambdas(&self) -> &[f64] {
+        &self.recipe.weights
+    }
+
+    /// Checks the family against `recipe` and plans the output.
+    pub fn with_recipe(family: &Family, recipe: Recipe, options: MergeOptions) -> Result<Self> {
+        assert_eq!(recipe.weights.len(), family.models.len());
+        check_model_count(recipe.settings.kind, family.models.len())?;
+        recipe.settings.check()?;
         family.check_overlap()?;
         let out_type = options.out_type;
         let mut tensors = Vec::with_capacity(family.base.len());
@@ -105,6 +107,7 @@ impl MergePlan {
                     base,
                     out_type: None,
                     action: Action::Copy,
+                    params: None,
                 });
                 continue;
             };
@@ -141,16 +144,22 @@ impl MergePlan {
                 sources.push((i, t.clone()));
             }
             let out = out_type.unwrap_or(base_type);
-            let action = if sources.is_empty() {
-                Action::Copy
+            // Model Stock needs two task vectors to measure an angle; with
+            // fewer the tensor keeps the base's values (as in mergekit).
+            let too_few = recipe.settings.kind == MethodKind::ModelStock && sources.len() < 2;
+            let (action, params) = if sources.is_empty() || too_few {
+                (Action::Copy, None)
             } else {
-                Action::Merge(sources)
+                let params = recipe.params.tensor_params(name)?;
+                check_params(name, &params, family)?;
+                (Action::Merge(sources), Some(params))
             };
             tensors.push(PlannedTensor {
                 name: name.clone(),
                 base,
                 out_type: Some(out),
                 action,
+                params,
             });
         }
         let extra = family
@@ -179,7 +188,7 @@ impl MergePlan {
         Ok(Self {
             tensors,
             layout,
-            lambdas,
+            recipe,
             missing,
             extra,
             mismatched,
@@ -197,7 +206,8 @@ impl MergePlan {
             .count()
     }
 
-    /// Bytes read from all inputs by [`execute`](Self::execute).
+    /// Bytes read from all inputs by the merge pass (pre-passes of some
+    /// methods read merged tensors once or a few times more).
     pub fn input_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| read_bytes(t) as u64).sum()
     }
@@ -207,7 +217,8 @@ impl MergePlan {
         let mut s = String::new();
         let shards = self.layout.shards.len();
         s.push_str(&format!(
-            "plan: {} tensors ({} merged, {} copied from the base), {} in {} shard{}, dtype {}\n",
+            "plan: {}, {} tensors ({} merged, {} copied from the base), {} in {} shard{}, dtype {}\n",
+            self.recipe.settings.kind,
             self.tensors.len(),
             self.merged_count(),
             self.tensors.len() - self.merged_count(),
@@ -245,195 +256,49 @@ impl MergePlan {
         }
         s
     }
-
-    /// Writes the merged shards (and the index, when sharded) into `dir`.
-    pub fn execute(
-        &self,
-        family: &Family,
-        device: &Device,
-        dir: &Path,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        progress.begin(self.input_bytes());
-        let mut buffer = Vec::new();
-        for (k, shard) in self.layout.shards.iter().enumerate() {
-            let mut writer = ShardWriter::create(dir, &self.layout, k)?;
-            for planned in &self.tensors[shard.tensors.clone()] {
-                self.write_tensor(family, device, planned, &mut writer, &mut buffer, progress)?;
-            }
-            writer.finish()?;
-        }
-        if let Some(index) = self.layout.index_json() {
-            let path = dir.join("model.safetensors.index.json");
-            std::fs::write(&path, index).map_err(|e| Error::io("cannot write", &path, e))?;
-        }
-        progress.finish();
-        Ok(())
-    }
-
-    fn write_tensor(
-        &self,
-        family: &Family,
-        device: &Device,
-        planned: &PlannedTensor,
-        writer: &mut ShardWriter,
-        buffer: &mut Vec<u8>,
-        progress: &dyn Progress,
-    ) -> Result<()> {
-        let base = &family.base;
-        let base_bytes = base.bytes(&planned.base);
-        let (Some(base_type), Some(out_type)) = (planned.base.float_type(), planned.out_type)
-        else {
-            // Not a float tensor: the base's bytes, verbatim.
-            writer.write(base_bytes)?;
-            base.release(&planned.base, 0, base_bytes.len());
-            progress.advance(base_bytes.len() as u64);
-            return Ok(());
-        };
-        let sources: &[(usize, TensorRef)] = match &planned.action {
-            Action::Merge(s) => s,
-            Action::Copy => &[],
-        };
-        let numel = planned.base.numel();
-        let mut start = 0;
-        while start < numel {
-            crate::testhooks::before_segment();
-            if interrupt::requested() {
-                return Err(Error::Interrupted);
-            }
-            let end = (start + SEGMENT).min(numel);
-            let base_range = base_type.byte_range(start, end);
-            let (b0, b1) = (base_range.start, base_range.end);
-            let addends: Vec<Addend<'_>> = sources
-                .iter()
-                .map(|(i, t)| {
-                    let ty = t.float_type().expect("checked in plan");
-                    Addend {
-                        lambda: self.lambdas[*i],
-                        ty,
-                        bytes: &family.models[*i].bytes(t)[ty.byte_range(start, end)],
-                    }
-                })
-                .collect();
-            if addends.is_empty() && base_type == out_type {
-                writer.write(&base_bytes[b0..b1])?;
-            } else {
-                buffer.resize((end - start) * out_type.size(), 0);
-                let nonfinite = compute_segment(
-                    device,
-                    base_type,
-                    &base_bytes[b0..b1],
-                    &addends,
-                    out_type,
-                    buffer,
-                )?;
-                if nonfinite > 0 && !self.options.allow_nonfinite {
-                    return Err(nonfinite_error(
-                        family,
-                        planned,
-                        base_type,
-                        &base_bytes[b0..b1],
-                        sources,
-                        &addends,
-                    ));
-                }
-                writer.write(buffer)?;
-            }
-            let mut done = (b1 - b0) as u64;
-            base.release(&planned.base, b0, b1);
-            for ((i, t), a) in sources.iter().zip(&addends) {
-                let range = a.ty.byte_range(start, end);
-                family.models[*i].release(t, range.start, range.end);
-                done += a.bytes.len() as u64;
-            }
-            progress.advance(done);
-            start = end;
-        }
-        Ok(())
-    }
 }
 
-/// Merges one segment on `device` into `out`; returns how many merged
-/// values are NaN or infinite.
-fn compute_segment(
-    device: &Device,
-    base_type: FloatType,
-    base: &[u8],
-    addends: &[Addend<'_>],
-    out_type: FloatType,
-    out: &mut [u8],
-) -> Result<usize> {
-    match device {
-        Device::Cpu => {
-            let os = out_type.size();
-            let nonfinite = out
-                .par_chunks_mut(TASK * os)
-                .enumerate()
-                .map(|(k, out)| {
-                    let e0 = k * TASK;
-                    let e1 = e0 + out.len() / os;
-                    let parts: Vec<Addend<'_>> = addends
-                        .iter()
-                        .map(|a| Addend {
-                            bytes: &a.bytes[a.ty.byte_range(e0, e1)],
-                            ..*a
-                        })
-                        .collect();
-                    let b = &base[base_type.byte_range(e0, e1)];
-                    if parts.is_empty() {
-                        convert_range(base_type, b, out_type, out);
-                        0
-                    } else {
-                        merge_range(base_type, b, &parts, out_type, out)
-                    }
-                })
-                .sum();
-            Ok(nonfinite)
-        }
-        Device::Cuda(dev) => {
-            crate::gpu::merge_segment(dev, base_type, base, addends, out_type, out)
-        }
-    }
-}
-
-/// The error for non-finite merged values: names the input that holds
-/// NaN or infinity, or says the merge overflowed.
-fn nonfinite_error(
-    family: &Family,
-    planned: &PlannedTensor,
-    base_type: FloatType,
-    base: &[u8],
-    sources: &[(usize, TensorRef)],
-    addends: &[Addend<'_>],
-) -> Error {
-    let name = &planned.name;
-    let has_nonfinite = |ty: FloatType, bytes: &[u8]| {
-        let mut values = vec![0f64; bytes.len() / ty.size()];
-        crate::dtype::decode_f64(ty, bytes, &mut values);
-        values.iter().any(|v| !v.is_finite())
-    };
-    let culprit = if has_nonfinite(base_type, base) {
-        Some("the base model".to_string())
-    } else {
-        sources
-            .iter()
-            .zip(addends)
-            .find(|(_, a)| has_nonfinite(a.ty, a.bytes))
-            .map(|((i, _), _)| format!("model '{}'", family.names[*i]))
-    };
-    match culprit {
-        Some(who) => Error::Incompatible(format!(
-            "tensor '{name}': {who} holds NaN or infinite values; pass --allow-nonfinite to merge anyway"
+/// Refuses a family the method cannot merge.
+fn check_model_count(kind: MethodKind, models: usize) -> Result<()> {
+    match kind {
+        MethodKind::Slerp if models != 1 => Err(Error::InvalidArgument(format!(
+            "slerp interpolates between the base and exactly one model; got {models} models"
+        ))),
+        MethodKind::ModelStock if models < 2 => Err(Error::InvalidArgument(
+            "model_stock needs two or more fine-tuned models (it measures the angle between them)"
+                .into(),
         )),
-        None => Error::Incompatible(format!(
-            "tensor '{name}': merged values overflow {}; use smaller weights, a wider --dtype, \
-             or pass --allow-nonfinite",
-            planned.out_type.map_or("the output type".to_string(), |t| t.to_string())
-        )),
+        _ => Ok(()),
     }
 }
 
-fn read_bytes(t: &PlannedTensor) -> usize {
+/// Refuses parameters that are not finite numbers.
+fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
+    let per_model = [
+        ("weight", &p.weight),
+        ("density", &p.density),
+        ("gamma", &p.gamma),
+        ("epsilon", &p.epsilon),
+    ];
+    for (what, values) in per_model {
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': {what} {v} of model '{}' is not a finite number",
+                family.names[i]
+            )));
+        }
+    }
+    for (what, v) in [("lambda", p.scale), ("t", p.t)] {
+        if !v.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': {what} {v} is not a finite number"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn read_bytes(t: &PlannedTensor) -> usize {
     let sources: usize = match &t.action {
         Action::Merge(s) => s.iter().map(|(_, r)| r.nbytes()).sum(),
         Action::Copy => 0,

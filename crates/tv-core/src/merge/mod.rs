@@ -1,0 +1,7 @@
+//! The streaming merge: [`plan`] decides what every output tensor is,
+//! [`run`] produces them in one pass over the inputs.
+
+mod plan;
+mod run;
+
+pub use plan::{human_bytes, parse_size, Action, MergeOptions, MergePlan, PlannedTensor};

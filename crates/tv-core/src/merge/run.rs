@@ -1,0 +1,490 @@
+//! Executing a merge plan: one streaming pass over the base's tensors.
+//!
+//! For each output tensor in order, the method's pre-pass runs (if it has
+//! one), then the tensor is produced segment by segment: every segment is
+//! split into tasks on rayon's pool, each task decodes blocks of the inputs,
+//! combines them in f64 and rounds once into the output type; the segment
+//! is streamed into the shard writer and its input pages are released.
+//! Task Arithmetic keeps its fused kernel (and the GPU path); every other
+//! method goes through [`Method`]. With `--density-scope model`, one
+//! selection over every merged tensor comes first.
+
+use super::plan::{Action, MergePlan, PlannedTensor};
+use crate::checkpoint::TensorRef;
+use crate::device::Device;
+use crate::dtype::{count_nonfinite, encode_f64, FloatType};
+use crate::error::{Error, Result};
+use crate::family::Family;
+use crate::interrupt;
+use crate::kernels::{convert_range, merge_range, Addend};
+use crate::methods::gta::Gta;
+use crate::methods::inputs::{Input, Scratch as DecodeScratch, TensorInputs, SEGMENT};
+use crate::methods::linear::Linear;
+use crate::methods::magmax::Magmax;
+use crate::methods::model_stock::ModelStock;
+use crate::methods::select::{self, Target};
+use crate::methods::slerp::Slerp;
+use crate::methods::sparsify::{keep_count, outlier_window, Mask, ModelCut};
+use crate::methods::{DensityScope, Method, MethodKind, Scratch, Sparsification};
+use crate::progress::Progress;
+use crate::writer::ShardWriter;
+use rayon::prelude::*;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Elements per parallel task within a segment.
+const TASK: usize = 1 << 16;
+
+/// Where a tensor's bytes go: the shard being written, the reused segment
+/// buffer, and the progress report.
+struct Out<'a> {
+    writer: &'a mut ShardWriter,
+    buffer: &'a mut Vec<u8>,
+    progress: &'a dyn Progress,
+}
+
+/// Writes one planned tensor.
+type WriteTensor<'a> = dyn FnMut(&PlannedTensor, &mut Out<'_>) -> Result<()> + 'a;
+
+impl MergePlan {
+    /// Writes the merged shards (and the index, when sharded) into `dir`.
+    pub fn execute(
+        &self,
+        family: &Family,
+        device: &Device,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let settings = self.recipe.settings;
+        match settings.kind {
+            MethodKind::TaskArithmetic => self.write_all(family, progress, dir, &mut |t, out| {
+                self.write_fused(family, device, t, out)
+            }),
+            MethodKind::Linear => self.run(
+                family,
+                dir,
+                progress,
+                &Linear {
+                    normalize: settings.normalize,
+                },
+            ),
+            MethodKind::ModelStock => self.run(
+                family,
+                dir,
+                progress,
+                &ModelStock {
+                    filter_wise: settings.filter_wise,
+                },
+            ),
+            MethodKind::Slerp => self.run(family, dir, progress, &Slerp),
+            MethodKind::Magmax => self.run(family, dir, progress, &Magmax),
+            _ => {
+                let cuts = match settings.density_scope {
+                    DensityScope::Model => Some(self.model_cuts(family)?),
+                    DensityScope::Tensor => None,
+                };
+                self.run(family, dir, progress, &Gta::new(settings, cuts))
+            }
+        }
+    }
+
+    /// Runs `method` over every tensor.
+    fn run<M: Method>(
+        &self,
+        family: &Family,
+        dir: &Path,
+        progress: &dyn Progress,
+        method: &M,
+    ) -> Result<()> {
+        self.write_all(family, progress, dir, &mut |t, out| {
+            self.write_with(family, method, t, out)
+        })
+    }
+
+    /// Opens each shard in turn and writes its tensors with `write`.
+    fn write_all(
+        &self,
+        family: &Family,
+        progress: &dyn Progress,
+        dir: &Path,
+        write: &mut WriteTensor<'_>,
+    ) -> Result<()> {
+        progress.begin(self.input_bytes());
+        let mut buffer = Vec::new();
+        for (k, shard) in self.layout.shards.iter().enumerate() {
+            let mut writer = ShardWriter::create(dir, &self.layout, k)?;
+            for planned in &self.tensors[shard.tensors.clone()] {
+                if planned.out_type.is_none() {
+                    // Not a float tensor: the base's bytes, verbatim.
+                    let bytes = family.base.bytes(&planned.base);
+                    writer.write(bytes)?;
+                    family.base.release(&planned.base, 0, bytes.len());
+                    progress.advance(bytes.len() as u64);
+                    continue;
+                }
+                let mut out = Out {
+                    writer: &mut writer,
+                    buffer: &mut buffer,
+                    progress,
+                };
+                write(planned, &mut out)?;
+            }
+            writer.finish()?;
+        }
+        if let Some(index) = self.layout.index_json() {
+            let path = dir.join("model.safetensors.index.json");
+            std::fs::write(&path, index).map_err(|e| Error::io("cannot write", &path, e))?;
+        }
+        progress.finish();
+        Ok(())
+    }
+
+    /// The inputs of a merged (or copied) float tensor.
+    fn inputs<'a>(&self, family: &'a Family, planned: &'a PlannedTensor) -> TensorInputs<'a> {
+        let sources: &[(usize, TensorRef)] = match &planned.action {
+            Action::Merge(s) => s,
+            Action::Copy => &[],
+        };
+        let input = |ckpt, tensor: &'a TensorRef| Input {
+            ckpt,
+            tensor,
+            ty: tensor.float_type().expect("float tensor"),
+        };
+        TensorInputs {
+            name: &planned.name,
+            shape: &planned.base.shape,
+            ordinal: self.ordinal(planned),
+            base: input(&family.base, &planned.base),
+            models: sources
+                .iter()
+                .map(|(i, t)| (*i, input(&family.models[*i], t)))
+                .collect(),
+        }
+    }
+
+    /// Position of `planned` in the output order.
+    fn ordinal(&self, planned: &PlannedTensor) -> usize {
+        self.tensors
+            .iter()
+            .position(|t| std::ptr::eq(t, planned))
+            .expect("a tensor of this plan")
+    }
+
+    /// Produces one tensor segment by segment: `compute(start, end, out)`
+    /// fills the output bytes of elements `start..end` and returns how many
+    /// are not finite. Segments are multiples of `unit` elements.
+    fn stream_tensor(
+        &self,
+        family: &Family,
+        inputs: &TensorInputs<'_>,
+        planned: &PlannedTensor,
+        unit: usize,
+        out: &mut Out<'_>,
+        compute: &(dyn Fn(usize, usize, &mut [u8]) -> usize + Sync),
+    ) -> Result<()> {
+        let (writer, buffer, progress) = (&mut *out.writer, &mut *out.buffer, out.progress);
+        let out_type = planned.out_type.expect("float tensor");
+        let numel = planned.base.numel();
+        let segment = (SEGMENT / unit).max(1) * unit;
+        let mut start = 0;
+        while start < numel {
+            crate::testhooks::before_segment();
+            if interrupt::requested() {
+                return Err(Error::Interrupted);
+            }
+            let end = (start + segment).min(numel);
+            buffer.resize((end - start) * out_type.size(), 0);
+            let nonfinite = compute(start, end, buffer);
+            if nonfinite > 0 && !self.options.allow_nonfinite {
+                return Err(nonfinite_error(family, inputs, planned, start, end));
+            }
+            writer.write(buffer)?;
+            inputs.release(start, end);
+            let read: usize = std::iter::once(&inputs.base)
+                .chain(inputs.models.iter().map(|(_, m)| m))
+                .map(|i| i.ty.byte_range(start, end).len())
+                .sum();
+            progress.advance(read as u64);
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Task Arithmetic (and copies) through the fused kernel or the GPU.
+    fn write_fused(
+        &self,
+        family: &Family,
+        device: &Device,
+        planned: &PlannedTensor,
+        out: &mut Out<'_>,
+    ) -> Result<()> {
+        let inputs = self.inputs(family, planned);
+        let out_type = planned.out_type.expect("float tensor");
+        let lambdas: Vec<f64> = match &planned.params {
+            Some(p) => inputs
+                .models
+                .iter()
+                .map(|&(m, _)| p.scale * p.weight[m])
+                .collect(),
+            None => Vec::new(),
+        };
+        let failed = std::sync::Mutex::new(None);
+        let compute = |start: usize, end: usize, out: &mut [u8]| -> usize {
+            let base = inputs.base.range(start, end);
+            let addends: Vec<Addend<'_>> = inputs
+                .models
+                .iter()
+                .zip(&lambdas)
+                .map(|((_, m), &lambda)| Addend {
+                    lambda,
+                    ty: m.ty,
+                    bytes: m.range(start, end),
+                })
+                .collect();
+            match compute_segment(device, inputs.base.ty, base, &addends, out_type, out) {
+                Ok(n) => n,
+                Err(e) => {
+                    *failed.lock().expect("lock") = Some(e);
+                    0
+                }
+            }
+        };
+        if inputs.models.is_empty() && inputs.base.ty == out_type {
+            // A plain copy: the base's bytes, segment by segment.
+            return self.stream_tensor(family, &inputs, planned, 1, out, &|s, e, bytes| {
+                bytes.copy_from_slice(inputs.base.range(s, e));
+                count_nonfinite(out_type, bytes)
+            });
+        }
+        self.stream_tensor(family, &inputs, planned, 1, out, &compute)?;
+        match failed.into_inner().expect("lock") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// A tensor through `method`: its pre-pass, then the combine.
+    fn write_with<M: Method>(
+        &self,
+        family: &Family,
+        method: &M,
+        planned: &PlannedTensor,
+        out: &mut Out<'_>,
+    ) -> Result<()> {
+        let Some(params) = &planned.params else {
+            return self.write_fused(family, &Device::Cpu, planned, out);
+        };
+        let inputs = self.inputs(family, planned);
+        let state = method.prepare(&inputs, params)?;
+        let out_type = planned.out_type.expect("float tensor");
+        let block = inputs.block_len(method.rows());
+        let task = (TASK / block).max(1) * block;
+        let os = out_type.size();
+        let compute = |start: usize, _end: usize, out: &mut [u8]| -> usize {
+            out.par_chunks_mut(task * os)
+                .enumerate()
+                .map(|(k, out)| {
+                    let first = start + k * task;
+                    let last = first + out.len() / os;
+                    let mut decoded = DecodeScratch::default();
+                    let mut scratch = Scratch::default();
+                    let mut merged = Vec::new();
+                    let mut nonfinite = 0;
+                    let mut s = first;
+                    while s < last {
+                        let e = (s + block).min(last);
+                        let b = inputs.decode(s, e, &mut decoded);
+                        merged.resize(e - s, 0.0);
+                        method.combine(&state, &inputs, params, &b, &mut scratch, &mut merged);
+                        let bytes = &mut out[out_type.byte_range(s - first, e - first)];
+                        encode_f64(out_type, &merged, bytes);
+                        nonfinite += count_nonfinite(out_type, bytes);
+                        s = e;
+                    }
+                    nonfinite
+                })
+                .sum()
+        };
+        self.stream_tensor(family, &inputs, planned, task, out, &compute)
+    }
+
+    /// Whole-model cuts for `--density-scope model`: each model keeps its
+    /// ⌊ρ N⌋ largest entries over all N entries of the tensors it merges
+    /// into (ρ and γ must then be one number per model).
+    fn model_cuts(&self, family: &Family) -> Result<Vec<ModelCut>> {
+        let kind = self.recipe.settings.kind;
+        let merged: Vec<&PlannedTensor> = self
+            .tensors
+            .iter()
+            .filter(|t| matches!(t.action, Action::Merge(_)))
+            .collect();
+        let inputs: Vec<TensorInputs<'_>> = merged.iter().map(|t| self.inputs(family, t)).collect();
+        let k = family.models.len();
+        let mut entries = vec![0u64; k];
+        let mut density: Vec<Option<f64>> = vec![None; k];
+        let mut gamma: Vec<Option<f64>> = vec![None; k];
+        for (planned, t) in merged.iter().zip(&inputs) {
+            let p = planned
+                .params
+                .as_ref()
+                .expect("merged tensors have parameters");
+            for &(m, _) in &t.models {
+                entries[m] += t.numel() as u64;
+                for (seen, value, what) in [
+                    (&mut density[m], p.density[m], "density"),
+                    (&mut gamma[m], p.gamma[m], "gamma"),
+                ] {
+                    match seen {
+                        Some(v) if *v != value => {
+                            return Err(Error::InvalidArgument(format!(
+                                "--density-scope model needs one {what} per model, but model '{}' \
+                                 has {v} and {value} on different tensors",
+                                family.names[m]
+                            )))
+                        }
+                        _ => *seen = Some(value),
+                    }
+                }
+            }
+        }
+        let mut targets = Vec::new();
+        let mut plans = Vec::new();
+        for m in 0..k {
+            let (rho, n) = (density[m].unwrap_or(1.0), entries[m]);
+            let plan = if rho >= 1.0 || n == 0 {
+                Err(Mask::All)
+            } else if kind.sparsification() == Some(Sparsification::Magnitude) {
+                if rho <= 0.0 {
+                    Err(Mask::Nothing)
+                } else {
+                    targets.push(Target {
+                        model: m,
+                        rank: keep_count(rho, n).max(1),
+                    });
+                    Ok((targets.len() - 1, None))
+                }
+            } else {
+                let (drop, keep) = outlier_window(rho, gamma[m].unwrap_or(0.0), n);
+                if keep == 0 {
+                    Err(Mask::Nothing)
+                } else {
+                    targets.push(Target {
+                        model: m,
+                        rank: drop + keep,
+                    });
+                    targets.push(Target {
+                        model: m,
+                        rank: drop,
+                    });
+                    Ok((targets.len() - 2, Some(targets.len() - 1)))
+                }
+            };
+            plans.push(plan);
+        }
+        let cuts: Vec<Arc<_>> = select::select(&inputs, &targets)?
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        Ok(plans
+            .into_iter()
+            .enumerate()
+            .map(|(model, plan)| ModelCut {
+                model,
+                mask: match plan {
+                    Err(mask) => mask,
+                    Ok((top, None)) => Mask::Top(Arc::clone(&cuts[top])),
+                    Ok((outer, Some(inner))) => Mask::Window {
+                        outer: Arc::clone(&cuts[outer]),
+                        inner: Arc::clone(&cuts[inner]),
+                    },
+                },
+            })
+            .collect())
+    }
+}
+
+/// Merges one segment on `device` into `out`; returns how many merged
+/// values are NaN or infinite.
+fn compute_segment(
+    device: &Device,
+    base_type: FloatType,
+    base: &[u8],
+    addends: &[Addend<'_>],
+    out_type: FloatType,
+    out: &mut [u8],
+) -> Result<usize> {
+    match device {
+        Device::Cpu => {
+            let os = out_type.size();
+            let nonfinite = out
+                .par_chunks_mut(TASK * os)
+                .enumerate()
+                .map(|(k, out)| {
+                    let e0 = k * TASK;
+                    let e1 = e0 + out.len() / os;
+                    let parts: Vec<Addend<'_>> = addends
+                        .iter()
+                        .map(|a| Addend {
+                            bytes: &a.bytes[a.ty.byte_range(e0, e1)],
+                            ..*a
+                        })
+                        .collect();
+                    let b = &base[base_type.byte_range(e0, e1)];
+                    if parts.is_empty() {
+                        convert_range(base_type, b, out_type, out);
+                        count_nonfinite(out_type, out)
+                    } else {
+                        merge_range(base_type, b, &parts, out_type, out)
+                    }
+                })
+                .sum();
+            Ok(nonfinite)
+        }
+        Device::Cuda(dev) => {
+            crate::gpu::merge_segment(dev, base_type, base, addends, out_type, out)
+        }
+    }
+}
+
+/// The error for non-finite output values: names the input that holds NaN
+/// or infinity, or says the merge (or the conversion) overflowed.
+fn nonfinite_error(
+    family: &Family,
+    inputs: &TensorInputs<'_>,
+    planned: &PlannedTensor,
+    start: usize,
+    end: usize,
+) -> Error {
+    let name = &planned.name;
+    let has_nonfinite = |input: &Input<'_>| {
+        let bytes = input.range(start, end);
+        let mut values = vec![0f64; end - start];
+        crate::dtype::decode_f64(input.ty, bytes, &mut values);
+        values.iter().any(|v| !v.is_finite())
+    };
+    let culprit = if has_nonfinite(&inputs.base) {
+        Some("the base model".to_string())
+    } else {
+        inputs
+            .models
+            .iter()
+            .find(|(_, m)| has_nonfinite(m))
+            .map(|(i, _)| format!("model '{}'", family.names[*i]))
+    };
+    let out = planned
+        .out_type
+        .map_or("the output type".to_string(), |t| t.to_string());
+    match culprit {
+        Some(who) => Error::Incompatible(format!(
+            "tensor '{name}': {who} holds NaN or infinite values; pass --allow-nonfinite to merge anyway"
+        )),
+        None if inputs.models.is_empty() => Error::Incompatible(format!(
+            "tensor '{name}': the base's values overflow {out}; choose a wider --dtype, \
+             or pass --allow-nonfinite"
+        )),
+        None => Error::Incompatible(format!(
+            "tensor '{name}': merged values overflow {out}; use smaller weights, a wider --dtype, \
+             or pass --allow-nonfinite"
+        )),
+    }
+}

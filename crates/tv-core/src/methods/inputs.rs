@@ -1,0 +1,186 @@
+//! One tensor's inputs to a merge method, and the passes that read them.
+//!
+//! [`TensorInputs`] names the base's tensor and the tensor of every model
+//! that stores it. Every read of tensor data by a method goes through
+//! [`TensorInputs::scan`]: segment by segment (so resident memory stays
+//! bounded and an interrupt is noticed between segments), each segment
+//! split into one contiguous part per thread, each part decoded into f64
+//! [`Block`]s that a visitor folds into a per-thread accumulator; the pages
+//! of a segment are released once it is done. The merge's own write pass
+//! decodes blocks the same way ([`TensorInputs::decode`]).
+
+use crate::checkpoint::{Checkpoint, TensorRef};
+use crate::dtype::{decode_f64, FloatType};
+use crate::error::{Error, Result};
+use crate::interrupt;
+use rayon::prelude::*;
+
+/// Elements per segment of a pass: bounds the pages resident at once.
+pub(crate) const SEGMENT: usize = 1 << 22;
+/// Elements per block handed to a visitor or a combine step. Blocks of a
+/// tensor start at multiples of this (unless whole rows are asked for).
+pub(crate) const BLOCK: usize = 2048;
+
+/// One input tensor: the checkpoint that stores it, where, and its type.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Input<'a> {
+    pub ckpt: &'a Checkpoint,
+    pub tensor: &'a TensorRef,
+    pub ty: FloatType,
+}
+
+impl Input<'_> {
+    /// The bytes of elements `start..end`.
+    pub fn range(&self, start: usize, end: usize) -> &[u8] {
+        &self.ckpt.bytes(self.tensor)[self.ty.byte_range(start, end)]
+    }
+
+    /// Drops the pages of elements `start..end` from the resident set.
+    pub fn release(&self, start: usize, end: usize) {
+        let r = self.ty.byte_range(start, end);
+        self.ckpt.release(self.tensor, r.start, r.end);
+    }
+}
+
+/// The base's tensor and the same tensor of each model that stores it.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorInputs<'a> {
+    pub name: &'a str,
+    pub shape: &'a [usize],
+    /// Position of the tensor in the base's storage order.
+    pub ordinal: usize,
+    pub base: Input<'a>,
+    /// The models that store this tensor, with their index in the family.
+    pub models: Vec<(usize, Input<'a>)>,
+}
+
+/// A decoded block: elements `first..first + len` of the base and of every
+/// model of a [`TensorInputs`], in f64.
+#[derive(Debug)]
+pub(crate) struct Block<'a> {
+    pub first: usize,
+    pub len: usize,
+    pub base: &'a [f64],
+    /// Model-major: model `i`'s values are `models[i * len..(i + 1) * len]`.
+    pub models: &'a [f64],
+}
+
+impl Block<'_> {
+    /// Model `i`'s values.
+    pub fn model(&self, i: usize) -> &[f64] {
+        &self.models[i * self.len..(i + 1) * self.len]
+    }
+
+    /// Model `i`'s task-vector element `j`: m − b.
+    #[inline(always)]
+    pub fn delta(&self, i: usize, j: usize) -> f64 {
+        self.models[i * self.len + j] - self.base[j]
+    }
+}
+
+/// Reusable decode buffers for one thread.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    base: Vec<f64>,
+    models: Vec<f64>,
+}
+
+impl<'a> TensorInputs<'a> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Length of a row (the last dimension; the whole tensor for scalars).
+    pub fn row_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1).max(1)
+    }
+
+    /// Decodes elements `start..end` into `scratch` and returns the block.
+    pub fn decode<'s>(&self, start: usize, end: usize, scratch: &'s mut Scratch) -> Block<'s> {
+        let len = end - start;
+        let k = self.models.len();
+        scratch.base.resize(len, 0.0);
+        scratch.models.resize(k * len, 0.0);
+        decode_f64(self.base.ty, self.base.range(start, end), &mut scratch.base);
+        for (i, (_, m)) in self.models.iter().enumerate() {
+            decode_f64(
+                m.ty,
+                m.range(start, end),
+                &mut scratch.models[i * len..(i + 1) * len],
+            );
+        }
+        Block {
+            first: start,
+            len,
+            base: &scratch.base,
+            models: &scratch.models,
+        }
+    }
+
+    /// Drops the pages of elements `start..end` of every input.
+    pub fn release(&self, start: usize, end: usize) {
+        self.base.release(start, end);
+        for (_, m) in &self.models {
+            m.release(start, end);
+        }
+    }
+
+    /// Blocks of a pass: [`BLOCK`] elements, or whole rows when `rows`.
+    pub fn block_len(&self, rows: bool) -> usize {
+        if rows {
+            let row = self.row_len();
+            (BLOCK / row).max(1) * row
+        } else {
+            BLOCK
+        }
+    }
+
+    /// Reads the whole tensor once: every element range is decoded into a
+    /// [`Block`] and passed to `visit` with the accumulator of the thread
+    /// part it falls in. `accs` holds one accumulator per part (typically
+    /// one per thread); blocks within a part come in increasing order.
+    /// With `rows`, every block holds whole rows.
+    pub fn scan<A: Send>(
+        &self,
+        rows: bool,
+        accs: &mut [A],
+        visit: impl Fn(&mut A, &Block<'_>) + Sync,
+    ) -> Result<()> {
+        let n = self.numel();
+        let block = self.block_len(rows);
+        let segment = (SEGMENT / block).max(1) * block;
+        let parts = accs.len().max(1);
+        let mut start = 0;
+        while start < n {
+            if interrupt::requested() {
+                return Err(Error::Interrupted);
+            }
+            let end = (start + segment).min(n);
+            let blocks = (end - start).div_ceil(block);
+            let per_part = blocks.div_ceil(parts);
+            accs.par_iter_mut().enumerate().for_each(|(p, acc)| {
+                let mut scratch = Scratch::default();
+                let first = start + p * per_part * block;
+                let last = (first + per_part * block).min(end);
+                let mut s = first;
+                while s < last {
+                    let e = (s + block).min(last);
+                    let b = self.decode(s, e, &mut scratch);
+                    visit(acc, &b);
+                    s = e;
+                }
+            });
+            self.release(start, end);
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// One accumulator per thread of rayon's pool, made by `init`.
+pub(crate) fn per_thread<A>(init: impl Fn() -> A) -> Vec<A> {
+    (0..rayon::current_num_threads().max(1))
+        .map(|_| init())
+        .collect()
+}

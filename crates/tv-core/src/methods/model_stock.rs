@@ -1,0 +1,119 @@
+//! `model_stock`: moves from the base towards the models' average by
+//! t = N c / (1 + (N − 1) c), with c the mean pairwise cosine of the task
+//! vectors over the tensor (or over each row with `filter_wise`) and N the
+//! number of models; merged = t · mean(m_i) + (1 − t) b. Cosines divide by
+//! max(|d_i||d_j|, 1e-6) and are clamped to [−1, 1]; where
+//! |1 + (N − 1) c| < 1e-6 the base is kept (t = 0), as mergekit does.
+
+use super::inputs::{per_thread, Block, TensorInputs};
+use super::{Method, Scratch, TensorParams};
+use crate::error::Result;
+
+/// The Model Stock merge.
+pub(crate) struct ModelStock {
+    pub filter_wise: bool,
+}
+
+/// Model Stock's t from the models' pairwise dot products (`dots[i*k+j]`).
+pub(crate) fn interpolation(dots: &[f64], k: usize) -> f64 {
+    let mut sum = 0.0;
+    let mut pairs = 0;
+    for i in 0..k {
+        for j in i + 1..k {
+            let norms = dots[i * k + i].sqrt() * dots[j * k + j].sqrt();
+            sum += (dots[i * k + j] / norms.max(1e-6)).clamp(-1.0, 1.0);
+            pairs += 1;
+        }
+    }
+    if pairs == 0 {
+        return 0.0;
+    }
+    let c = sum / pairs as f64;
+    let n = k as f64;
+    let denominator = 1.0 + (n - 1.0) * c;
+    if denominator.abs() < 1e-6 {
+        0.0
+    } else {
+        n * c / denominator
+    }
+}
+
+/// Adds Σ d_i d_j over `range` of `block` to `dots`.
+fn add_dots(block: &Block<'_>, k: usize, range: std::ops::Range<usize>, dots: &mut [f64]) {
+    for j in range {
+        for a in 0..k {
+            let da = block.delta(a, j);
+            for b in a..k {
+                dots[a * k + b] += da * block.delta(b, j);
+            }
+        }
+    }
+    for a in 0..k {
+        for b in 0..a {
+            dots[a * k + b] = dots[b * k + a];
+        }
+    }
+}
+
+/// t · mean(m_i) + (1 − t) b over `range`.
+fn blend(block: &Block<'_>, k: usize, t: f64, range: std::ops::Range<usize>, out: &mut [f64]) {
+    for j in range {
+        let mean = (0..k).map(|i| block.model(i)[j]).sum::<f64>() / k as f64;
+        out[j] = t * mean + (1.0 - t) * block.base[j];
+    }
+}
+
+impl Method for ModelStock {
+    /// The tensor's t (unused with `filter_wise`).
+    type State = f64;
+
+    fn rows(&self) -> bool {
+        self.filter_wise
+    }
+
+    fn prepare(&self, t: &TensorInputs<'_>, _p: &TensorParams) -> Result<f64> {
+        if self.filter_wise {
+            return Ok(0.0);
+        }
+        let k = t.models.len();
+        let mut accs = per_thread(|| vec![0f64; k * k]);
+        t.scan(false, &mut accs, |dots, block| {
+            let mut part = vec![0f64; k * k];
+            add_dots(block, k, 0..block.len, &mut part);
+            for (a, b) in dots.iter_mut().zip(part) {
+                *a += b;
+            }
+        })?;
+        let dots = accs.into_iter().reduce(|mut a, b| {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x += y;
+            }
+            a
+        });
+        Ok(interpolation(&dots.unwrap_or_default(), k))
+    }
+
+    fn combine(
+        &self,
+        t_tensor: &f64,
+        t: &TensorInputs<'_>,
+        _p: &TensorParams,
+        block: &Block<'_>,
+        _scratch: &mut Scratch,
+        out: &mut [f64],
+    ) {
+        let k = t.models.len();
+        if !self.filter_wise {
+            blend(block, k, *t_tensor, 0..block.len, out);
+            return;
+        }
+        let row = t.row_len();
+        let mut dots = vec![0f64; k * k];
+        for start in (0..block.len).step_by(row) {
+            let range = start..(start + row).min(block.len);
+            dots.fill(0.0);
+            add_dots(block, k, range.clone(), &mut dots);
+            blend(block, k, interpolation(&dots, k), range, out);
+        }
+    }
+}

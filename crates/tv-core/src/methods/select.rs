@@ -1,0 +1,364 @@
+//! Exact top-k selection of task-vector entries by magnitude, streaming.
+//!
+//! TIES, magnitude pruning and Breadcrumbs keep each task vector's k
+//! largest entries by |d|, within one tensor or over a whole model. The k
+//! largest are found without sorting and without holding the task vector:
+//! radix selection on the bits of |d| as an f64 (for non-negative floats the
+//! bit pattern orders like the value). A first pass counts the top 16 bits
+//! of every key; each later pass counts the next bits of the keys in the one
+//! bucket that holds the k-th largest, until the bucket is either kept whole
+//! or holds a single value. Equal magnitudes at the threshold are kept in
+//! storage order (the lower flat index first; over a model, the earlier
+//! tensor first): a last pass counts them per block so the merge can tell,
+//! block by block, which of them fall within k.
+
+use super::inputs::{per_thread, Block, TensorInputs, BLOCK};
+use crate::error::Result;
+
+/// The key of a task-vector entry: the bits of |d| (NaN sorts highest).
+#[inline(always)]
+pub(crate) fn key(d: f64) -> u64 {
+    d.abs().to_bits()
+}
+
+/// Keep the `rank` largest entries of model `model` (index in the family).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target {
+    pub model: usize,
+    pub rank: u64,
+}
+
+/// A selection: entries with a key above `key` are kept, entries with a key
+/// equal to it are kept while fewer than `need` equal ones precede them.
+#[derive(Debug, Clone)]
+pub(crate) struct Cut {
+    key: u64,
+    need: u64,
+    /// (tensor ordinal, block index, equal keys in earlier blocks) for each
+    /// block holding keys equal to `key`, in storage order.
+    ties: Vec<(usize, usize, u64)>,
+}
+
+impl Cut {
+    /// Keeps everything.
+    pub fn all() -> Self {
+        Self {
+            key: 0,
+            need: u64::MAX,
+            ties: Vec::new(),
+        }
+    }
+
+    /// Keeps nothing.
+    pub fn none() -> Self {
+        Self {
+            key: u64::MAX,
+            need: 0,
+            ties: Vec::new(),
+        }
+    }
+
+    /// Equal keys before block `block` of tensor `ordinal`.
+    fn ties_before(&self, ordinal: usize, block: usize) -> u64 {
+        if self.need == u64::MAX {
+            return 0;
+        }
+        let i = self
+            .ties
+            .partition_point(|&(o, b, _)| (o, b) < (ordinal, block));
+        self.ties.get(i).map_or(u64::MAX, |&(_, _, before)| before)
+    }
+
+    /// Marks in `keep` which of `deltas` (block `first..` of tensor
+    /// `ordinal`, `first` a multiple of [`BLOCK`]) the cut keeps.
+    pub fn mark(&self, ordinal: usize, first: usize, deltas: &[f64], keep: &mut [bool]) {
+        let mut equal_seen = self.ties_before(ordinal, first / BLOCK);
+        for (k, &d) in keep.iter_mut().zip(deltas) {
+            let key = key(d);
+            *k = if key == self.key {
+                let kept = equal_seen < self.need;
+                equal_seen = equal_seen.saturating_add(1);
+                kept
+            } else {
+                key > self.key
+            };
+        }
+    }
+}
+
+/// Radix levels: (shift, bits) of the key, most significant first. Keys of
+/// non-negative floats have a zero top bit.
+const LEVELS: [(u32, u32); 4] = [(47, 16), (31, 16), (15, 16), (0, 15)];
+
+/// Where one target's search stands.
+#[derive(Debug, Clone)]
+enum Search {
+    /// Entries whose key >> shift equals `prefix` hold the threshold; the
+    /// top `need` of them are kept.
+    Narrowing {
+        prefix: u64,
+        need: u64,
+    },
+    Done(Cut),
+    /// The threshold key is known; equal keys must be counted by block.
+    Ties {
+        key: u64,
+        need: u64,
+    },
+}
+
+/// Finds the cut of every target over `tensors` (one tensor for a
+/// per-tensor density, every tensor of the model for a whole-model one).
+/// Costs two to five reads of the tensors (usually two or three).
+pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result<Vec<Cut>> {
+    let models: Vec<usize> = {
+        let mut m: Vec<usize> = targets.iter().map(|t| t.model).collect();
+        m.sort_unstable();
+        m.dedup();
+        m
+    };
+    let slot = |model: usize| models.binary_search(&model).expect("target model");
+
+    // Level 1: the top 16 bits of every key, per model.
+    let (shift, bits) = LEVELS[0];
+    let width = 1usize << bits;
+    let mut hists = per_thread(|| vec![0u64; models.len() * width]);
+    for t in tensors {
+        let sources = sources_of(t, &models);
+        t.scan(false, &mut hists, |h, block| {
+            for &(i, s) in &sources {
+                let h = &mut h[s * width..(s + 1) * width];
+                for j in 0..block.len {
+                    h[(key(block.delta(i, j)) >> shift) as usize] += 1;
+                }
+            }
+        })?;
+    }
+    let hist = sum_rows(hists);
+    let mut searches: Vec<Search> = targets
+        .iter()
+        .map(|t| {
+            let h = &hist[slot(t.model) * width..(slot(t.model) + 1) * width];
+            let total: u64 = h.iter().sum();
+            if t.rank == 0 {
+                Search::Done(Cut::none())
+            } else if t.rank >= total {
+                Search::Done(Cut::all())
+            } else {
+                narrow(h, 0, t.rank, shift, None)
+            }
+        })
+        .collect();
+
+    // Later levels: the next bits of the keys in each target's bucket.
+    for (level, &(shift, bits)) in LEVELS.iter().enumerate().skip(1) {
+        let open: Vec<(usize, u64)> = searches
+            .iter()
+            .enumerate()
+            .filter_map(|(k, s)| match s {
+                Search::Narrowing { prefix, .. } => Some((k, *prefix)),
+                _ => None,
+            })
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let width = 1usize << bits;
+        let above = LEVELS[level - 1].0;
+        let mut accs = per_thread(|| LevelAcc::new(open.len(), width));
+        for t in tensors {
+            let sources: Vec<(usize, usize, u64)> = open
+                .iter()
+                .enumerate()
+                .filter_map(|(o, &(k, prefix))| {
+                    source_of(t, targets[k].model).map(|i| (i, o, prefix))
+                })
+                .collect();
+            t.scan(false, &mut accs, |acc, block| {
+                for &(i, o, prefix) in &sources {
+                    for j in 0..block.len {
+                        let key = key(block.delta(i, j));
+                        if key >> above == prefix {
+                            acc.add(o, ((key >> shift) as usize) & (width - 1), key);
+                        }
+                    }
+                }
+            })?;
+        }
+        let acc = accs.into_iter().reduce(LevelAcc::merge).expect("one part");
+        for (o, &(k, prefix)) in open.iter().enumerate() {
+            let Search::Narrowing { need, .. } = searches[k] else {
+                unreachable!()
+            };
+            let h = &acc.counts[o * width..(o + 1) * width];
+            let extremes = (
+                &acc.min[o * width..(o + 1) * width],
+                &acc.max[o * width..(o + 1) * width],
+            );
+            searches[k] = narrow(h, prefix << bits, need, shift, Some(extremes));
+        }
+    }
+
+    // Last: count the keys equal to each threshold, block by block.
+    let tied: Vec<(usize, u64)> = searches
+        .iter()
+        .enumerate()
+        .filter_map(|(k, s)| match s {
+            Search::Ties { key, .. } => Some((k, *key)),
+            _ => None,
+        })
+        .collect();
+    let mut counts: Vec<Vec<(usize, usize, u64)>> = vec![Vec::new(); tied.len()];
+    if !tied.is_empty() {
+        for t in tensors {
+            let sources: Vec<(usize, usize, u64)> = tied
+                .iter()
+                .enumerate()
+                .filter_map(|(o, &(k, key))| source_of(t, targets[k].model).map(|i| (i, o, key)))
+                .collect();
+            let mut accs = per_thread(|| vec![Vec::new(); tied.len()]);
+            t.scan(false, &mut accs, |acc, block: &Block<'_>| {
+                for &(i, o, wanted) in &sources {
+                    let n = (0..block.len)
+                        .filter(|&j| key(block.delta(i, j)) == wanted)
+                        .count() as u64;
+                    if n > 0 {
+                        acc[o].push((t.ordinal, block.first / BLOCK, n));
+                    }
+                }
+            })?;
+            for acc in accs {
+                for (o, found) in acc.into_iter().enumerate() {
+                    counts[o].extend(found);
+                }
+            }
+        }
+    }
+    for (o, (k, _)) in tied.iter().enumerate() {
+        let Search::Ties { key, need } = searches[*k] else {
+            unreachable!()
+        };
+        let mut blocks = std::mem::take(&mut counts[o]);
+        blocks.sort_unstable();
+        let mut before = 0;
+        let ties = blocks
+            .into_iter()
+            .map(|(ordinal, block, n)| {
+                let entry = (ordinal, block, before);
+                before += n;
+                entry
+            })
+            .collect();
+        searches[*k] = Search::Done(Cut { key, need, ties });
+    }
+    Ok(searches
+        .into_iter()
+        .map(|s| match s {
+            Search::Done(cut) => cut,
+            _ => unreachable!("every level resolves or narrows to one key"),
+        })
+        .collect())
+}
+
+/// Picks the bucket of `counts` (keys `prefix | bucket` at `shift`) that
+/// holds the `need`-th largest entry.
+fn narrow(
+    counts: &[u64],
+    prefix: u64,
+    need: u64,
+    shift: u32,
+    extremes: Option<(&[u64], &[u64])>,
+) -> Search {
+    let mut above = 0;
+    for bucket in (0..counts.len()).rev() {
+        let c = counts[bucket];
+        if above + c < need {
+            above += c;
+            continue;
+        }
+        let need = need - above;
+        let prefix = prefix | bucket as u64;
+        if need == c {
+            return Search::Done(Cut {
+                key: prefix << shift,
+                need: u64::MAX,
+                ties: Vec::new(),
+            });
+        }
+        if shift == 0 {
+            return Search::Ties { key: prefix, need };
+        }
+        if let Some((min, max)) = extremes {
+            if min[bucket] == max[bucket] {
+                return Search::Ties {
+                    key: min[bucket],
+                    need,
+                };
+            }
+        }
+        return Search::Narrowing { prefix, need };
+    }
+    unreachable!("need is at most the number of entries")
+}
+
+/// Counts, smallest and largest keys per bucket of one level.
+struct LevelAcc {
+    width: usize,
+    counts: Vec<u64>,
+    min: Vec<u64>,
+    max: Vec<u64>,
+}
+
+impl LevelAcc {
+    fn new(targets: usize, width: usize) -> Self {
+        Self {
+            width,
+            counts: vec![0; targets * width],
+            min: vec![u64::MAX; targets * width],
+            max: vec![0; targets * width],
+        }
+    }
+
+    #[inline(always)]
+    fn add(&mut self, target: usize, bucket: usize, key: u64) {
+        let i = target * self.width + bucket;
+        self.counts[i] += 1;
+        self.min[i] = self.min[i].min(key);
+        self.max[i] = self.max[i].max(key);
+    }
+
+    fn merge(mut self, other: Self) -> Self {
+        for i in 0..self.counts.len() {
+            self.counts[i] += other.counts[i];
+            self.min[i] = self.min[i].min(other.min[i]);
+            self.max[i] = self.max[i].max(other.max[i]);
+        }
+        self
+    }
+}
+
+/// Adds per-thread rows element by element.
+fn sum_rows(rows: Vec<Vec<u64>>) -> Vec<u64> {
+    rows.into_iter()
+        .reduce(|mut a, b| {
+            for (a, b) in a.iter_mut().zip(&b) {
+                *a += b;
+            }
+            a
+        })
+        .unwrap_or_default()
+}
+
+/// (position among the tensor's models, slot in `models`) of each model.
+fn sources_of(t: &TensorInputs<'_>, models: &[usize]) -> Vec<(usize, usize)> {
+    t.models
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (m, _))| models.binary_search(m).ok().map(|s| (i, s)))
+        .collect()
+}
+
+/// Position of family model `model` among the tensor's models.
+fn source_of(t: &TensorInputs<'_>, model: usize) -> Option<usize> {
+    t.models.iter().position(|(m, _)| *m == model)
+}

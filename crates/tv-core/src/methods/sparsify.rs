@@ -1,0 +1,330 @@
+//! Thinning a task vector before it is combined: TIES' magnitude trim,
+//! Breadcrumbs' outlier-and-small trim, DARE's random drop and DELLA's
+//! rank-dependent drop, each with its rescaling.
+//!
+//! [`Sparsifier::for_tensor`] decides, per model of a tensor, which entries
+//! survive (running the exact selection of [`super::select`] when a
+//! magnitude threshold is needed, and a pass for L1 sums when rescaling to
+//! the L1 norm); [`Sparsifier::apply`] then writes a block's thinned deltas.
+//! Both the pre-pass and the merge call `apply`, so the entries counted for
+//! the L1 norm are exactly the entries merged.
+
+use super::inputs::{per_thread, Block, TensorInputs};
+use super::rng::Draws;
+use super::select::{self, Cut, Target};
+use super::{MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// Which entries of one model's task vector survive.
+#[derive(Debug, Clone)]
+pub(crate) enum Mask {
+    All,
+    Nothing,
+    /// The entries a magnitude cut keeps.
+    Top(Arc<Cut>),
+    /// Kept by `outer` and not by `inner` (Breadcrumbs: the largest are
+    /// dropped as outliers).
+    Window {
+        outer: Arc<Cut>,
+        inner: Arc<Cut>,
+    },
+    /// Each entry kept with probability `p`.
+    Random {
+        p: f64,
+        draws: Draws,
+    },
+    /// Kept with probability (ρ − ε) + 2ε · (rank of |d| in its row)/(row − 1).
+    Della {
+        density: f64,
+        epsilon: f64,
+        draws: Draws,
+    },
+}
+
+/// One model's thinning of one tensor.
+#[derive(Debug, Clone)]
+pub(crate) struct Sparsifier {
+    pub mask: Mask,
+    /// Divide kept entries by their keep probability.
+    pub inverse: bool,
+    /// Factor restoring the L1 norm (1 without L1 rescaling).
+    pub factor: f64,
+}
+
+/// Whole-model cuts of one model, for `--density-scope model`.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelCut {
+    pub model: usize,
+    pub mask: Mask,
+}
+
+impl Sparsifier {
+    /// Decides the thinning of every model of `t`. `model_cuts` holds the
+    /// whole-model masks when the density scope is the model.
+    pub fn for_tensor(
+        kind: Sparsification,
+        settings: &MethodSettings,
+        t: &TensorInputs<'_>,
+        p: &TensorParams,
+        model_cuts: Option<&[ModelCut]>,
+    ) -> Result<Vec<Sparsifier>> {
+        let n = t.numel() as u64;
+        let mut masks = Vec::with_capacity(t.models.len());
+        // Magnitude targets, selected together: (source, rank) pairs.
+        let mut targets: Vec<Target> = Vec::new();
+        enum Pending {
+            Ready(Mask),
+            Top(usize),
+            Window(usize, usize),
+        }
+        for &(m, _) in &t.models {
+            let rho = p.density[m];
+            let pending = if let Some(cuts) = model_cuts {
+                let cut = cuts.iter().find(|c| c.model == m).expect("cut per model");
+                Pending::Ready(cut.mask.clone())
+            } else if rho >= 1.0 {
+                Pending::Ready(Mask::All)
+            } else {
+                match kind {
+                    Sparsification::Magnitude if rho <= 0.0 => Pending::Ready(Mask::Nothing),
+                    Sparsification::Magnitude => {
+                        targets.push(Target {
+                            model: m,
+                            rank: keep_count(rho, n).max(1),
+                        });
+                        Pending::Top(targets.len() - 1)
+                    }
+                    Sparsification::MagnitudeOutliers => {
+                        let (drop, keep) = outlier_window(rho, p.gamma[m], n);
+                        if keep == 0 {
+                            Pending::Ready(Mask::Nothing)
+                        } else {
+                            targets.push(Target {
+                                model: m,
+                                rank: drop + keep,
+                            });
+                            targets.push(Target {
+                                model: m,
+                                rank: drop,
+                            });
+                            Pending::Window(targets.len() - 2, targets.len() - 1)
+                        }
+                    }
+                    Sparsification::Random if rho <= 0.0 => Pending::Ready(Mask::Nothing),
+                    Sparsification::Random => Pending::Ready(Mask::Random {
+                        p: rho,
+                        draws: Draws::new(settings.seed, m, t.name),
+                    }),
+                    Sparsification::DellaMagprune if rho <= 0.0 => Pending::Ready(Mask::Nothing),
+                    Sparsification::DellaMagprune => {
+                        let eps = p.epsilon[m];
+                        if !(rho - eps > 0.0 && rho + eps < 1.0) {
+                            return Err(Error::InvalidArgument(format!(
+                                "tensor '{}': della needs density ± epsilon inside (0, 1), \
+                                 got density {rho} and epsilon {eps}",
+                                t.name
+                            )));
+                        }
+                        Pending::Ready(Mask::Della {
+                            density: rho,
+                            epsilon: eps,
+                            draws: Draws::new(settings.seed, m, t.name),
+                        })
+                    }
+                }
+            };
+            masks.push(pending);
+        }
+        let cuts: Vec<Arc<Cut>> = if targets.is_empty() {
+            Vec::new()
+        } else {
+            select::select(std::slice::from_ref(t), &targets)?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
+        let mut out: Vec<Sparsifier> = masks
+            .into_iter()
+            .map(|pending| Sparsifier {
+                mask: match pending {
+                    Pending::Ready(mask) => mask,
+                    Pending::Top(k) => Mask::Top(Arc::clone(&cuts[k])),
+                    Pending::Window(outer, inner) => Mask::Window {
+                        outer: Arc::clone(&cuts[outer]),
+                        inner: Arc::clone(&cuts[inner]),
+                    },
+                },
+                inverse: settings.rescale == Rescale::Inverse,
+                factor: 1.0,
+            })
+            .collect();
+        if settings.rescale == Rescale::L1 {
+            let factors = l1_factors(t, &out)?;
+            for (s, f) in out.iter_mut().zip(factors) {
+                s.factor = f;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes model `i`'s thinned and rescaled deltas of `block` into `out`.
+    /// A [`Mask::Della`] needs a block of whole rows of `row_len`.
+    pub fn apply(
+        &self,
+        t: &TensorInputs<'_>,
+        i: usize,
+        block: &Block<'_>,
+        scratch: &mut Scratch,
+        out: &mut [f64],
+    ) {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = block.delta(i, j);
+        }
+        match &self.mask {
+            Mask::All => {}
+            Mask::Nothing => out.fill(0.0),
+            Mask::Top(cut) => {
+                scratch.keep.resize(block.len, false);
+                cut.mark(t.ordinal, block.first, out, &mut scratch.keep);
+                zero_dropped(out, &scratch.keep);
+            }
+            Mask::Window { outer, inner } => {
+                scratch.keep.resize(block.len, false);
+                // Mark the outliers first, then keep what the outer cut
+                // keeps among the others.
+                inner.mark(t.ordinal, block.first, out, &mut scratch.keep);
+                let outliers: Vec<bool> = scratch.keep.clone();
+                outer.mark(t.ordinal, block.first, out, &mut scratch.keep);
+                for (k, o) in scratch.keep.iter_mut().zip(outliers) {
+                    *k &= !o;
+                }
+                zero_dropped(out, &scratch.keep);
+            }
+            Mask::Random { p, draws } => {
+                scratch.a.resize(block.len, 0.0);
+                draws.fill(block.first, &mut scratch.a);
+                let scale = if self.inverse { 1.0 / p } else { 1.0 };
+                for (o, &u) in out.iter_mut().zip(&scratch.a) {
+                    *o = if u < *p { *o * scale } else { 0.0 };
+                }
+            }
+            Mask::Della {
+                density,
+                epsilon,
+                draws,
+            } => {
+                scratch.a.resize(block.len, 0.0);
+                draws.fill(block.first, &mut scratch.a);
+                let row = t.row_len();
+                for (r, out) in out.chunks_mut(row).enumerate() {
+                    let draws = &scratch.a[r * row..r * row + out.len()];
+                    della_row(
+                        out,
+                        draws,
+                        *density,
+                        *epsilon,
+                        self.inverse,
+                        &mut scratch.order,
+                    );
+                }
+            }
+        }
+        if self.factor != 1.0 {
+            for o in out.iter_mut() {
+                *o *= self.factor;
+            }
+        }
+    }
+}
+
+/// ⌊ρn⌋, the number of entries a density keeps.
+pub(crate) fn keep_count(rho: f64, n: u64) -> u64 {
+    ((rho * n as f64).floor() as u64).min(n)
+}
+
+/// Breadcrumbs: (entries dropped from the top, entries kept below them):
+/// ⌊γn⌋ and ⌊ρn⌋, the top part shrunk when both do not fit (mergekit).
+pub(crate) fn outlier_window(rho: f64, gamma: f64, n: u64) -> (u64, u64) {
+    let keep = keep_count(rho.max(0.0), n);
+    let drop = keep_count(gamma.max(0.0), n).min(n - keep);
+    (drop, keep)
+}
+
+fn zero_dropped(out: &mut [f64], keep: &[bool]) {
+    for (o, &k) in out.iter_mut().zip(keep) {
+        if !k {
+            *o = 0.0;
+        }
+    }
+}
+
+/// DELLA on one row: ranks by |d| ascending (equal magnitudes in index
+/// order), keep probability from the rank, drop or keep by the draws.
+fn della_row(
+    row: &mut [f64],
+    draws: &[f64],
+    density: f64,
+    epsilon: f64,
+    inverse: bool,
+    order: &mut Vec<u32>,
+) {
+    let n = row.len();
+    order.clear();
+    order.extend(0..n as u32);
+    order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()));
+    let mut probability = vec![0.0; n];
+    for (rank, &j) in order.iter().enumerate() {
+        let scaled = if n == 1 {
+            0.5
+        } else {
+            rank as f64 / (n - 1) as f64
+        };
+        probability[j as usize] = (density - epsilon) + 2.0 * epsilon * scaled;
+    }
+    for ((d, &u), &p) in row.iter_mut().zip(draws).zip(&probability) {
+        *d = if u < p {
+            if inverse {
+                *d / p
+            } else {
+                *d
+            }
+        } else {
+            0.0
+        };
+    }
+}
+
+/// The factor per model that brings the thinned tensor's L1 norm back to
+/// the full one's (1 when either is below 1e-7, as mergekit does).
+fn l1_factors(t: &TensorInputs<'_>, sparsifiers: &[Sparsifier]) -> Result<Vec<f64>> {
+    let k = sparsifiers.len();
+    let rows = sparsifiers
+        .iter()
+        .any(|s| matches!(s.mask, Mask::Della { .. }));
+    let mut accs = per_thread(|| (vec![0f64; 2 * k], Scratch::default(), Vec::new()));
+    t.scan(rows, &mut accs, |(sums, scratch, kept), block| {
+        for (i, s) in sparsifiers.iter().enumerate() {
+            kept.resize(block.len, 0.0);
+            s.apply(t, i, block, scratch, kept);
+            sums[2 * i] += (0..block.len).map(|j| block.delta(i, j).abs()).sum::<f64>();
+            sums[2 * i + 1] += kept.iter().map(|v| v.abs()).sum::<f64>();
+        }
+    })?;
+    let mut sums = vec![0f64; 2 * k];
+    for (s, _, _) in accs {
+        for (a, b) in sums.iter_mut().zip(s) {
+            *a += b;
+        }
+    }
+    Ok((0..k)
+        .map(|i| {
+            let (before, after) = (sums[2 * i], sums[2 * i + 1]);
+            if before < 1e-7 || after < 1e-7 {
+                1.0
+            } else {
+                before / after
+            }
+        })
+        .collect())
+}
