@@ -20,6 +20,7 @@ pub mod kernels;
 pub mod lanes;
 pub mod locate;
 pub mod merge;
+pub mod params;
 pub mod pickle;
 pub mod plot;
 pub mod progress;
