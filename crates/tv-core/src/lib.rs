@@ -10,6 +10,7 @@
 
 pub mod analyze;
 pub mod checkpoint;
+pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
