@@ -10,6 +10,7 @@
 
 pub mod analyze;
 pub mod checkpoint;
+pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod lanes;
 pub mod locate;
 pub mod merge;
 pub mod methods;
+pub mod params;
 pub mod pickle;
 pub mod plot;
 pub mod progress;
