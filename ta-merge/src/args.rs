@@ -16,18 +16,24 @@ pub struct Args {
         long = "base-model-path",
         visible_alias = "base_model_path",
         value_name = "PATH",
-        required_unless_present = "verify"
+        required_unless_present_any = ["verify", "config"]
     )]
     pub base: Option<String>,
 
     /// The fine-tuned checkpoints, same forms as the base.
-    #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required_unless_present = "verify")]
+    #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required_unless_present_any = ["verify", "config"])]
     pub models: Vec<String>,
 
     /// Merge method (mergekit's names): task_arithmetic, linear, ties, dare_linear, dare_ties,
     /// magnitude_prune, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, slerp, magmax.
-    #[arg(long, default_value = "task_arithmetic", value_name = "METHOD")]
-    pub method: String,
+    /// Default: task_arithmetic, or the config's merge_method.
+    #[arg(long, value_name = "METHOD")]
+    pub method: Option<String>,
+
+    /// A mergekit YAML config (merge_method, base_model, models, parameters, out_dtype);
+    /// flags given beside it override it.
+    #[arg(long, value_name = "FILE", conflicts_with = "verify")]
+    pub config: Option<PathBuf>,
 
     /// Fraction of each task vector kept (ties, dare, breadcrumbs, della, magnitude_prune):
     /// one value, or one per model.

@@ -8,13 +8,14 @@ use anyhow::{bail, Context, Result};
 use args::Args;
 use std::process::ExitCode;
 use std::time::Instant;
+use tv_core::config::{MergeConfig, ModelSpec, ParamKey, Params};
 use tv_core::device::{Device, DeviceRequest};
 use tv_core::dtype::FloatType;
 use tv_core::family::Family;
 use tv_core::merge::{human_bytes, parse_size, MergeOptions, MergePlan};
-use tv_core::methods::{
-    DensityScope, MethodKind, MethodSettings, Recipe, Rescale, TensorParams, Uniform,
-};
+use tv_core::methods::MethodKind;
+use tv_core::params::ParamValue;
+use tv_core::recipe;
 use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
@@ -30,8 +31,8 @@ fn run(args: Args) -> Result<()> {
         return verify(dir, args.quiet);
     }
     let started = Instant::now();
-    let (Some(base), Some(output)) = (args.base.as_deref(), args.output.as_deref()) else {
-        unreachable!("clap requires them without --verify");
+    let Some(output) = args.output.as_deref() else {
+        unreachable!("clap requires it without --verify");
     };
 
     // Validate the flags before touching any file.
@@ -49,13 +50,14 @@ fn run(args: Args) -> Result<()> {
         alpha: args.alpha,
         beta: args.beta,
     };
-    let settings = method_settings(&args)?;
-    let uses_weights = settings.kind.uses_weights();
-    if uses_weights
-        && args.l2_norms.is_none()
-        && args.lambdas.is_none()
-        && args.from_analysis.is_none()
-    {
+    let mut config = base_config(&args)?;
+    for key in config.ignored_keys() {
+        eprintln!("note: config key `{key}` has no effect here (arithmetic is always f64)");
+    }
+    let kind = config.method();
+    let weights_given =
+        args.l2_norms.is_some() || args.lambdas.is_some() || args.from_analysis.is_some();
+    if kind.uses_weights() && !weights_given && args.config.is_none() {
         bail!(
             "give the models' task-vector norms with --l2_norms (one per model) or --from-analysis DIR, \
              or weights with --lambdas"
@@ -63,30 +65,36 @@ fn run(args: Args) -> Result<()> {
     }
     let device = Device::resolve(device_request)?;
 
-    let family = Family::open(base, &args.models, args.names.as_deref())?;
+    let base = config
+        .base_model()
+        .unwrap_or(&config.models()[0].model)
+        .to_string();
+    let specs: Vec<String> = config.models().iter().map(|m| m.model.clone()).collect();
+    let family = Family::open(&base, &specs, args.names.as_deref())?;
     let norms = match (&args.l2_norms, &args.from_analysis) {
         (Some(n), _) => Some(n.clone()),
         (None, Some(dir)) => Some(report::norms_from_analysis(dir, &family.names)?),
         (None, None) => None,
     };
     let lambdas = match (&norms, &args.lambdas) {
-        (Some(norms), _) => weights::lambdas_from_norms(&family.names, norms, params)?,
+        (Some(norms), _) => Some(weights::lambdas_from_norms(&family.names, norms, params)?),
         (None, Some(l)) => {
             weights::check_explicit(&family.names, l)?;
-            l.clone()
+            Some(l.clone())
         }
-        (None, None) => vec![1.0; family.models.len()],
+        (None, None) => None,
     };
-    let recipe = recipe(&args, settings, lambdas)?;
+    apply_flags(&args, &mut config, lambdas.as_deref(), out_type)?;
+    let recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
     let options = MergeOptions {
-        out_type,
+        out_type: config.out_dtype(),
         max_shard_size,
         skip_mismatched: args.skip_mismatched,
         allow_nonfinite: args.allow_nonfinite,
     };
     let plan = MergePlan::with_recipe(&family, recipe, options)?;
 
-    if uses_weights {
+    if kind.uses_weights() {
         tv_cli::say(weights::format_table(
             &family.names,
             norms.as_deref(),
@@ -115,6 +123,10 @@ fn run(args: Args) -> Result<()> {
     sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;
     sidecar::copy_side_files(family.base.folder(), staging.path())?;
     record(&args, &family, &plan, norms.as_deref()).write(staging.path())?;
+    recipe::pin_settings(&mut config, &plan.recipe.settings)?;
+    let config_path = staging.path().join("mergekit_config.yml");
+    std::fs::write(&config_path, config.to_yaml())
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     staging.commit()?;
 
     tv_cli::sayln!(
@@ -127,68 +139,110 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The method and its whole-merge settings from the flags.
-fn method_settings(args: &Args) -> Result<MethodSettings> {
-    let kind = MethodKind::parse(&args.method).with_context(|| {
-        let names: Vec<&str> = MethodKind::ALL.iter().map(|m| m.name()).collect();
-        format!(
-            "--method '{}' is not one of {}",
-            args.method,
-            names.join(", ")
-        )
-    })?;
-    let mut settings = MethodSettings::new(kind);
-    if args.normalize {
-        settings.normalize = true;
+/// The config the flags start from: `--config FILE` (with `--base-model-path`
+/// and `--other-model-paths` replacing its paths), or one made of the flags.
+fn base_config(args: &Args) -> Result<MergeConfig> {
+    let method = match &args.method {
+        Some(name) => Some(MethodKind::parse(name).with_context(|| {
+            let names: Vec<&str> = MethodKind::ALL.iter().map(|m| m.name()).collect();
+            format!("--method '{name}' is not one of {}", names.join(", "))
+        })?),
+        None => None,
+    };
+    let models = (!args.models.is_empty()).then(|| args.models.clone());
+    let mut config = match &args.config {
+        Some(path) => {
+            let mut config = MergeConfig::from_file(path)?;
+            config.set_paths(args.base.clone(), models)?;
+            if let Some(kind) = method {
+                config = config.with_method(kind)?;
+            }
+            config
+        }
+        None => MergeConfig::new(
+            method.unwrap_or(MethodKind::TaskArithmetic),
+            args.base.clone(),
+            args.models
+                .iter()
+                .map(|m| ModelSpec {
+                    model: m.clone(),
+                    parameters: Params::default(),
+                })
+                .collect(),
+            Params::default(),
+        )?,
+    };
+    if config.method() == MethodKind::Slerp {
+        config = config.without_base_in_models();
     }
-    if args.no_normalize {
-        settings.normalize = false;
-    }
-    if let Some(r) = &args.rescale {
-        settings.rescale = Rescale::parse(r).expect("clap checked --rescale");
-    }
-    if let Some(seed) = args.seed {
-        settings.seed = seed;
-    }
-    if let Some(scope) = &args.density_scope {
-        settings.density_scope = DensityScope::parse(scope).expect("clap checked --density-scope");
-    }
-    settings.filter_wise = args.filter_wise;
-    settings.check()?;
-    Ok(settings)
+    Ok(config)
 }
 
-/// The recipe: settings, the models' weights, and the per-model numbers
-/// from the flags (one value for all models, or one per model).
-fn recipe(args: &Args, settings: MethodSettings, weights: Vec<f64>) -> Result<Recipe> {
-    let k = weights.len();
-    let mut params = TensorParams::with_weights(weights.clone());
-    for (flag, given, into) in [
-        ("--density", &args.density, &mut params.density),
-        ("--gamma", &args.gamma, &mut params.gamma),
-        ("--epsilon", &args.epsilon, &mut params.epsilon),
+/// Writes the flags over the config: weights per model, densities and the
+/// like (one value for all models, or one per model), the method's settings.
+fn apply_flags(
+    args: &Args,
+    config: &mut MergeConfig,
+    weights: Option<&[f64]>,
+    out_type: Option<FloatType>,
+) -> Result<()> {
+    let k = config.models().len();
+    if let Some(w) = weights {
+        for (i, &w) in w.iter().enumerate() {
+            config.set_model_param(i, ParamKey::Weight, ParamValue::Number(w))?;
+        }
+    }
+    for (flag, key, given) in [
+        ("--density", ParamKey::Density, &args.density),
+        ("--gamma", ParamKey::Gamma, &args.gamma),
+        ("--epsilon", ParamKey::Epsilon, &args.epsilon),
     ] {
         match given.as_deref() {
             None => {}
-            Some([v]) => *into = vec![*v; k],
-            Some(vs) if vs.len() == k => *into = vs.to_vec(),
+            Some(vs) if vs.len() == 1 || vs.len() == k => {
+                for i in 0..k {
+                    let v = vs[if vs.len() == 1 { 0 } else { i }];
+                    config.set_model_param(i, key, ParamValue::Number(v))?;
+                }
+            }
             Some(vs) => bail!(
                 "{flag}: got {} values for {k} models; give one, or one per model",
                 vs.len()
             ),
         }
     }
-    if let Some(scale) = args.scale {
-        params.scale = scale;
+    let mut set = |key: ParamKey, value: Option<ParamValue>| match value {
+        Some(v) => config.set_param(key, v),
+        None => Ok(()),
+    };
+    set(ParamKey::Lambda, args.scale.map(ParamValue::Number))?;
+    set(ParamKey::T, args.t.map(ParamValue::Number))?;
+    let normalize = match (args.normalize, args.no_normalize) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    set(ParamKey::Normalize, normalize.map(ParamValue::Bool))?;
+    set(
+        ParamKey::Rescale,
+        args.rescale.clone().map(ParamValue::Text),
+    )?;
+    set(
+        ParamKey::Seed,
+        args.seed.map(|s| ParamValue::Number(s as f64)),
+    )?;
+    set(
+        ParamKey::DensityScope,
+        args.density_scope.clone().map(ParamValue::Text),
+    )?;
+    set(
+        ParamKey::FilterWise,
+        args.filter_wise.then_some(ParamValue::Bool(true)),
+    )?;
+    if out_type.is_some() {
+        *config = config.clone().with_out_dtype(out_type);
     }
-    if let Some(t) = args.t {
-        params.t = t;
-    }
-    Ok(Recipe {
-        settings,
-        weights,
-        params: Box::new(Uniform(params)),
-    })
+    Ok(())
 }
 
 fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>) -> MergeRecord {
@@ -214,8 +268,8 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
     MergeRecord {
         tool: "ta-merge",
         version: tv_core::VERSION,
-        method: "task_arithmetic",
-        formula: "merged = base + sum_i lambda_i * (model_i - base)",
+        method: plan.recipe.settings.kind.name(),
+        formula: plan.recipe.settings.kind.formula(),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

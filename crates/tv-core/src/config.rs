@@ -26,6 +26,7 @@
 
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
+use crate::methods::{DensityScope, MethodKind, Rescale};
 use crate::params::{one_line, LayerPos, ParamSeed, ParamValue, ValueKind};
 use serde::de::{self, DeserializeSeed, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -36,80 +37,6 @@ use std::path::Path;
 
 /// The largest config file read, in bytes (1 MiB).
 pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
-
-/// A merge method, with mergekit's spelling (`magnitude_prune` and `magmax`
-/// are ta-merge's own).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MergeMethod {
-    TaskArithmetic,
-    Linear,
-    Ties,
-    DareLinear,
-    DareTies,
-    MagnitudePrune,
-    Breadcrumbs,
-    BreadcrumbsTies,
-    Della,
-    DellaLinear,
-    ModelStock,
-    Slerp,
-    Magmax,
-}
-
-impl MergeMethod {
-    /// Every method, in the order they are listed to users.
-    pub const ALL: [MergeMethod; 13] = [
-        Self::TaskArithmetic,
-        Self::Linear,
-        Self::Ties,
-        Self::DareLinear,
-        Self::DareTies,
-        Self::MagnitudePrune,
-        Self::Breadcrumbs,
-        Self::BreadcrumbsTies,
-        Self::Della,
-        Self::DellaLinear,
-        Self::ModelStock,
-        Self::Slerp,
-        Self::Magmax,
-    ];
-
-    /// The name in a config (`dare_ties`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::TaskArithmetic => "task_arithmetic",
-            Self::Linear => "linear",
-            Self::Ties => "ties",
-            Self::DareLinear => "dare_linear",
-            Self::DareTies => "dare_ties",
-            Self::MagnitudePrune => "magnitude_prune",
-            Self::Breadcrumbs => "breadcrumbs",
-            Self::BreadcrumbsTies => "breadcrumbs_ties",
-            Self::Della => "della",
-            Self::DellaLinear => "della_linear",
-            Self::ModelStock => "model_stock",
-            Self::Slerp => "slerp",
-            Self::Magmax => "magmax",
-        }
-    }
-
-    /// The method named `name` (exact spelling).
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// Whether a config for this method must name a `base_model` (all but
-    /// `linear`).
-    pub fn needs_base_model(self) -> bool {
-        self != Self::Linear
-    }
-}
-
-impl fmt::Display for MergeMethod {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// The words `rescale` takes besides true and false (ta-merge extension).
 const RESCALE_WORDS: &[&str] = &["inverse", "l1", "none"];
@@ -242,29 +169,10 @@ pub enum TokenizerSource {
     Base,
 }
 
-/// How sparsified task vectors are rescaled (`rescale`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rescale {
-    /// `false` or `none`.
-    Off,
-    /// `true` (mergekit's meaning: scale the kept entries so the L1 norm of
-    /// the task vector is unchanged, `mergekit/sparsify.py`) or `l1`.
-    L1,
-    /// `inverse` (ta-merge extension).
-    Inverse,
-}
-
-/// Over what `density` is counted (`density_scope`, ta-merge extension).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DensityScope {
-    Tensor,
-    Model,
-}
-
 /// A parsed and checked merge config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeConfig {
-    merge_method: MergeMethod,
+    merge_method: MethodKind,
     base_model: Option<String>,
     models: Vec<ModelSpec>,
     parameters: Params,
@@ -276,7 +184,7 @@ pub struct MergeConfig {
 impl MergeConfig {
     /// A config of `method` over `models`, checked as a parsed one is.
     pub fn new(
-        method: MergeMethod,
+        method: MethodKind,
         base_model: Option<String>,
         models: Vec<ModelSpec>,
         parameters: Params,
@@ -292,6 +200,67 @@ impl MergeConfig {
         };
         config.check().map_err(Error::InvalidArgument)?;
         Ok(config)
+    }
+
+    /// This config with method `method` (a command-line override).
+    pub fn with_method(mut self, method: MethodKind) -> Result<Self> {
+        self.merge_method = method;
+        self.check().map_err(Error::InvalidArgument)?;
+        Ok(self)
+    }
+
+    /// Sets global parameter `key` (a command-line override).
+    pub fn set_param(&mut self, key: ParamKey, value: ParamValue) -> Result<()> {
+        self.parameters.insert(key, value).map(|_| ())
+    }
+
+    /// Sets model `i`'s parameter `key` (a command-line override).
+    pub fn set_model_param(&mut self, i: usize, key: ParamKey, value: ParamValue) -> Result<()> {
+        let model = self.models.get_mut(i).ok_or_else(|| {
+            Error::InvalidArgument(format!("no model {i} in the config's `models`"))
+        })?;
+        model.parameters.insert(key, value).map(|_| ())
+    }
+
+    /// Replaces the base model and the models' paths (command-line
+    /// overrides); the models' parameters stay, by position.
+    pub fn set_paths(&mut self, base: Option<String>, models: Option<Vec<String>>) -> Result<()> {
+        if let Some(base) = base {
+            self.base_model = Some(base);
+        }
+        if let Some(models) = models {
+            if models.len() != self.models.len()
+                && self.models.iter().any(|m| !m.parameters.is_empty())
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "--other-model-paths gives {} models but the config's `models` lists {} with \
+                     parameters",
+                    models.len(),
+                    self.models.len()
+                )));
+            }
+            let old = std::mem::take(&mut self.models);
+            self.models = models
+                .into_iter()
+                .enumerate()
+                .map(|(i, model)| ModelSpec {
+                    model,
+                    parameters: old.get(i).map(|m| m.parameters.clone()).unwrap_or_default(),
+                })
+                .collect();
+        }
+        self.check().map_err(Error::InvalidArgument)
+    }
+
+    /// Drops the entries of `models` that name the base model (SLERP
+    /// configs list the base among the models).
+    pub fn without_base_in_models(mut self) -> Self {
+        if let Some(base) = &self.base_model {
+            if self.models.len() > 1 {
+                self.models.retain(|m| &m.model != base);
+            }
+        }
+        self
     }
 
     /// This config with output type `out_dtype`.
@@ -319,7 +288,7 @@ impl MergeConfig {
     }
 
     /// The method.
-    pub fn method(&self) -> MergeMethod {
+    pub fn method(&self) -> MethodKind {
         self.merge_method
     }
 
@@ -400,11 +369,11 @@ impl MergeConfig {
     pub fn rescale(&self) -> Option<Rescale> {
         match self.global_param(ParamKey::Rescale)? {
             ParamValue::Bool(true) => Some(Rescale::L1),
-            ParamValue::Bool(false) => Some(Rescale::Off),
+            ParamValue::Bool(false) => Some(Rescale::None),
             ParamValue::Text(word) => match word.as_str() {
                 "inverse" => Some(Rescale::Inverse),
                 "l1" => Some(Rescale::L1),
-                "none" => Some(Rescale::Off),
+                "none" => Some(Rescale::None),
                 _ => None,
             },
             _ => None,
@@ -454,7 +423,7 @@ impl MergeConfig {
         }
         match self.base_model.as_deref() {
             Some(base) if base.trim().is_empty() => Err("`base_model` is empty".into()),
-            None if self.merge_method.needs_base_model() => Err(format!(
+            None if self.merge_method.needs_base() => Err(format!(
                 "merge_method `{}` needs a `base_model`",
                 self.merge_method
             )),
@@ -585,9 +554,9 @@ macro_rules! from_word {
     };
 }
 
-from_word!(MergeMethod, "a merge method name", |word| {
-    MergeMethod::parse(word).ok_or_else(|| {
-        let names: Vec<&str> = MergeMethod::ALL.iter().map(|m| m.name()).collect();
+from_word!(MethodKind, "a merge method name", |word| {
+    MethodKind::parse(word).ok_or_else(|| {
+        let names: Vec<&str> = MethodKind::ALL.iter().map(|m| m.name()).collect();
         format!(
             "unknown merge_method `{word}`; expected one of {}",
             names.join(", ")
@@ -719,7 +688,7 @@ fn model_params<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Params, D:
 /// The top-level keys as read, before the checks that span keys.
 #[derive(Default)]
 struct RawConfig {
-    merge_method: Option<MergeMethod>,
+    merge_method: Option<MethodKind>,
     base_model: Option<Option<String>>,
     models: Option<Vec<ModelSpec>>,
     parameters: Option<Params>,
@@ -1039,7 +1008,7 @@ parameters:
     #[test]
     fn reads_the_mergekit_schema() {
         let c = parse(TIES);
-        assert_eq!(c.method(), MergeMethod::Ties);
+        assert_eq!(c.method(), MethodKind::Ties);
         assert_eq!(c.base_model(), Some("meta-llama/Llama-3.1-8B"));
         let names: Vec<&str> = c.models().iter().map(|m| m.model.as_str()).collect();
         assert_eq!(
@@ -1166,7 +1135,7 @@ parameters:
             model: "m".into(),
             parameters: params,
         }];
-        let c = MergeConfig::new(MergeMethod::Linear, None, models, Params::default())
+        let c = MergeConfig::new(MethodKind::Linear, None, models, Params::default())
             .unwrap()
             .with_out_dtype(Some(FloatType::F16));
         assert_eq!(
@@ -1180,7 +1149,7 @@ parameters:
         assert!(bad
             .insert(ParamKey::Normalize, ParamValue::Number(1.0))
             .is_err());
-        assert!(MergeConfig::new(MergeMethod::Ties, None, vec![], Params::default()).is_err());
+        assert!(MergeConfig::new(MethodKind::Ties, None, vec![], Params::default()).is_err());
     }
 
     #[test]
@@ -1241,7 +1210,7 @@ parameters:
 
     #[test]
     fn accepts_mergekit_spellings() {
-        for method in MergeMethod::ALL {
+        for method in MethodKind::ALL {
             let text = format!("merge_method: {method}\nbase_model: b\nmodels: [{{model: m}}]\n");
             assert_eq!(parse(&text).method(), method);
         }

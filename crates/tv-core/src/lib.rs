@@ -27,6 +27,7 @@ pub mod pickle;
 pub mod plot;
 pub mod progress;
 pub mod quantile;
+pub mod recipe;
 pub mod report;
 pub mod sidecar;
 mod simd;

@@ -104,7 +104,7 @@ impl DensityScope {
 
 /// How a method thins each task vector before combining.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Sparsification {
+pub enum Sparsification {
     /// Keep the k = max(1, ⌊ρn⌋) largest entries by magnitude.
     Magnitude,
     /// Keep each entry with probability ρ.
@@ -152,6 +152,27 @@ impl MethodKind {
         }
     }
 
+    /// The method's formula in one line (for records and model cards).
+    pub fn formula(self) -> &'static str {
+        match self {
+            Self::TaskArithmetic => "merged = base + lambda * sum_i w_i * (model_i - base)",
+            Self::Linear => "merged = sum_i w_i * model_i / sum_i w_i",
+            Self::Ties | Self::DareTies | Self::BreadcrumbsTies | Self::Della => {
+                "merged = base + lambda * elect_sign(sum_i w_i * sparsify(model_i - base))"
+            }
+            Self::DareLinear | Self::MagnitudePrune | Self::Breadcrumbs | Self::DellaLinear => {
+                "merged = base + lambda * sum_i w_i * sparsify(model_i - base)"
+            }
+            Self::ModelStock => {
+                "merged = t * mean_i(model_i) + (1 - t) * base, t from the task vectors' angle"
+            }
+            Self::Slerp => "merged = slerp(base, model, t)",
+            Self::Magmax => {
+                "merged = base + lambda * (the model_i - base of largest magnitude, per element)"
+            }
+        }
+    }
+
     /// Parses a method name.
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.name() == s)
@@ -181,7 +202,8 @@ impl MethodKind {
         !matches!(self, Self::Linear)
     }
 
-    pub(crate) fn sparsification(self) -> Option<Sparsification> {
+    /// How the method thins task vectors, if it does.
+    pub fn sparsification(self) -> Option<Sparsification> {
         match self {
             Self::Ties | Self::MagnitudePrune => Some(Sparsification::Magnitude),
             Self::DareLinear | Self::DareTies => Some(Sparsification::Random),
