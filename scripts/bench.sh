@@ -5,10 +5,15 @@
 #   read floor   cat of every input file to /dev/null (warm page cache)
 #   write floor  dd of the output's size to a file, fsynced (as ta-merge does)
 # Reports the median of RUNS runs (default 5) and the ratios to the floors.
-# Usage: scripts/bench.sh [RUNS]
+# With --method and further ta-merge flags after RUNS, each run also merges
+# with those flags, reported beside the Task Arithmetic merge and as a ratio
+# to it, e.g.  scripts/bench.sh 3 --method ties --density 0.2
+# Usage: scripts/bench.sh [RUNS] [--method NAME [ta-merge flags...]]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
+shift || true
+method_args=("$@")
 data=bench-data
 fam=$data/family
 scratch=$data/scratch
@@ -30,7 +35,7 @@ calc() { awk "BEGIN { printf \"%.3f\", $1 }"; }
 # Warm the page cache once.
 cat $inputs > /dev/null
 
-read_t=(); write_t=(); merge_t=(); merge_rss=(); an_t=(); an_rss=()
+read_t=(); write_t=(); merge_t=(); merge_rss=(); an_t=(); an_rss=(); method_t=(); method_rss=()
 for _ in $(seq "$runs"); do
   t=$(now); cat $inputs > /dev/null; read_t+=("$(elapsed "$t")")
   t=$(now); dd if=/dev/zero of="$scratch/floor" bs=1M count=$((out_bytes / 1048576)) conv=fsync status=none
@@ -42,6 +47,15 @@ for _ in $(seq "$runs"); do
       --output_path "$scratch/merged" --mode exp --device cpu > /dev/null
   read -r wall rss < "$scratch/time"
   merge_t+=("$wall"); merge_rss+=("$rss")
+  if [ ${#method_args[@]} -gt 0 ]; then
+    rm -rf "$scratch/method"
+    /usr/bin/time -f '%e %M' -o "$scratch/time" "$bin/ta-merge" --quiet \
+        --base_model_path "$fam/base" --other_model_paths "${models[@]}" \
+        --l2_norms 182.63449804 31.87331430 0.00000000 0.52867741 9.26351817 \
+        --output_path "$scratch/method" --mode exp --device cpu "${method_args[@]}" > /dev/null
+    read -r wall rss < "$scratch/time"
+    method_t+=("$wall"); method_rss+=("$rss")
+  fi
   rm -rf "$scratch/stats"
   /usr/bin/time -f '%e %M' -o "$scratch/time" "$bin/ta-analyze" --quiet \
       --base "$fam/base" --models "${models[@]}" --outdir "$scratch/stats" > /dev/null
@@ -64,4 +78,10 @@ printf '%-28s %10.3f %12.0f\n' "ta-merge" "$m" "$(calc "$mr / 1024")"
 printf '%-28s %10.3f %12.0f\n' "ta-analyze" "$a" "$(calc "$ar / 1024")"
 printf 'ta-merge / (read + write floor) = %.2f   (runs: %s)\n' "$(calc "$m / ($r + $w)")" "${merge_t[*]}"
 printf 'ta-analyze / read floor         = %.2f   (runs: %s)\n' "$(calc "$a / $r")" "${an_t[*]}"
+if [ ${#method_args[@]} -gt 0 ]; then
+  mm=$(printf '%s\n' "${method_t[@]}" | median)
+  mmr=$(printf '%s\n' "${method_rss[@]}" | median)
+  printf 'ta-merge %s: %.3f s median, %.0f MB peak RSS\n' "${method_args[*]}" "$mm" "$(calc "$mmr / 1024")"
+  printf '  / task_arithmetic merge = %.2f   (runs: %s)\n' "$(calc "$mm / $m")" "${method_t[*]}"
+fi
 rm -rf "$scratch"
