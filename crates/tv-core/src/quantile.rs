@@ -421,7 +421,7 @@ mod tests {
 
     fn reference(values: &[f64], zeros: usize) -> Vec<f64> {
         let mut s = values.to_vec();
-        s.extend(std::iter::repeat(0.0).take(zeros));
+        s.extend(std::iter::repeat_n(0.0, zeros));
         s.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = s.len();
         LEVELS
