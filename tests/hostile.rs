@@ -394,9 +394,9 @@ fn verify_accepts_a_good_merge_and_names_what_is_broken() {
     assert_one_line_error(&o, &[&files[1], "file length does not match"]);
     std::fs::write(&shard, &bytes).unwrap();
 
-    std::fs::remove_file(s.path("merged/config.json")).unwrap();
+    std::fs::write(s.path("merged/config.json"), "{\"model_type\": ").unwrap();
     let o = run("ta-merge", &["--verify", &out]);
-    assert_one_line_error(&o, &["config.json"]);
+    assert_one_line_error(&o, &["merged/config.json", "not valid JSON"]);
 }
 
 // Needs the failure injection of debug builds (`cargo test` without --release).
