@@ -74,13 +74,24 @@ pub fn verify(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
     for name in ckpt.names() {
         let t = ckpt.get(name).expect("listed");
         elements += t.numel() as u64;
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
         if let Some(ty) = t.float_type() {
             let bytes = ckpt.bytes(t);
-            let bad: usize = bytes
-                .par_chunks(ty.size() << 16)
-                .map(|c| count_nonfinite(ty, c))
-                .sum();
-            ckpt.release(t, 0, bytes.len());
+            // In pieces of 64 MB, so an interrupt stops a huge tensor too.
+            let mut bad = 0usize;
+            for (k, piece) in bytes.chunks(64 << 20).enumerate() {
+                if crate::interrupt::requested() {
+                    return Err(Error::Interrupted);
+                }
+                bad += piece
+                    .par_chunks(ty.size() << 16)
+                    .map(|c| count_nonfinite(ty, c))
+                    .sum::<usize>();
+                let from = k * (64 << 20);
+                ckpt.release(t, from, from + piece.len());
+            }
             if bad > 0 {
                 return Err(Error::bad_file(
                     &ckpt.shards[t.shard].path,
