@@ -162,6 +162,24 @@ pub fn read_side_text_if_present(path: &Path) -> Result<Option<String>> {
     }
 }
 
+/// Checks, without opening anything, that every side file of `folder`
+/// (`config.json` and what [`copy_side_files`] copies) is a regular file
+/// within [`SIDE_FILE_LIMIT`], so a bad one is reported before any work.
+pub fn check_side_files(folder: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io("cannot list", folder, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list", folder, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name != "config.json" && (!is_side_file(&name) || path.is_dir()) {
+            continue;
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+        check_regular(&path, &meta, SIDE_FILE_LIMIT)?;
+    }
+    Ok(())
+}
+
 /// Copies the base's side files into `dir`; returns their names. A side
 /// file that is a FIFO, device or socket, or too large, is an error naming
 /// it; folders (some repositories keep a `tokenizer/` folder) are not side
