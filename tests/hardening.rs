@@ -743,3 +743,35 @@ fn a_model_of_5000_layers_gets_a_bounded_group_chart() {
     assert_eq!(be(16), 900);
     assert!(be(20) <= 90 + 22 * 40, "height {}", be(20));
 }
+
+#[test]
+fn force_replaces_a_merge_whole_and_leaves_nothing_beside_it() {
+    let s = Setup::new();
+    let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
+    let o = s.merge(&base, &[&good], &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    std::fs::write(s.path("merged/stale.txt"), "from before").unwrap();
+    let inputs = snapshot_nofollow(&s.path("base"));
+    let args = [
+        "--base-model-path",
+        &base,
+        "--other-model-paths",
+        &good,
+        "--output-path",
+        &out,
+        "--lambdas",
+        "1.0",
+        "--force",
+        "--quiet",
+    ];
+    let o = run_bounded("ta-merge", &args, &[], 60);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(s.path("merged/merge_record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["models"][0]["lambda"], 1.0);
+    assert!(!s.path("merged/stale.txt").exists());
+    assert_eq!(entries(s.dir.path()), ["base", "good", "merged"]);
+    assert_eq!(snapshot_nofollow(&s.path("base")), inputs);
+}
