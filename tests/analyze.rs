@@ -698,9 +698,11 @@ fn pytorch_pickle_checkpoints_are_read_tensor_by_tensor() {
     write_pth(&dir.path().join("ft/pytorch_model.bin"), &ft, &tie);
     // The same fine-tune as safetensors, and as a bare .pt file.
     write_model(&dir.path().join("ft_st"), &ft, 1, true);
-    write_pth(&dir.path().join("ft.pt"), &ft, &[]);
+    // A file given directly protects its folder: keep it apart from outputs.
+    std::fs::create_dir_all(dir.path().join("pt")).unwrap();
+    write_pth(&dir.path().join("pt/ft.pt"), &ft, &[]);
 
-    let o = analyze(dir.path(), &["ft", "ft_st", "ft.pt"], &[]);
+    let o = analyze(dir.path(), &["ft", "ft_st", "pt/ft.pt"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = dir.path().join("stats");
     for name in ["ft", "ft_st", "ft.pt"] {
@@ -716,7 +718,7 @@ fn pytorch_pickle_checkpoints_are_read_tensor_by_tensor() {
             "--base-model-path",
             &p("base"),
             "--other-model-paths",
-            &p("ft.pt"),
+            &p("pt/ft.pt"),
             "--lambdas",
             "0.5",
             "--output-path",

@@ -458,11 +458,15 @@ fn hub_ids_resolve_from_the_local_cache() {
     let snap = cache
         .join("models--acme--tiny-base")
         .join("snapshots")
-        .join("abc123");
+        .join("abc1230000000000000000000000000000000000");
     std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
     std::fs::rename(f.dir.path().join("base"), &snap).unwrap();
     std::fs::create_dir_all(cache.join("models--acme--tiny-base/refs")).unwrap();
-    std::fs::write(cache.join("models--acme--tiny-base/refs/main"), "abc123").unwrap();
+    std::fs::write(
+        cache.join("models--acme--tiny-base/refs/main"),
+        "abc1230000000000000000000000000000000000",
+    )
+    .unwrap();
     let out = f.path("merged");
     let m0 = f.path("m0");
     let args = [

@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, value_name = "PATH", num_args = 1.., required = true)]
     models: Vec<String>,
 
-    /// Output folder (a previous analysis there is replaced).
+    /// Output folder (a previous analysis there is replaced, nothing else).
     #[arg(long, default_value = "./tv_stats")]
     outdir: PathBuf,
 
@@ -48,7 +48,8 @@ struct Args {
     #[arg(long = "count-tied-lm-head")]
     count_tied_lm_head: bool,
 
-    /// Replace an output folder that does not hold a previous analysis.
+    /// Write into an --outdir that also holds files an analysis does not
+    /// write (they are left alone; an earlier analysis is always replaced).
     #[arg(long)]
     force: bool,
 
@@ -69,18 +70,8 @@ fn run(args: Args) -> Result<()> {
     Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
     let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
-    let mut inputs = vec![("base model", family.base.located.root.as_path())];
-    for m in &family.models {
-        inputs.push(("model", m.located.root.as_path()));
-    }
-    check_output_apart(&args.outdir, &inputs)?;
-    let replace = args.force || report::is_replaceable_output(&args.outdir);
-    if args.outdir.exists() && !replace {
-        anyhow::bail!(
-            "--outdir {} exists and does not hold a previous analysis; pass --force to replace it",
-            args.outdir.display()
-        );
-    }
+    check_output_apart(&args.outdir, &family.input_paths())?;
+    report::check_outdir(&args.outdir, &family.names, args.force)?;
 
     let bar = tv_cli::Bar::new("analysing", args.quiet);
     let options = AnalyzeOptions {
@@ -88,17 +79,23 @@ fn run(args: Args) -> Result<()> {
     };
     let analysis = analyze(&family, options, &bar)?;
 
-    let staging = Staging::new(&args.outdir, replace)?;
+    // check_outdir allowed what is there; only analysis files are replaced.
+    let staging = Staging::new(&args.outdir, true)?;
+    tv_cli::notes(staging.notes());
     report::write_all(&analysis, staging.path())?;
-    staging.commit()?;
+    tv_cli::notes(&report::commit_analysis(
+        staging,
+        &family.names,
+        args.force,
+    )?);
 
     let exp = analysis
         .merge_weights()
         .into_iter()
         .find(|(m, _)| *m == Mode::Exp)
         .and_then(|(_, w)| w.ok());
-    let width = family
-        .names
+    let shown = tv_cli::names(&family.names);
+    let width = shown
         .iter()
         .map(|n| n.chars().count())
         .max()
@@ -118,7 +115,7 @@ fn run(args: Args) -> Result<()> {
             .map_or("n/a".to_string(), |w| format!("{:.6}", w[i]));
         tv_cli::sayln!(
             "{:<width$}  {:>14.6}  {:>12.3e}  {:>9}",
-            m.name,
+            shown[i],
             s.global_l2,
             s.relative_change,
             lambda

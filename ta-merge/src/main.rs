@@ -94,18 +94,25 @@ fn run(args: Args) -> Result<()> {
     };
     let plan = MergePlan::with_recipe(&family, recipe, options)?;
 
+    let shown = tv_cli::names(&family.names);
     if kind.uses_weights() {
         tv_cli::say(weights::format_table(
-            &family.names,
+            &shown,
             norms.as_deref(),
             plan.lambdas(),
         ));
     }
-    tv_cli::say(plan.describe(&family.names));
+    tv_cli::say(plan.describe(&shown));
 
-    let mut inputs = vec![("base model", family.base.located.root.as_path())];
-    for m in &family.models {
-        inputs.push(("model", m.located.root.as_path()));
+    let mut inputs = family.input_paths();
+    if let Some(dir) = &args.from_analysis {
+        inputs.push(("--from-analysis".into(), dir.clone()));
+        for name in &family.names {
+            inputs.push((
+                "--from-analysis".into(),
+                dir.join(name).join("summary.json"),
+            ));
+        }
     }
     check_output_apart(output, &inputs)?;
     if args.dry_run {
@@ -118,6 +125,7 @@ fn run(args: Args) -> Result<()> {
     }
 
     let staging = Staging::new(output, args.force)?;
+    tv_cli::notes(staging.notes());
     let bar = tv_cli::Bar::new("merging", args.quiet);
     plan.execute(&family, &device, staging.path(), &bar)?;
     sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;

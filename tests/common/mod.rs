@@ -497,3 +497,91 @@ pub fn write_pth(path: &Path, tensors: &[T], aliases: &[(&str, &str)]) {
     }
     zip.finish().unwrap();
 }
+
+/// Runs one of this package's binaries with `env`, killing it and failing
+/// the test if it runs longer than `secs` (a read that hangs, say on a
+/// FIFO, must not hang the test suite).
+pub fn run_bounded(bin: &str, args: &[&str], env: &[(&str, &Path)], secs: u64) -> Output {
+    let mut cmd = Command::new(bin_path(bin));
+    cmd.args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{bin} {args:?} still ran after {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Makes a FIFO at `path` (with coreutils' mkfifo).
+pub fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo").arg(path).status().unwrap().success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Asserts `text` holds no control character but line breaks.
+pub fn assert_no_controls(text: &str) {
+    let bad: Vec<char> = text
+        .chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .collect();
+    assert!(bad.is_empty(), "control characters {bad:?} in {text:?}");
+}
+
+/// Names of the entries of `dir` and of every folder below it, relative
+/// to `dir` (symlinks listed, not followed).
+pub fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        for e in std::fs::read_dir(dir.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let r = rel.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(r.clone());
+            }
+            out.push(r.to_string_lossy().into_owned());
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Like [`snapshot`], without following symlinks or opening anything but
+/// regular files: a symlink is recorded by its target, a FIFO or device
+/// by its kind, so inputs can be compared byte for byte even where
+/// reading them would hang.
+pub fn snapshot_nofollow(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let t = meta.file_type();
+            let record = if t.is_symlink() {
+                let mut v = b"link:".to_vec();
+                v.extend(std::fs::read_link(&p).unwrap().to_string_lossy().bytes());
+                v
+            } else if t.is_dir() {
+                stack.push(p.clone());
+                b"dir".to_vec()
+            } else if t.is_file() {
+                std::fs::read(&p).unwrap()
+            } else {
+                b"special".to_vec()
+            };
+            out.insert(p, record);
+        }
+    }
+    out
+}

@@ -9,7 +9,8 @@ use tv_core::progress::Progress;
 
 /// Exit status for bad arguments (as clap uses).
 pub const EXIT_USAGE: u8 = 2;
-/// Exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report).
+/// Exit status after SIGINT (128 + SIGINT, as shells report); SIGTERM
+/// gives 143 (see [`tv_core::interrupt::exit_status`]).
 pub const EXIT_INTERRUPTED: u8 = 130;
 
 /// The whole `main` of a binary: parse `A`, call `run`, report the result.
@@ -42,18 +43,21 @@ pub fn parse_args<T: Parser>() -> Result<T, ExitCode> {
                 .collect();
             let message = message.join(" ");
             let message = message.trim_start_matches("error: ");
-            eprintln!("error: {message} (see --help)");
+            eprintln!("error: {} (see --help)", name(message));
             Err(ExitCode::from(EXIT_USAGE))
         }
     }
 }
 
-/// Prints an error chain as one line and picks the exit status.
+/// Prints an error chain as one line and picks the exit status: 128 + the
+/// signal's number when interrupted, else 1. Control characters in the
+/// message (from tensor, shard or model names) are escaped, so it stays one
+/// line and cannot drive the terminal.
 pub fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", name(&format!("{e:#}")));
             let interrupted = e.chain().any(|c| {
                 matches!(
                     c.downcast_ref::<tv_core::Error>(),
@@ -61,7 +65,7 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
                 )
             });
             if interrupted {
-                ExitCode::from(EXIT_INTERRUPTED)
+                ExitCode::from(tv_core::interrupt::exit_status())
             } else {
                 ExitCode::FAILURE
             }
@@ -106,11 +110,35 @@ impl Progress for Bar {
     }
 }
 
+/// A name read from a file (tensor, shard, model), or any text holding
+/// one, made safe to print: control characters escaped, one line.
+pub fn name(text: &str) -> std::borrow::Cow<'_, str> {
+    tv_core::error::escape_controls(text)
+}
+
+/// [`name`] of each of `names`, for tables.
+pub fn names(names: &[String]) -> Vec<String> {
+    names.iter().map(|n| name(n).into_owned()).collect()
+}
+
 /// Writes `text` to stdout, ignoring a closed pipe (`ta-merge ... | head`):
-/// the human summary is optional, the files are the result.
+/// the human summary is optional, the files are the result. Every control
+/// character but the line breaks of `text` is escaped; names embedded in a
+/// line should go through [`name`] first, so a newline in one cannot split
+/// the line.
 pub fn say(text: impl std::fmt::Display) {
     use std::io::Write;
-    let _ = write!(std::io::stdout().lock(), "{text}");
+    let text = text.to_string();
+    let safe: Vec<std::borrow::Cow<'_, str>> = text.split('\n').map(name).collect();
+    let _ = write!(std::io::stdout().lock(), "{}", safe.join("\n"));
+}
+
+/// Prints one `note: ...` line on stderr per note (things the run did
+/// besides its output, such as removing a dead run's leftovers).
+pub fn notes(notes: &[String]) {
+    for n in notes {
+        eprintln!("note: {}", name(n));
+    }
 }
 
 /// `println!` through [`say`].

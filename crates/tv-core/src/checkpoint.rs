@@ -215,8 +215,16 @@ impl Checkpoint {
 
     /// The model's `config.json`, if present and valid JSON.
     pub fn config(&self) -> Option<serde_json::Value> {
-        let text = std::fs::read_to_string(self.folder().join("config.json")).ok()?;
-        serde_json::from_str(&text).ok()
+        self.read_config().ok().flatten()
+    }
+
+    /// The model's `config.json`: `None` when absent or not valid JSON; an
+    /// error naming the file when it is not a regular file, is too large
+    /// or cannot be read.
+    pub fn read_config(&self) -> Result<Option<serde_json::Value>> {
+        let path = self.folder().join("config.json");
+        let text = crate::sidecar::read_side_text_if_present(&path)?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
     }
 }
 
@@ -226,30 +234,49 @@ fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Reads `weight_map` from an index json.
-fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+/// Reads `weight_map` from an index json (a regular file of bounded size);
+/// an empty map, a shard name that is not a plain file name, and a shard
+/// that is missing or not a regular file are errors naming the index.
+pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let text = crate::sidecar::read_side_text(path)?;
     let index: Index = serde_json::from_str(&text)
         .map_err(|e| Error::bad_file(path, format!("not a valid index json: {e}")))?;
+    if index.weight_map.is_empty() {
+        return Err(Error::bad_file(
+            path,
+            "has an empty weight_map (it lists no tensors)",
+        ));
+    }
     let dir = path.parent().unwrap_or(Path::new("."));
+    let mut checked = std::collections::BTreeSet::new();
     for file in index.weight_map.values() {
-        if file.contains('/') || file.contains('\\') || file == ".." {
+        if !checked.insert(file.as_str()) {
+            continue;
+        }
+        if file.is_empty()
+            || file.contains('/')
+            || file.contains('\\')
+            || file == "."
+            || file == ".."
+        {
             return Err(Error::bad_file(
                 path,
                 format!("shard name '{file}' is not a plain file name"),
             ));
         }
-        if !dir.join(file).is_file() {
+        let shard = dir.join(file);
+        if !shard.exists() {
             return Err(Error::NotFound(format!(
                 "{}: names shard {file}, which is missing from {}",
                 path.display(),
                 dir.display()
             )));
         }
+        crate::sidecar::check_regular_file(&shard)?;
     }
     Ok(index.weight_map)
 }

@@ -57,3 +57,51 @@ impl Error {
         }
     }
 }
+
+/// `text` with every character that could break a line or drive a terminal
+/// escaped: control characters (`\n`, `\r`, `\t`, ESC as `\u{1b}`, ...),
+/// Unicode line and paragraph separators, and bidirectional overrides.
+/// Names read from files (tensors, shards, models) go through this before
+/// they reach a terminal, so a message stays one line and cannot move the
+/// cursor or change colours.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    fn needs(c: char) -> bool {
+        c.is_control()
+            || matches!(
+                c,
+                '\u{2028}' | '\u{2029}' | '\u{061c}' | '\u{200e}' | '\u{200f}'
+                    | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+            )
+    }
+    if !text.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_are_escaped_and_the_rest_kept() {
+        assert_eq!(escape_controls("model.w"), "model.w");
+        assert_eq!(escape_controls("ä ☃ 'q'"), "ä ☃ 'q'");
+        assert_eq!(
+            escape_controls("a\nb\x1b[31mc\r\t\u{7f}\u{9b}\u{202e}d"),
+            "a\\nb\\u{1b}[31mc\\r\\t\\u{7f}\\u{9b}\\u{202e}d"
+        );
+        let escaped = escape_controls("x\u{2028}y\0");
+        assert!(!escaped.chars().any(|c| c.is_control() || c == '\u{2028}'));
+    }
+}

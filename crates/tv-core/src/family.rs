@@ -6,7 +6,8 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use std::path::Path;
+use crate::locate::WeightFiles;
+use std::path::{Path, PathBuf};
 
 /// The base and the fine-tunes of one merge or analysis.
 #[derive(Debug)]
@@ -24,6 +25,16 @@ impl Family {
         }
         let names = resolve_names(models, names)?;
         let base = Checkpoint::open(base).map_err(|e| context("base model", e))?;
+        if base.is_empty() {
+            return Err(Error::bad_file(
+                &weights_path(&base),
+                "the base model holds no tensors; nothing to merge or analyse",
+            ));
+        }
+        // Side files that are FIFOs, devices or too large are refused now,
+        // before any work, not when they are copied at the end.
+        crate::sidecar::check_side_files(base.folder())?;
+        base.read_config()?;
         let models = models
             .iter()
             .zip(&names)
@@ -36,6 +47,23 @@ impl Family {
             models,
             names,
         })
+    }
+
+    /// Every input location, labelled, for
+    /// [`crate::staging::check_output_apart`].
+    pub fn input_paths(&self) -> Vec<(String, PathBuf)> {
+        let mut out: Vec<(String, PathBuf)> = checkpoint_paths(&self.base)
+            .into_iter()
+            .map(|p| ("base model".to_string(), p))
+            .collect();
+        for (m, name) in self.models.iter().zip(&self.names) {
+            out.extend(
+                checkpoint_paths(m)
+                    .into_iter()
+                    .map(|p| (format!("model '{name}'"), p)),
+            );
+        }
+        out
     }
 
     /// Refuses a model that shares fewer than half of the base's tensor
@@ -73,6 +101,43 @@ impl Family {
                 && self.base.names().iter().any(|n| n.contains("embed_tokens"))
         })
     }
+}
+
+/// The weight files of `ckpt` as the user will recognise them: the index,
+/// the single file, or the folder.
+fn weights_path(ckpt: &Checkpoint) -> PathBuf {
+    match &ckpt.located.weights {
+        WeightFiles::Single(p) | WeightFiles::Indexed(p) => p.clone(),
+        WeightFiles::Pickle(ps) if ps.len() == 1 => ps[0].clone(),
+        _ => ckpt.located.root.clone(),
+    }
+}
+
+/// Every location a checkpoint is read from: what the user named, the
+/// folder of its side files, each weight file and index, and each side
+/// file present (`config.json`, tokenizer files); symlinks among them are
+/// followed by [`crate::staging::check_output_apart`].
+pub fn checkpoint_paths(ckpt: &Checkpoint) -> Vec<PathBuf> {
+    let located = &ckpt.located;
+    let mut paths = vec![located.root.clone(), located.folder.clone()];
+    match &located.weights {
+        WeightFiles::Single(p) => paths.push(p.clone()),
+        WeightFiles::Indexed(p) => {
+            paths.push(p.clone());
+            // Safetensors shards are mapped from where the index names them.
+            paths.extend(ckpt.shards.iter().map(|s| s.path.clone()));
+        }
+        WeightFiles::Loose(ps) | WeightFiles::Pickle(ps) => paths.extend(ps.iter().cloned()),
+    }
+    if let Ok(entries) = std::fs::read_dir(&located.folder) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name == "config.json" || crate::sidecar::is_side_file(&name) {
+                paths.push(entry.path());
+            }
+        }
+    }
+    paths
 }
 
 fn context(what: &str, e: Error) -> Error {

@@ -52,6 +52,10 @@ pub fn locate(spec: &str) -> Result<Located> {
 
 fn locate_path(spec: &str, path: &Path) -> Result<Located> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
+    if !meta.is_dir() {
+        // A FIFO, device or socket is refused before anything opens it.
+        crate::sidecar::check_regular_file(path)?;
+    }
     let parent = || {
         path.parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -100,29 +104,11 @@ fn is_pickle_name(name: &str) -> bool {
 
 /// The shard files named by a `pytorch_model.bin.index.json`.
 fn pickle_shards(index: &Path) -> Result<Vec<PathBuf>> {
-    #[derive(serde::Deserialize)]
-    struct Index {
-        weight_map: std::collections::BTreeMap<String, String>,
-    }
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io("cannot read", index, e))?;
-    let parsed: Index = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(index, format!("not a valid index json: {e}")))?;
+    let map = crate::checkpoint::read_index(index)?;
     let dir = index.parent().unwrap_or(Path::new("."));
-    let mut files: Vec<PathBuf> = Vec::new();
-    for file in parsed.weight_map.values() {
-        let p = dir.join(file);
-        if file.contains('/') || !p.is_file() {
-            return Err(Error::NotFound(format!(
-                "{}: names shard {file}, which is missing from {}",
-                index.display(),
-                dir.display()
-            )));
-        }
-        if !files.contains(&p) {
-            files.push(p);
-        }
-    }
+    let mut files: Vec<PathBuf> = map.values().map(|f| dir.join(f)).collect();
     files.sort();
+    files.dedup();
     Ok(files)
 }
 
@@ -134,11 +120,13 @@ fn file_name(path: &Path) -> String {
 
 fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
     let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
+    if index.exists() {
+        crate::sidecar::check_regular_file(&index)?;
         return Ok(WeightFiles::Indexed(index));
     }
     let single = dir.join("model.safetensors");
-    if single.is_file() {
+    if single.exists() {
+        crate::sidecar::check_regular_file(&single)?;
         return Ok(WeightFiles::Single(single));
     }
     let entries = std::fs::read_dir(dir).map_err(|e| Error::io("cannot list", dir, e))?;
@@ -148,10 +136,16 @@ fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io("cannot list", dir, e))?;
         let path = entry.path();
-        if !path.is_file() {
+        let name = file_name(&path);
+        let weight_like = name.ends_with(".safetensors")
+            || name.ends_with(".safetensors.index.json")
+            || name == "pytorch_model.bin.index.json"
+            || (name.ends_with(".bin") && name.starts_with("pytorch_model"));
+        if path.is_dir() || !weight_like {
             continue;
         }
-        let name = file_name(&path);
+        // A weight file that is a FIFO, device or socket is refused, not skipped.
+        crate::sidecar::check_regular_file(&path)?;
         if name.ends_with(".safetensors.index.json") {
             indexes.push(path);
         } else if name.ends_with(".safetensors") {
@@ -231,17 +225,26 @@ fn hub_snapshot(id: &str) -> Result<PathBuf> {
         return Err(not_cached());
     }
     let snapshots = repo.join("snapshots");
-    if let Ok(rev) = std::fs::read_to_string(repo.join("refs").join("main")) {
-        let dir = snapshots.join(rev.trim());
-        if dir.is_dir() {
-            return Ok(dir);
-        }
+    let refs_main = repo.join("refs").join("main");
+    if std::fs::symlink_metadata(&refs_main).is_ok() {
+        let rev = read_ref(&refs_main)?;
+        return snapshot_dir(&snapshots, &rev).ok_or_else(|| {
+            Error::NotFound(format!(
+                "{id}: {} names revision {rev}, which has no snapshot folder in {}; \
+                 download the model again",
+                refs_main.display(),
+                snapshots.display()
+            ))
+        });
     }
-    // No usable refs/main: accept the cache only when it holds one snapshot.
+    // No refs/main: accept the cache only when it holds one snapshot.
     let mut revs: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| snapshot_dir(&snapshots, &e.file_name().to_string_lossy()))
+                .collect()
+        })
         .unwrap_or_default();
-    revs.retain(|p| p.is_dir());
     match revs.len() {
         1 => Ok(revs.remove(0)),
         0 => Err(not_cached()),
@@ -250,6 +253,42 @@ fn hub_snapshot(id: &str) -> Result<PathBuf> {
             repo.display()
         ))),
     }
+}
+
+/// Whether `rev` is a commit hash: 40 lowercase or uppercase hex digits.
+fn is_commit_hash(rev: &str) -> bool {
+    rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The commit hash a cache `refs/<revision>` file holds. Anything else
+/// (a path, several lines, an empty file) is refused, so a revision can
+/// never lead out of the cache.
+fn read_ref(path: &Path) -> Result<String> {
+    let bytes = crate::sidecar::read_limited(path, 4096)?;
+    let text = String::from_utf8_lossy(&bytes);
+    // huggingface_hub writes the hash alone; tolerate one trailing newline.
+    let rev = text.strip_suffix('\n').unwrap_or(&text);
+    if !is_commit_hash(rev) {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "holds '{}', not a commit hash (40 hex digits); the cache is damaged, download the model again",
+                rev.chars().take(80).collect::<String>()
+            ),
+        ));
+    }
+    Ok(rev.to_string())
+}
+
+/// `snapshots/<rev>` when `rev` is a commit hash and that is a real folder
+/// (not a symlink that could lead elsewhere).
+fn snapshot_dir(snapshots: &Path, rev: &str) -> Option<PathBuf> {
+    if !is_commit_hash(rev) {
+        return None;
+    }
+    let dir = snapshots.join(rev);
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    meta.is_dir().then_some(dir)
 }
 
 #[cfg(test)]
@@ -263,5 +302,37 @@ mod tests {
         assert!(!looks_like_hub_id("/abs/path"));
         assert!(!looks_like_hub_id("a/b/c"));
         assert!(!looks_like_hub_id("plain"));
+    }
+
+    #[test]
+    fn refs_must_hold_a_commit_hash_of_a_snapshot_in_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshots = dir.path().join("snapshots");
+        let hash = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(snapshots.join(hash)).unwrap();
+        let refs = dir.path().join("main");
+        std::fs::write(&refs, hash).unwrap();
+        assert_eq!(read_ref(&refs).unwrap(), hash);
+        std::fs::write(&refs, format!("{hash}\n")).unwrap();
+        assert_eq!(read_ref(&refs).unwrap(), hash);
+        assert_eq!(snapshot_dir(&snapshots, hash), Some(snapshots.join(hash)));
+        for bad in [
+            "../../etc".to_string(),
+            "/etc".to_string(),
+            String::new(),
+            format!("{hash}\n../x"),
+            format!("{hash}\n\n"),
+            format!(" {hash}"),
+            "g".repeat(40),
+        ] {
+            std::fs::write(&refs, &bad).unwrap();
+            let err = read_ref(&refs).unwrap_err().to_string();
+            assert!(err.contains("not a commit hash"), "{bad:?}: {err}");
+            assert_eq!(snapshot_dir(&snapshots, &bad), None);
+        }
+        // A snapshot that is a symlink (possibly out of the cache) is not one.
+        let other = "1123456789abcdef0123456789abcdef01234567";
+        std::os::unix::fs::symlink("/", snapshots.join(other)).unwrap();
+        assert_eq!(snapshot_dir(&snapshots, other), None);
     }
 }

@@ -21,12 +21,71 @@ fn plot_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::io("cannot draw", path, std::io::Error::other(e.to_string()))
 }
 
-/// Horizontal bars of each group's L2, one row per group, in the given order.
+/// The most bars a group chart draws; further groups share one bar.
+pub const MAX_BARS: usize = 40;
+/// The most characters of a label drawn.
+const MAX_LABEL: usize = 48;
+
+/// A label cut to [`MAX_LABEL`] characters, with control characters escaped.
+fn label(text: &str) -> String {
+    let text = crate::error::escape_controls(text);
+    if text.chars().count() <= MAX_LABEL {
+        return text.into_owned();
+    }
+    let mut cut: String = text.chars().take(MAX_LABEL - 1).collect();
+    cut.push('…');
+    cut
+}
+
+/// The bars of a group chart: every group when there are at most
+/// [`MAX_BARS`], else the `MAX_BARS - 1` largest (in the given order) and
+/// one "N others" bar holding the L2 norm of all the rest together
+/// (√Σ L2², as the groups' elements are disjoint).
+pub fn fold_groups(groups: &[(String, f64)]) -> Vec<(String, f64)> {
+    if groups.len() <= MAX_BARS {
+        return groups.iter().map(|(g, v)| (label(g), *v)).collect();
+    }
+    let keep = MAX_BARS - 1;
+    let size = |v: f64| if v.is_nan() { f64::INFINITY } else { v };
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    // Largest first; ties keep the earlier group.
+    order.sort_by(|&a, &b| {
+        size(groups[b].1)
+            .total_cmp(&size(groups[a].1))
+            .then(a.cmp(&b))
+    });
+    let mut shown: Vec<usize> = order[..keep].to_vec();
+    shown.sort_unstable();
+    let rest = &order[keep..];
+    let others = rest
+        .iter()
+        .map(|&i| groups[i].1 * groups[i].1)
+        .sum::<f64>()
+        .sqrt();
+    let mut bars: Vec<(String, f64)> = shown
+        .iter()
+        .map(|&i| (label(&groups[i].0), groups[i].1))
+        .collect();
+    bars.push((format!("{} others", rest.len()), others));
+    bars
+}
+
+/// Horizontal bars of each group's L2, one row per group, in the given
+/// order; beyond [`MAX_BARS`] groups the smallest share one bar, so the
+/// image stays the same size however large the model.
 pub fn group_bars(title: &str, groups: &[(String, f64)], path: &Path) -> Result<()> {
     ensure_font();
+    let groups = fold_groups(groups);
+    let title = label(title);
     let rows = groups.len().max(1);
     let height = (90 + 22 * rows) as u32;
-    let label_width = groups.iter().map(|(g, _)| g.len()).max().unwrap_or(5) as u32 * 8 + 20;
+    let label_width = groups
+        .iter()
+        .map(|(g, _)| g.chars().count())
+        .max()
+        .unwrap_or(5) as u32
+        * 8
+        + 20;
     let max = groups
         .iter()
         .map(|(_, v)| *v)
@@ -80,8 +139,10 @@ pub fn group_bars(title: &str, groups: &[(String, f64)], path: &Path) -> Result<
 pub fn cosine_heatmap(names: &[String], matrix: &[Vec<f64>], path: &Path) -> Result<()> {
     ensure_font();
     let n = names.len().max(1);
-    let cell = 70u32;
-    let label = names.iter().map(|s| s.len()).max().unwrap_or(4) as u32 * 8 + 40;
+    let names: Vec<String> = names.iter().map(|s| label(s)).collect();
+    // Cells shrink with many models, so the image stays near 2400 pixels.
+    let cell = (2400 / n as u32).clamp(2, 70);
+    let label = names.iter().map(|s| s.chars().count()).max().unwrap_or(4) as u32 * 8 + 40;
     let size = (label + cell * n as u32 + 40, cell * n as u32 + 100);
     let draw = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let root = BitMapBackend::new(path, size).into_drawing_area();
@@ -94,6 +155,7 @@ pub fn cosine_heatmap(names: &[String], matrix: &[Vec<f64>], path: &Path) -> Res
             .build_cartesian_2d((0..n - 1).into_segmented(), (0..n - 1).into_segmented())?;
         // Columns are numbered; rows carry "name [k]", row 1 at the top.
         let column = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(j) if *j < n && n > 40 && (j + 1) % 10 != 0 => String::new(),
             SegmentValue::CenterOf(j) if *j < n => format!("[{}]", j + 1),
             _ => String::new(),
         };
@@ -107,8 +169,8 @@ pub fn cosine_heatmap(names: &[String], matrix: &[Vec<f64>], path: &Path) -> Res
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_labels(n)
-            .y_labels(n)
+            .x_labels(n.min(40))
+            .y_labels(n.min(40))
             .x_label_formatter(&column)
             .y_label_formatter(&row)
             .label_style((FONT, 13))
@@ -134,6 +196,9 @@ pub fn cosine_heatmap(names: &[String], matrix: &[Vec<f64>], path: &Path) -> Res
                     [(x0, y0), (x1, y1)],
                     color.filled(),
                 )))?;
+                if cell < 40 {
+                    continue;
+                }
                 let text_color = if t > 0.6 { WHITE } else { BLACK };
                 chart.draw_series(std::iter::once(Text::new(
                     format!("{c:.2}"),
@@ -151,4 +216,70 @@ pub fn cosine_heatmap(names: &[String], matrix: &[Vec<f64>], path: &Path) -> Res
         Ok(())
     };
     draw().map_err(|e| plot_error(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Width and height from a PNG's IHDR chunk.
+    fn png_size(path: &Path) -> (u32, u32) {
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+        (be(16), be(20))
+    }
+
+    #[test]
+    fn thousands_of_groups_fold_into_one_bar_at_a_bounded_size() {
+        let groups: Vec<(String, f64)> = (0..5000)
+            .map(|i| (format!("layer_{i}"), ((i * 7919) % 5000) as f64 / 100.0))
+            .collect();
+        let bars = fold_groups(&groups);
+        assert_eq!(bars.len(), MAX_BARS);
+        assert_eq!(bars.last().unwrap().0, "4961 others");
+        // The 39 largest, in their original order.
+        let mut sizes: Vec<f64> = groups.iter().map(|g| g.1).collect();
+        sizes.sort_by(|a, b| b.total_cmp(a));
+        let smallest_shown = sizes[MAX_BARS - 2];
+        assert!(bars[..MAX_BARS - 1].iter().all(|b| b.1 >= smallest_shown));
+        let rest: f64 = sizes[MAX_BARS - 1..]
+            .iter()
+            .map(|v| v * v)
+            .sum::<f64>()
+            .sqrt();
+        assert!((bars.last().unwrap().1 - rest).abs() <= 1e-9 * rest);
+        let order: Vec<usize> = bars[..MAX_BARS - 1]
+            .iter()
+            .map(|b| b.0["layer_".len()..].parse().unwrap())
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{order:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bars.png");
+        group_bars("m\n\u{1b}[31m", &groups, &path).unwrap();
+        let (w, h) = png_size(&path);
+        assert_eq!(w, 900);
+        assert!(h <= 90 + 22 * MAX_BARS as u32, "{h}");
+        // Few groups are drawn as they are.
+        assert_eq!(fold_groups(&groups[..3]).len(), 3);
+        // A huge group name does not widen the chart without bound.
+        let long = vec![("x".repeat(100_000), 1.0)];
+        group_bars("m", &long, &path).unwrap();
+        assert_eq!(png_size(&path).0, 900);
+    }
+
+    #[test]
+    fn a_heatmap_of_many_models_stays_bounded() {
+        let n = 300;
+        let names: Vec<String> = (0..n).map(|i| format!("model-{i}")).collect();
+        let matrix: Vec<Vec<f64>> = (0..n)
+            .map(|i| (0..n).map(|j| if i == j { 1.0 } else { 0.1 }).collect())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cos.png");
+        cosine_heatmap(&names, &matrix, &path).unwrap();
+        let (w, h) = png_size(&path);
+        assert!(w <= 3000 && h <= 3000, "{w}x{h}");
+    }
 }

@@ -20,7 +20,8 @@ pub trait Sample: Copy + Send + Sync + PartialOrd {
     /// Rounds an f64 to this type.
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
-    /// A key whose unsigned order is the numeric order (NaN sorts last).
+    /// A key whose unsigned order is the numeric order; every NaN (of either
+    /// sign) has the largest key, so NaN sorts last and is never q0.
     fn key(self) -> u64;
     /// The value of a key.
     fn from_key(key: u64) -> Self;
@@ -36,6 +37,10 @@ impl Sample for f32 {
         f64::from(self)
     }
     fn key(self) -> u64 {
+        // Every NaN, whatever its sign and payload, gets the largest key.
+        if self.is_nan() {
+            return u64::from(u32::MAX) << 32;
+        }
         let b = self.to_bits();
         let k = if b & 0x8000_0000 != 0 {
             !b
@@ -63,6 +68,10 @@ impl Sample for f64 {
         self
     }
     fn key(self) -> u64 {
+        // Every NaN, whatever its sign and payload, gets the largest key.
+        if self.is_nan() {
+            return u64::MAX;
+        }
         let b = self.to_bits();
         if b & (1 << 63) != 0 {
             !b
@@ -421,7 +430,7 @@ mod tests {
 
     fn reference(values: &[f64], zeros: usize) -> Vec<f64> {
         let mut s = values.to_vec();
-        s.extend(std::iter::repeat(0.0).take(zeros));
+        s.extend(std::iter::repeat_n(0.0, zeros));
         s.sort_by(|a, b| a.partial_cmp(b).unwrap());
         let n = s.len();
         LEVELS
@@ -494,6 +503,65 @@ mod tests {
                 "n = {n}"
             );
         }
+    }
+
+    #[test]
+    fn nan_of_either_sign_sorts_last() {
+        let neg_nan = -f64::NAN;
+        assert!(neg_nan.is_nan() && neg_nan.is_sign_negative());
+        let nan_with_payload = f64::from_bits(0xFFF0_0000_0000_0001);
+        assert!(nan_with_payload.is_nan());
+        for n in [7usize, 70_001] {
+            // Mostly finite values, a few NaN of each sign spread through.
+            let mut values: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin()).collect();
+            let nans = [f64::NAN, neg_nan, nan_with_payload];
+            for (j, &x) in nans.iter().enumerate() {
+                values[j * (n / 3)] = x;
+            }
+            let finite: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
+            let lowest = finite.iter().copied().fold(f64::INFINITY, f64::min);
+            let mut v64 = values.clone();
+            let q = quantiles(&mut v64, 0, &mut []);
+            assert_eq!(q[0], lowest, "n = {n}: q0 of f64 is {}", q[0]);
+            assert!(q[10].is_nan(), "n = {n}: NaN sorts last");
+            // Below the top 1%, every quantile is the finite reference's.
+            let mut sorted = finite.clone();
+            sorted.sort_by(f64::total_cmp);
+            sorted.extend([f64::NAN; 3]);
+            let want = reference_sorted(&sorted);
+            for (k, (got, want)) in q.iter().zip(&want).enumerate().take(10) {
+                assert!(
+                    got == want || (got.is_nan() && want.is_nan()),
+                    "n = {n}, level {k}: {got} vs {want}"
+                );
+            }
+            let mut v32: Vec<f32> = values.iter().map(|&x| x as f32).collect();
+            let q32 = quantiles(&mut v32, 0, &mut []);
+            let lowest32 = finite
+                .iter()
+                .map(|&x| f64::from(x as f32))
+                .fold(f64::INFINITY, f64::min);
+            assert_eq!(q32[0], lowest32, "n = {n}: q0 of f32 is {}", q32[0]);
+            assert!(q32[10].is_nan());
+            // Keys: NaN of either sign above +infinity.
+            for x in nans {
+                assert!(x.key() > f64::INFINITY.key());
+                assert!((x as f32).key() > f32::INFINITY.key());
+            }
+        }
+    }
+
+    fn reference_sorted(s: &[f64]) -> Vec<f64> {
+        let n = s.len();
+        LEVELS
+            .iter()
+            .map(|p| {
+                let pos = p / 100.0 * (n - 1) as f64;
+                let lo = pos.floor() as usize;
+                let hi = (lo + 1).min(n - 1);
+                lerp(s[lo], s[hi], pos - lo as f64)
+            })
+            .collect()
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::plot;
 use crate::stats::TensorRow;
 use crate::weights::WeightParams;
 use serde_json::{json, Map, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The CSV columns, the original's first.
 pub const COLUMNS: [&str; 23] = [
@@ -165,12 +165,15 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
         .iter()
         .map(|name| {
             let path = dir.join(name).join("summary.json");
-            let text = std::fs::read_to_string(&path).map_err(|e| {
-                Error::NotFound(format!(
-                    "--from-analysis: no summary for model '{name}' ({}: {e}); analyse it, or set matching --names",
-                    path.display()
-                ))
-            })?;
+            let text = match crate::sidecar::read_side_text_if_present(&path)? {
+                Some(text) => text,
+                None => {
+                    return Err(Error::NotFound(format!(
+                        "--from-analysis: no summary for model '{name}' ({}: no such file); analyse it, or set matching --names",
+                        path.display()
+                    )))
+                }
+            };
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
             v.get("global_l2")
@@ -180,15 +183,186 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
         .collect()
 }
 
-/// Whether `dir` may be replaced by a new analysis without `--force`: it is
-/// empty or holds a previous analysis.
-pub fn is_replaceable_output(dir: &Path) -> bool {
-    match std::fs::read_dir(dir) {
-        Ok(mut entries) => {
-            dir.join("analysis.json").is_file()
-                || dir.join("pairwise_cosines.csv").is_file()
-                || entries.next().is_none()
+/// The files an analysis writes at the top of its folder.
+pub const FAMILY_FILES: [&str; 3] = [
+    "analysis.json",
+    "pairwise_cosines.csv",
+    "pairwise_cosines.png",
+];
+
+/// The files an analysis writes into each model's folder.
+pub const MODEL_FILES: [&str; 5] = [
+    "per_param_stats.csv",
+    "top50_by_l2.csv",
+    "top50_by_maxabs.csv",
+    "summary.json",
+    "group_l2_bar.png",
+];
+
+/// What an existing analysis folder holds, as paths relative to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutdirContents {
+    /// Files an earlier analysis wrote (see [`outdir_contents`]). Only
+    /// regular files count.
+    pub owned: Vec<PathBuf>,
+    /// Everything else: the tool leaves these alone.
+    pub foreign: Vec<PathBuf>,
+}
+
+/// Sorts the entries of an existing `--outdir` into what an analysis wrote
+/// and what it did not: [`FAMILY_FILES`] at the top, and [`MODEL_FILES`] in
+/// the model folders the earlier `analysis.json` lists and in `also` (the
+/// folders a new analysis writes, when forced). Symlinks are never followed
+/// and count as foreign.
+pub fn outdir_contents(dir: &Path, also: &[String]) -> Result<OutdirContents> {
+    let regular = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file());
+    let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    let list = |d: &Path| -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(d)
+            .map_err(|e| Error::io("cannot list", d, e))?
+            .map(|e| {
+                e.map(|e| e.file_name().to_string_lossy().into_owned())
+                    .map_err(|e| Error::io("cannot list", d, e))
+            })
+            .collect::<Result<_>>()?;
+        names.sort();
+        Ok(names)
+    };
+    // The model folders of the earlier analysis, as its analysis.json names them.
+    let index = dir.join("analysis.json");
+    let mut model_dirs: Vec<String> = also.to_vec();
+    if regular(&index) {
+        if let Ok(text) = crate::sidecar::read_side_text(&index) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                let models = v.get("models").and_then(Value::as_array);
+                for m in models.into_iter().flatten() {
+                    if let Some(name) = m.get("name").and_then(Value::as_str) {
+                        let plain = !name.is_empty()
+                            && !name.contains(['/', '\\'])
+                            && name != "."
+                            && name != "..";
+                        if plain && !FAMILY_FILES.contains(&name) {
+                            model_dirs.push(name.to_string());
+                        }
+                    }
+                }
+            }
         }
-        Err(_) => false,
     }
+    let mut out = OutdirContents::default();
+    for name in list(dir)? {
+        let path = dir.join(&name);
+        if FAMILY_FILES.contains(&name.as_str()) && regular(&path) {
+            out.owned.push(PathBuf::from(&name));
+        } else if model_dirs.contains(&name) && real_dir(&path) {
+            for inner in list(&path)? {
+                let rel = Path::new(&name).join(&inner);
+                if MODEL_FILES.contains(&inner.as_str()) && regular(&path.join(&inner)) {
+                    out.owned.push(rel);
+                } else {
+                    out.foreign.push(rel);
+                }
+            }
+        } else {
+            out.foreign.push(PathBuf::from(name));
+        }
+    }
+    Ok(out)
+}
+
+/// The files an analysis of models `names` writes, relative to its folder.
+pub fn output_files(names: &[String]) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = FAMILY_FILES.iter().map(PathBuf::from).collect();
+    for name in names {
+        files.extend(MODEL_FILES.iter().map(|f| Path::new(name).join(f)));
+    }
+    files
+}
+
+/// "1 entry", "3 entries".
+fn count_entries(n: usize) -> String {
+    if n == 1 {
+        "1 entry".to_string()
+    } else {
+        format!("{n} entries")
+    }
+}
+
+/// A short list of `paths` for a message.
+fn preview(paths: &[PathBuf]) -> String {
+    let mut shown: Vec<String> = paths
+        .iter()
+        .take(5)
+        .map(|p| p.display().to_string())
+        .collect();
+    if paths.len() > 5 {
+        shown.push(format!("and {} more", paths.len() - 5));
+    }
+    shown.join(", ")
+}
+
+/// The model folders whose analysis files a run may replace besides those
+/// the earlier `analysis.json` lists: with `force`, the new run's own.
+fn forced_dirs(names: &[String], force: bool) -> &[String] {
+    if force {
+        names
+    } else {
+        &[]
+    }
+}
+
+/// Checks that an analysis of `names` may be written to `dir`, before any
+/// work: a missing folder is fine; an existing one must be a folder, may
+/// hold an earlier analysis (replaced), and may hold other files only with
+/// `force` (they are left alone), none of them where a new file goes. With
+/// `force`, analysis files at the new run's own paths are replaced too.
+pub fn check_outdir(dir: &Path, names: &[String], force: bool) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "--outdir {} exists and is not a folder; refusing to replace it",
+            dir.display()
+        )));
+    }
+    let contents = outdir_contents(dir, forced_dirs(names, force))?;
+    if !contents.foreign.is_empty() && !force {
+        return Err(Error::InvalidArgument(format!(
+            "--outdir {} holds {} that ta-analyze did not write ({}); \
+             pass --force to write the analysis beside them (they are left alone), or choose another folder",
+            dir.display(),
+            count_entries(contents.foreign.len()),
+            preview(&contents.foreign)
+        )));
+    }
+    crate::staging::check_placeable(dir, &output_files(names), &contents.owned)
+}
+
+/// Moves a finished analysis staged in `staging` into place. An earlier
+/// analysis there is replaced; files an analysis does not write are left
+/// where they are (the returned notes say which). A folder holding only
+/// analysis files is exchanged in one step.
+pub fn commit_analysis(
+    staging: crate::staging::Staging,
+    names: &[String],
+    force: bool,
+) -> Result<Vec<String>> {
+    let dir = staging.target().to_path_buf();
+    if std::fs::symlink_metadata(&dir).is_err() {
+        staging.commit()?;
+        return Ok(Vec::new());
+    }
+    let contents = outdir_contents(&dir, forced_dirs(names, force))?;
+    if contents.foreign.is_empty() {
+        staging.commit()?;
+        return Ok(Vec::new());
+    }
+    staging.commit_beside(&contents.owned)?;
+    Ok(vec![format!(
+        "left {} that ta-analyze did not write in {}: {}",
+        count_entries(contents.foreign.len()),
+        dir.display(),
+        preview(&contents.foreign)
+    )])
 }

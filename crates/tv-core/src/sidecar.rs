@@ -31,7 +31,159 @@ pub fn is_side_file(name: &str) -> bool {
         || name.ends_with(".tiktoken")
 }
 
-/// Copies the base's side files into `dir`; returns their names.
+/// The most bytes a side file (`config.json`, tokenizer and generation
+/// files, index json, `summary.json`, ...) may have.
+pub const SIDE_FILE_LIMIT: u64 = 64 << 20;
+
+/// What a non-regular file is, for messages.
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a folder"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Refuses anything but a regular file of at most `limit` bytes.
+fn check_regular(path: &Path, meta: &std::fs::Metadata, limit: u64) -> Result<()> {
+    if !meta.is_file() {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "is {}, not a regular file; refusing to read it",
+                kind_of(meta)
+            ),
+        ));
+    }
+    if meta.len() > limit {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "is {} bytes, over the {} MB limit for this kind of file; refusing to read it",
+                meta.len(),
+                limit >> 20
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `path` is a regular file (following symlinks) without
+/// opening it: a FIFO, device, socket or folder is refused naming the file.
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
+    check_regular(path, &meta, u64::MAX)
+}
+
+/// Reads a side file whole. Only a regular file of at most
+/// [`SIDE_FILE_LIMIT`] bytes is read: the type is checked before opening
+/// and again on the open file, which is opened non-blocking, so a FIFO can
+/// never hang the run. An interrupt request stops the read.
+pub fn read_side_bytes(path: &Path) -> Result<Vec<u8>> {
+    read_limited(path, SIDE_FILE_LIMIT)
+}
+
+/// [`read_side_bytes`] with another size limit.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
+    check_regular(path, &meta, limit)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| Error::io("cannot open", path, e))?;
+    // The path may have been swapped between the check and the open.
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("cannot read", path, e))?;
+    check_regular(path, &meta, limit)?;
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    let mut reader = file.take(limit + 1);
+    let mut chunk = vec![0u8; 1 << 20];
+    loop {
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io("cannot read", path, e)),
+        };
+        out.extend_from_slice(&chunk[..n]);
+    }
+    if out.len() as u64 > limit {
+        return Err(Error::bad_file(
+            path,
+            format!(
+                "grew past the {} MB limit for this kind of file while being read",
+                limit >> 20
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+/// [`read_side_bytes`] as UTF-8 text.
+pub fn read_side_text(path: &Path) -> Result<String> {
+    String::from_utf8(read_side_bytes(path)?)
+        .map_err(|_| Error::bad_file(path, "is not UTF-8 text"))
+}
+
+/// [`read_side_text`], or `None` when nothing exists at `path` (a dangling
+/// symlink counts as nothing).
+pub fn read_side_text_if_present(path: &Path) -> Result<Option<String>> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => read_side_text(path).map(Some),
+    }
+}
+
+/// Checks, without opening anything, that every side file of `folder`
+/// (`config.json` and what [`copy_side_files`] copies) is a regular file
+/// within [`SIDE_FILE_LIMIT`], so a bad one is reported before any work.
+pub fn check_side_files(folder: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(folder).map_err(|e| Error::io("cannot list", folder, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("cannot list", folder, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name != "config.json" && (!is_side_file(&name) || path.is_dir()) {
+            continue;
+        }
+        let meta = std::fs::metadata(&path).map_err(|e| Error::io("cannot read", &path, e))?;
+        check_regular(&path, &meta, SIDE_FILE_LIMIT)?;
+    }
+    Ok(())
+}
+
+/// Copies the base's side files into `dir`; returns their names. A side
+/// file that is a FIFO, device or socket, or too large, is an error naming
+/// it; folders (some repositories keep a `tokenizer/` folder) are not side
+/// files and are left out.
 pub fn copy_side_files(base_folder: &Path, dir: &Path) -> Result<Vec<String>> {
     let mut copied = Vec::new();
     let entries =
@@ -40,10 +192,12 @@ pub fn copy_side_files(base_folder: &Path, dir: &Path) -> Result<Vec<String>> {
         let entry = entry.map_err(|e| Error::io("cannot list", base_folder, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         let src = entry.path();
-        if !is_side_file(&name) || !src.is_file() {
+        if !is_side_file(&name) || src.is_dir() {
             continue;
         }
-        std::fs::copy(&src, dir.join(&name)).map_err(|e| Error::io("cannot copy", &src, e))?;
+        let bytes = read_side_bytes(&src)?;
+        let dst = dir.join(&name);
+        std::fs::write(&dst, bytes).map_err(|e| Error::io("cannot write", &dst, e))?;
         copied.push(name);
     }
     copied.sort();
@@ -54,10 +208,9 @@ pub fn copy_side_files(base_folder: &Path, dir: &Path) -> Result<Vec<String>> {
 /// `dtype`. Returns false when the base has no config.
 pub fn write_config(base_folder: &Path, dir: &Path, dtype: Option<FloatType>) -> Result<bool> {
     let src = base_folder.join("config.json");
-    if !src.is_file() {
+    let Some(text) = read_side_text_if_present(&src)? else {
         return Ok(false);
-    }
-    let text = std::fs::read_to_string(&src).map_err(|e| Error::io("cannot read", &src, e))?;
+    };
     let mut config: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::bad_file(&src, format!("not valid JSON: {e}")))?;
     if let (Some(obj), Some(dtype)) = (config.as_object_mut(), dtype) {
@@ -187,5 +340,54 @@ mod tests {
         ] {
             assert!(!is_side_file(no), "{no}");
         }
+    }
+
+    #[test]
+    fn only_regular_files_within_the_limit_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("config.json");
+        std::fs::write(&ok, "{}").unwrap();
+        assert_eq!(read_side_text(&ok).unwrap(), "{}");
+        assert_eq!(
+            read_side_text_if_present(&dir.path().join("nope")).unwrap(),
+            None
+        );
+
+        let fifo = dir.path().join("fifo.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        // Returns at once (no writer would ever come), naming the file.
+        let err = read_side_text(&fifo).unwrap_err().to_string();
+        assert!(err.contains("fifo.json") && err.contains("a FIFO"), "{err}");
+        let err = check_regular_file(&fifo).unwrap_err().to_string();
+        assert!(err.contains("a FIFO"), "{err}");
+
+        let err = read_side_text(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("a folder"), "{err}");
+        let err = read_side_text(Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/dev/null") && err.contains("character device"),
+            "{err}"
+        );
+
+        let big = dir.path().join("tokenizer.json");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(SIDE_FILE_LIMIT + 1).unwrap();
+        let err = read_side_bytes(&big).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("64 MB"),
+            "{err}"
+        );
+
+        // A symlink to a regular file is read; one to a FIFO is refused.
+        let link = dir.path().join("link.json");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        assert_eq!(read_side_text(&link).unwrap(), "{}");
+        let link = dir.path().join("fifo-link.json");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        assert!(read_side_text(&link).is_err());
     }
 }

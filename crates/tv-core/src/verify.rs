@@ -3,7 +3,8 @@
 //! Re-reads every shard: header, offsets and file length (through the
 //! checkpoint reader, which refuses any inconsistency), the index's shard
 //! names and `total_size`, the `format` metadata transformers expects,
-//! `config.json`, and every float value, which must be finite.
+//! `config.json` when present (a merge of a base without one has none), and
+//! every float value, which must be finite.
 
 use crate::checkpoint::Checkpoint;
 use crate::dtype::count_nonfinite;
@@ -38,9 +39,7 @@ pub fn verify(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
         .sum();
 
     let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let text =
-            std::fs::read_to_string(&index).map_err(|e| Error::io("cannot read", &index, e))?;
+    if let Some(text) = crate::sidecar::read_side_text_if_present(&index)? {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::bad_file(&index, format!("not valid JSON: {e}")))?;
         match v
@@ -62,24 +61,37 @@ pub fn verify(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
     for shard in &ckpt.shards {
         check_format_metadata(&shard.path)?;
     }
+    // A merge of a base without config.json has none either; one that is
+    // there must be a readable JSON file.
     let config = dir.join("config.json");
-    let text =
-        std::fs::read_to_string(&config).map_err(|e| Error::io("cannot read", &config, e))?;
-    serde_json::from_str::<serde_json::Value>(&text)
-        .map_err(|e| Error::bad_file(&config, format!("not valid JSON: {e}")))?;
+    if let Some(text) = crate::sidecar::read_side_text_if_present(&config)? {
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| Error::bad_file(&config, format!("not valid JSON: {e}")))?;
+    }
 
     progress.begin(total_size);
     let mut elements = 0u64;
     for name in ckpt.names() {
         let t = ckpt.get(name).expect("listed");
         elements += t.numel() as u64;
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
         if let Some(ty) = t.float_type() {
             let bytes = ckpt.bytes(t);
-            let bad: usize = bytes
-                .par_chunks(ty.size() << 16)
-                .map(|c| count_nonfinite(ty, c))
-                .sum();
-            ckpt.release(t, 0, bytes.len());
+            // In pieces of 64 MB, so an interrupt stops a huge tensor too.
+            let mut bad = 0usize;
+            for (k, piece) in bytes.chunks(64 << 20).enumerate() {
+                if crate::interrupt::requested() {
+                    return Err(Error::Interrupted);
+                }
+                bad += piece
+                    .par_chunks(ty.size() << 16)
+                    .map(|c| count_nonfinite(ty, c))
+                    .sum::<usize>();
+                let from = k * (64 << 20);
+                ckpt.release(t, from, from + piece.len());
+            }
             if bad > 0 {
                 return Err(Error::bad_file(
                     &ckpt.shards[t.shard].path,

@@ -125,7 +125,7 @@ impl Layout {
             offset = end;
         }
         let mut text = serde_json::to_string(&Value::Object(map)).expect("json");
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(' ');
         }
         let mut bytes = Vec::with_capacity(8 + text.len());
@@ -234,7 +234,7 @@ mod tests {
         let header = layout.header(0);
         assert_eq!(header.len() % 8, 0);
         let mut file = header.clone();
-        file.extend(std::iter::repeat(0u8).take(10));
+        file.extend(std::iter::repeat_n(0u8, 10));
         let st = safetensors::SafeTensors::deserialize(&file).unwrap();
         assert_eq!(st.tensor("b").unwrap().shape(), &[2]);
         assert_eq!(layout.shards[0].file_name, "model.safetensors");

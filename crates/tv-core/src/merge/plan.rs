@@ -320,8 +320,13 @@ fn main_float_type(tensors: &[PlannedTensor]) -> Option<FloatType> {
     counts.into_iter().max_by_key(|(_, n)| *n).map(|(t, _)| t)
 }
 
+/// The first few of `names`, escaped so each stays on its line.
 fn preview(names: &[String]) -> String {
-    let shown: Vec<&str> = names.iter().take(3).map(String::as_str).collect();
+    let shown: Vec<String> = names
+        .iter()
+        .take(3)
+        .map(|n| crate::error::escape_controls(n).into_owned())
+        .collect();
     if names.len() > 3 {
         format!("{}, ...", shown.join(", "))
     } else {
