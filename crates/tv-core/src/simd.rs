@@ -62,6 +62,41 @@ macro_rules! simd_variants {
     };
 }
 
+/// Runs `f` inside a function compiled for the widest vector extension the
+/// CPU has, so that `f` (inlined there, with what it calls inline) is
+/// vectorised for it. For generic code that [`simd_dispatch!`] cannot wrap.
+#[inline(always)]
+pub(crate) fn fastest<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        if allowed(Variant::Avx512)
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has every feature `avx512` is compiled for.
+            return unsafe { avx512(f) };
+        }
+        if allowed(Variant::Avx2)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has every feature `avx2` is compiled for.
+            return unsafe { avx2(f) };
+        }
+    }
+    f()
+}
+
 pub(crate) use simd_dispatch;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use simd_variants;

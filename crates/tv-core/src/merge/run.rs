@@ -284,24 +284,26 @@ impl MergePlan {
             out.par_chunks_mut(task * os)
                 .enumerate()
                 .map(|(k, out)| {
-                    let first = start + k * task;
-                    let last = first + out.len() / os;
-                    let mut decoded = DecodeScratch::default();
-                    let mut scratch = Scratch::default();
-                    let mut merged = Vec::new();
-                    let mut nonfinite = 0;
-                    let mut s = first;
-                    while s < last {
-                        let e = (s + block).min(last);
-                        let b = inputs.decode(s, e, &mut decoded);
-                        merged.resize(e - s, 0.0);
-                        method.combine(&state, &inputs, params, &b, &mut scratch, &mut merged);
-                        let bytes = &mut out[out_type.byte_range(s - first, e - first)];
-                        encode_f64(out_type, &merged, bytes);
-                        nonfinite += count_nonfinite(out_type, bytes);
-                        s = e;
-                    }
-                    nonfinite
+                    crate::simd::fastest(|| {
+                        let first = start + k * task;
+                        let last = first + out.len() / os;
+                        let mut decoded = DecodeScratch::default();
+                        let mut scratch = Scratch::default();
+                        let mut merged = Vec::new();
+                        let mut nonfinite = 0;
+                        let mut s = first;
+                        while s < last {
+                            let e = (s + block).min(last);
+                            let b = inputs.decode(s, e, &mut decoded);
+                            merged.resize(e - s, 0.0);
+                            method.combine(&state, &inputs, params, &b, &mut scratch, &mut merged);
+                            let bytes = &mut out[out_type.byte_range(s - first, e - first)];
+                            encode_f64(out_type, &merged, bytes);
+                            nonfinite += count_nonfinite(out_type, bytes);
+                            s = e;
+                        }
+                        nonfinite
+                    })
                 })
                 .sum()
         };

@@ -52,6 +52,7 @@ impl Method for Gta {
         }
     }
 
+    #[inline(always)]
     fn combine(
         &self,
         sparsifiers: &Self::State,
@@ -62,57 +63,87 @@ impl Method for Gta {
         out: &mut [f64],
     ) {
         let (k, len) = (t.models.len(), block.len);
-        // v_i = w_i s_i, model-major in scratch.c.
+        // Model-major v_i = w_i s_i; loops run model by model over the
+        // block so they vectorise.
         let mut v = std::mem::take(&mut scratch.c);
+        let mut total = std::mem::take(&mut scratch.total);
         v.resize(k * len, 0.0);
+        total.clear();
+        total.resize(len, 0.0);
+        let mut weight_sum = 0.0;
         for (i, &(m, _)) in t.models.iter().enumerate() {
-            let vi = &mut v[i * len..(i + 1) * len];
-            match sparsifiers.get(i) {
-                Some(s) => s.apply(t, i, block, scratch, vi),
-                None => {
-                    for (j, x) in vi.iter_mut().enumerate() {
-                        *x = block.delta(i, j);
-                    }
-                }
-            }
             let w = p.weight[m];
-            for x in vi.iter_mut() {
-                *x *= w;
+            weight_sum += w;
+            let vi = &mut v[i * len..(i + 1) * len];
+            self.weighted(sparsifiers, i, w, t, block, scratch, vi);
+            for (s, x) in total.iter_mut().zip(vi.iter()) {
+                *s += x;
             }
         }
-        let weights: Vec<f64> = t.models.iter().map(|&(m, _)| p.weight[m]).collect();
-        let weight_sum: f64 = weights.iter().sum();
-        for (j, o) in out.iter_mut().enumerate() {
-            let mut delta;
-            let mut divisor;
-            if self.elect {
-                let total: f64 = (0..k).map(|i| v[i * len + j]).sum();
-                let positive = total >= 0.0;
-                delta = 0.0;
-                divisor = 0.0;
-                for (i, w) in weights.iter().enumerate() {
-                    let x = v[i * len + j];
-                    if (positive && x > 0.0) || (!positive && x < 0.0) {
-                        delta += x;
-                        divisor += w;
-                    }
+        if self.elect {
+            // Only the entries that agree with the elected sign count.
+            out.fill(0.0);
+            let mut divisor = std::mem::take(&mut scratch.divisor);
+            divisor.clear();
+            divisor.resize(len, 0.0);
+            for (i, &(m, _)) in t.models.iter().enumerate() {
+                let w = p.weight[m];
+                let vi = &v[i * len..(i + 1) * len];
+                for (((o, d), &x), &s) in out.iter_mut().zip(divisor.iter_mut()).zip(vi).zip(&total)
+                {
+                    let agrees = if s >= 0.0 { x > 0.0 } else { x < 0.0 };
+                    *o += if agrees { x } else { 0.0 };
+                    *d += if agrees { w } else { 0.0 };
                 }
-                if divisor == 0.0 {
-                    divisor = 1.0;
-                }
-            } else {
-                delta = (0..k).map(|i| v[i * len + j]).sum();
-                divisor = if weight_sum.abs() < 1e-8 {
-                    1.0
+            }
+            for ((o, &d), &b) in out.iter_mut().zip(&divisor).zip(block.base) {
+                let delta = if self.settings.normalize {
+                    *o / if d == 0.0 { 1.0 } else { d }
                 } else {
-                    weight_sum
+                    *o
                 };
+                *o = b + p.scale * delta;
             }
-            if self.settings.normalize {
-                delta /= divisor;
+            scratch.divisor = divisor;
+        } else {
+            let divisor = if self.settings.normalize && weight_sum.abs() >= 1e-8 {
+                weight_sum
+            } else {
+                1.0
+            };
+            for ((o, &s), &b) in out.iter_mut().zip(&total).zip(block.base) {
+                *o = b + p.scale * (s / divisor);
             }
-            *o = block.base[j] + p.scale * delta;
         }
         scratch.c = v;
+        scratch.total = total;
+    }
+}
+
+impl Gta {
+    /// Model `i`'s weighted, thinned deltas of `block` into `v`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn weighted(
+        &self,
+        sparsifiers: &[Sparsifier],
+        i: usize,
+        w: f64,
+        t: &TensorInputs<'_>,
+        block: &Block<'_>,
+        scratch: &mut Scratch,
+        v: &mut [f64],
+    ) {
+        match sparsifiers.get(i) {
+            Some(s) => s.apply(t, i, block, scratch, v),
+            None => {
+                for ((x, &m), &b) in v.iter_mut().zip(block.model(i)).zip(block.base) {
+                    *x = m - b;
+                }
+            }
+        }
+        for x in v.iter_mut() {
+            *x *= w;
+        }
     }
 }

@@ -97,6 +97,7 @@ impl<'a> TensorInputs<'a> {
     }
 
     /// Decodes elements `start..end` into `scratch` and returns the block.
+    #[inline(always)]
     pub fn decode<'s>(&self, start: usize, end: usize, scratch: &'s mut Scratch) -> Block<'s> {
         let len = end - start;
         let k = self.models.len();
@@ -160,16 +161,18 @@ impl<'a> TensorInputs<'a> {
             let blocks = (end - start).div_ceil(block);
             let per_part = blocks.div_ceil(parts);
             accs.par_iter_mut().enumerate().for_each(|(p, acc)| {
-                let mut scratch = Scratch::default();
-                let first = start + p * per_part * block;
-                let last = (first + per_part * block).min(end);
-                let mut s = first;
-                while s < last {
-                    let e = (s + block).min(last);
-                    let b = self.decode(s, e, &mut scratch);
-                    visit(acc, &b);
-                    s = e;
-                }
+                crate::simd::fastest(|| {
+                    let mut scratch = Scratch::default();
+                    let first = start + p * per_part * block;
+                    let last = (first + per_part * block).min(end);
+                    let mut s = first;
+                    while s < last {
+                        let e = (s + block).min(last);
+                        let b = self.decode(s, e, &mut scratch);
+                        visit(acc, &b);
+                        s = e;
+                    }
+                })
             });
             self.release(start, end);
             start = end;

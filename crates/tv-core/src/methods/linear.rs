@@ -30,6 +30,7 @@ impl Method for Linear {
         Ok(sum)
     }
 
+    #[inline(always)]
     fn combine(
         &self,
         divisor: &f64,

@@ -15,6 +15,7 @@ impl Method for Magmax {
         Ok(())
     }
 
+    #[inline(always)]
     fn combine(
         &self,
         _state: &(),

@@ -314,7 +314,8 @@ pub struct TensorParams {
 pub(crate) struct Scratch {
     pub a: Vec<f64>,
     pub c: Vec<f64>,
-    pub keep: Vec<bool>,
+    pub total: Vec<f64>,
+    pub divisor: Vec<f64>,
     pub order: Vec<u32>,
 }
 

@@ -93,6 +93,7 @@ impl Method for ModelStock {
         Ok(interpolation(&dots.unwrap_or_default(), k))
     }
 
+    #[inline(always)]
     fn combine(
         &self,
         t_tensor: &f64,

@@ -66,22 +66,60 @@ impl Cut {
         let i = self
             .ties
             .partition_point(|&(o, b, _)| (o, b) < (ordinal, block));
-        self.ties.get(i).map_or(u64::MAX, |&(_, _, before)| before)
+        self.ties
+            .get(i)
+            .map_or(u64::MAX / 2, |&(_, _, before)| before)
     }
 
-    /// Marks in `keep` which of `deltas` (block `first..` of tensor
-    /// `ordinal`, `first` a multiple of [`BLOCK`]) the cut keeps.
-    pub fn mark(&self, ordinal: usize, first: usize, deltas: &[f64], keep: &mut [bool]) {
-        let mut equal_seen = self.ties_before(ordinal, first / BLOCK);
-        for (k, &d) in keep.iter_mut().zip(deltas) {
-            let key = key(d);
-            *k = if key == self.key {
-                let kept = equal_seen < self.need;
-                equal_seen = equal_seen.saturating_add(1);
-                kept
-            } else {
-                key > self.key
-            };
+    /// Whether the cut keeps an entry of key `key`, given how many equal
+    /// keys came before it (`equal_seen`, advanced here).
+    #[inline(always)]
+    fn keeps(&self, key: u64, equal_seen: &mut u64) -> bool {
+        let equal = key == self.key;
+        let kept = key > self.key || (equal && *equal_seen < self.need);
+        *equal_seen += u64::from(equal);
+        kept
+    }
+
+    /// Keeps in `out` the deltas the cut keeps and zeroes the others; the
+    /// block starts at element `first` (a multiple of [`BLOCK`]) of tensor
+    /// `ordinal`.
+    #[inline(always)]
+    pub fn apply(&self, ordinal: usize, first: usize, out: &mut [f64]) {
+        if self.need == u64::MAX || !out.iter().any(|d| key(*d) == self.key) {
+            // No tie to count: a plain comparison, vectorised.
+            let inclusive = self.need == u64::MAX;
+            for d in out.iter_mut() {
+                let k = key(*d);
+                let kept = k > self.key || (inclusive && k == self.key);
+                *d = if kept { *d } else { 0.0 };
+            }
+            return;
+        }
+        let mut seen = self.ties_before(ordinal, first / BLOCK);
+        for d in out.iter_mut() {
+            if !self.keeps(key(*d), &mut seen) {
+                *d = 0.0;
+            }
+        }
+    }
+
+    /// Keeps the deltas that `self` keeps and `inner` does not (Breadcrumbs'
+    /// window below the outliers).
+    #[inline(always)]
+    pub fn apply_without(&self, inner: &Cut, ordinal: usize, first: usize, out: &mut [f64]) {
+        let block = first / BLOCK;
+        let (mut seen, mut seen_inner) = (
+            self.ties_before(ordinal, block),
+            inner.ties_before(ordinal, block),
+        );
+        for d in out.iter_mut() {
+            let key = key(*d);
+            let outer = self.keeps(key, &mut seen);
+            let outlier = inner.keeps(key, &mut seen_inner);
+            if !outer || outlier {
+                *d = 0.0;
+            }
         }
     }
 }
@@ -190,12 +228,10 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
             let Search::Narrowing { need, .. } = searches[k] else {
                 unreachable!()
             };
-            let h = &acc.counts[o * width..(o + 1) * width];
-            let extremes = (
-                &acc.min[o * width..(o + 1) * width],
-                &acc.max[o * width..(o + 1) * width],
-            );
-            searches[k] = narrow(h, prefix << bits, need, shift, Some(extremes));
+            let buckets = &acc.buckets[o * width..(o + 1) * width];
+            let counts: Vec<u64> = buckets.iter().map(|b| b.count).collect();
+            let extremes: Vec<(u64, u64)> = buckets.iter().map(|b| (b.min, b.max)).collect();
+            searches[k] = narrow(&counts, prefix << bits, need, shift, Some(&extremes));
         }
     }
 
@@ -267,7 +303,7 @@ fn narrow(
     prefix: u64,
     need: u64,
     shift: u32,
-    extremes: Option<(&[u64], &[u64])>,
+    extremes: Option<&[(u64, u64)]>,
 ) -> Search {
     let mut above = 0;
     for bucket in (0..counts.len()).rev() {
@@ -288,12 +324,10 @@ fn narrow(
         if shift == 0 {
             return Search::Ties { key: prefix, need };
         }
-        if let Some((min, max)) = extremes {
-            if min[bucket] == max[bucket] {
-                return Search::Ties {
-                    key: min[bucket],
-                    need,
-                };
+        if let Some(extremes) = extremes {
+            let (min, max) = extremes[bucket];
+            if min == max {
+                return Search::Ties { key: min, need };
             }
         }
         return Search::Narrowing { prefix, need };
@@ -301,37 +335,47 @@ fn narrow(
     unreachable!("need is at most the number of entries")
 }
 
-/// Counts, smallest and largest keys per bucket of one level.
+/// Count, smallest and largest key of one bucket, side by side so an
+/// update touches one cache line.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    count: u64,
+    min: u64,
+    max: u64,
+}
+
+/// The buckets of one level, per open target.
 struct LevelAcc {
     width: usize,
-    counts: Vec<u64>,
-    min: Vec<u64>,
-    max: Vec<u64>,
+    buckets: Vec<Bucket>,
 }
 
 impl LevelAcc {
     fn new(targets: usize, width: usize) -> Self {
+        let empty = Bucket {
+            count: 0,
+            min: u64::MAX,
+            max: 0,
+        };
         Self {
             width,
-            counts: vec![0; targets * width],
-            min: vec![u64::MAX; targets * width],
-            max: vec![0; targets * width],
+            buckets: vec![empty; targets * width],
         }
     }
 
     #[inline(always)]
     fn add(&mut self, target: usize, bucket: usize, key: u64) {
-        let i = target * self.width + bucket;
-        self.counts[i] += 1;
-        self.min[i] = self.min[i].min(key);
-        self.max[i] = self.max[i].max(key);
+        let b = &mut self.buckets[target * self.width + bucket];
+        b.count += 1;
+        b.min = b.min.min(key);
+        b.max = b.max.max(key);
     }
 
     fn merge(mut self, other: Self) -> Self {
-        for i in 0..self.counts.len() {
-            self.counts[i] += other.counts[i];
-            self.min[i] = self.min[i].min(other.min[i]);
-            self.max[i] = self.max[i].max(other.max[i]);
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            a.count += b.count;
+            a.min = a.min.min(b.min);
+            a.max = a.max.max(b.max);
         }
         self
     }

@@ -63,6 +63,7 @@ impl Method for Slerp {
         Ok(coefficients(s[0], s[1], s[2], p.t))
     }
 
+    #[inline(always)]
     fn combine(
         &self,
         c: &Coefficients,

@@ -170,6 +170,7 @@ impl Sparsifier {
 
     /// Writes model `i`'s thinned and rescaled deltas of `block` into `out`.
     /// A [`Mask::Della`] needs a block of whole rows of `row_len`.
+    #[inline(always)]
     pub fn apply(
         &self,
         t: &TensorInputs<'_>,
@@ -178,28 +179,15 @@ impl Sparsifier {
         scratch: &mut Scratch,
         out: &mut [f64],
     ) {
-        for (j, o) in out.iter_mut().enumerate() {
-            *o = block.delta(i, j);
+        for ((o, &m), &b) in out.iter_mut().zip(block.model(i)).zip(block.base) {
+            *o = m - b;
         }
         match &self.mask {
             Mask::All => {}
             Mask::Nothing => out.fill(0.0),
-            Mask::Top(cut) => {
-                scratch.keep.resize(block.len, false);
-                cut.mark(t.ordinal, block.first, out, &mut scratch.keep);
-                zero_dropped(out, &scratch.keep);
-            }
+            Mask::Top(cut) => cut.apply(t.ordinal, block.first, out),
             Mask::Window { outer, inner } => {
-                scratch.keep.resize(block.len, false);
-                // Mark the outliers first, then keep what the outer cut
-                // keeps among the others.
-                inner.mark(t.ordinal, block.first, out, &mut scratch.keep);
-                let outliers: Vec<bool> = scratch.keep.clone();
-                outer.mark(t.ordinal, block.first, out, &mut scratch.keep);
-                for (k, o) in scratch.keep.iter_mut().zip(outliers) {
-                    *k &= !o;
-                }
-                zero_dropped(out, &scratch.keep);
+                outer.apply_without(inner, t.ordinal, block.first, out)
             }
             Mask::Random { p, draws } => {
                 scratch.a.resize(block.len, 0.0);
@@ -249,14 +237,6 @@ pub(crate) fn outlier_window(rho: f64, gamma: f64, n: u64) -> (u64, u64) {
     let keep = keep_count(rho.max(0.0), n);
     let drop = keep_count(gamma.max(0.0), n).min(n - keep);
     (drop, keep)
-}
-
-fn zero_dropped(out: &mut [f64], keep: &[bool]) {
-    for (o, &k) in out.iter_mut().zip(keep) {
-        if !k {
-            *o = 0.0;
-        }
-    }
 }
 
 /// DELLA on one row: ranks by |d| ascending (equal magnitudes in index
