@@ -62,20 +62,28 @@ macro_rules! simd_variants {
     };
 }
 
-/// Runs `f` inside a function compiled for the widest vector extension the
-/// CPU has, so that `f` (inlined there, with what it calls inline) is
-/// vectorised for it. For generic code that [`simd_dispatch!`] cannot wrap.
+/// A piece of generic work to run compiled for the CPU's widest vector
+/// extension (see [`fastest`]). Implementations mark `run` `#[inline(always)]`
+/// and call only `#[inline(always)]` code in their hot loops, so the whole
+/// loop is compiled inside the dispatched copy.
+pub(crate) trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `kernel` inside a copy compiled for the widest vector extension the
+/// CPU has: the generic counterpart of [`simd_dispatch!`].
 #[inline(always)]
-pub(crate) fn fastest<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn fastest<K: Kernel>(kernel: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
         #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-        unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
+        unsafe fn avx512<K: Kernel>(kernel: K) -> K::Output {
+            kernel.run()
         }
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-            f()
+        unsafe fn avx2<K: Kernel>(kernel: K) -> K::Output {
+            kernel.run()
         }
         if allowed(Variant::Avx512)
             && std::arch::is_x86_feature_detected!("avx512f")
@@ -84,17 +92,17 @@ pub(crate) fn fastest<R>(f: impl FnOnce() -> R) -> R {
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has every feature `avx512` is compiled for.
-            return unsafe { avx512(f) };
+            return unsafe { avx512(kernel) };
         }
         if allowed(Variant::Avx2)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has every feature `avx2` is compiled for.
-            return unsafe { avx2(f) };
+            return unsafe { avx2(kernel) };
         }
     }
-    f()
+    kernel.run()
 }
 
 pub(crate) use simd_dispatch;

@@ -25,7 +25,7 @@ use crate::methods::model_stock::ModelStock;
 use crate::methods::select::{self, Target};
 use crate::methods::slerp::Slerp;
 use crate::methods::sparsify::{keep_count, outlier_window, Mask, ModelCut};
-use crate::methods::{DensityScope, Method, MethodKind, Scratch, Sparsification};
+use crate::methods::{DensityScope, Method, MethodKind, Scratch, Sparsification, TensorParams};
 use crate::progress::Progress;
 use crate::writer::ShardWriter;
 use rayon::prelude::*;
@@ -284,25 +284,15 @@ impl MergePlan {
             out.par_chunks_mut(task * os)
                 .enumerate()
                 .map(|(k, out)| {
-                    crate::simd::fastest(|| {
-                        let first = start + k * task;
-                        let last = first + out.len() / os;
-                        let mut decoded = DecodeScratch::default();
-                        let mut scratch = Scratch::default();
-                        let mut merged = Vec::new();
-                        let mut nonfinite = 0;
-                        let mut s = first;
-                        while s < last {
-                            let e = (s + block).min(last);
-                            let b = inputs.decode(s, e, &mut decoded);
-                            merged.resize(e - s, 0.0);
-                            method.combine(&state, &inputs, params, &b, &mut scratch, &mut merged);
-                            let bytes = &mut out[out_type.byte_range(s - first, e - first)];
-                            encode_f64(out_type, &merged, bytes);
-                            nonfinite += count_nonfinite(out_type, bytes);
-                            s = e;
-                        }
-                        nonfinite
+                    crate::simd::fastest(CombineTask {
+                        method,
+                        state: &state,
+                        inputs: &inputs,
+                        params,
+                        block,
+                        out_type,
+                        first: start + k * task,
+                        out,
                     })
                 })
                 .sum()
@@ -402,6 +392,53 @@ impl MergePlan {
                 },
             })
             .collect())
+    }
+}
+
+/// One parallel task of a method's merge: elements `first..` into `out`,
+/// block by block: decode, combine in f64, round once.
+struct CombineTask<'a, M: Method> {
+    method: &'a M,
+    state: &'a M::State,
+    inputs: &'a TensorInputs<'a>,
+    params: &'a TensorParams,
+    block: usize,
+    out_type: FloatType,
+    first: usize,
+    out: &'a mut [u8],
+}
+
+impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
+    /// How many merged values are not finite.
+    type Output = usize;
+
+    #[inline(always)]
+    fn run(self) -> usize {
+        let out_type = self.out_type;
+        let last = self.first + self.out.len() / out_type.size();
+        let mut decoded = DecodeScratch::default();
+        let mut scratch = Scratch::default();
+        let mut merged = Vec::new();
+        let mut nonfinite = 0;
+        let mut s = self.first;
+        while s < last {
+            let e = (s + self.block).min(last);
+            let b = self.inputs.decode(s, e, &mut decoded);
+            merged.resize(e - s, 0.0);
+            self.method.combine(
+                self.state,
+                self.inputs,
+                self.params,
+                &b,
+                &mut scratch,
+                &mut merged,
+            );
+            let bytes = &mut self.out[out_type.byte_range(s - self.first, e - self.first)];
+            encode_f64(out_type, &merged, bytes);
+            nonfinite += count_nonfinite(out_type, bytes);
+            s = e;
+        }
+        nonfinite
     }
 }
 

@@ -138,16 +138,12 @@ impl<'a> TensorInputs<'a> {
     }
 
     /// Reads the whole tensor once: every element range is decoded into a
-    /// [`Block`] and passed to `visit` with the accumulator of the thread
+    /// [`Block`] and passed to `visitor` with the accumulator of the thread
     /// part it falls in. `accs` holds one accumulator per part (typically
     /// one per thread); blocks within a part come in increasing order.
-    /// With `rows`, every block holds whole rows.
-    pub fn scan<A: Send>(
-        &self,
-        rows: bool,
-        accs: &mut [A],
-        visit: impl Fn(&mut A, &Block<'_>) + Sync,
-    ) -> Result<()> {
+    /// With `rows`, every block holds whole rows. Each part runs compiled
+    /// for the CPU's widest vector extension.
+    pub fn scan<V: Visit>(&self, rows: bool, accs: &mut [V::Acc], visitor: &V) -> Result<()> {
         let n = self.numel();
         let block = self.block_len(rows);
         let segment = (SEGMENT / block).max(1) * block;
@@ -161,23 +157,55 @@ impl<'a> TensorInputs<'a> {
             let blocks = (end - start).div_ceil(block);
             let per_part = blocks.div_ceil(parts);
             accs.par_iter_mut().enumerate().for_each(|(p, acc)| {
-                crate::simd::fastest(|| {
-                    let mut scratch = Scratch::default();
-                    let first = start + p * per_part * block;
-                    let last = (first + per_part * block).min(end);
-                    let mut s = first;
-                    while s < last {
-                        let e = (s + block).min(last);
-                        let b = self.decode(s, e, &mut scratch);
-                        visit(acc, &b);
-                        s = e;
-                    }
+                let first = start + p * per_part * block;
+                crate::simd::fastest(ScanPart {
+                    inputs: self,
+                    visitor,
+                    acc,
+                    first,
+                    last: (first + per_part * block).min(end),
+                    block,
                 })
             });
             self.release(start, end);
             start = end;
         }
         Ok(())
+    }
+}
+
+/// What a pass over a tensor does with each decoded block.
+/// Implementations mark `visit` `#[inline(always)]` so it is compiled into
+/// the vectorised copy of the pass.
+pub(crate) trait Visit: Sync {
+    /// What one thread part accumulates.
+    type Acc: Send;
+    fn visit(&self, acc: &mut Self::Acc, block: &Block<'_>);
+}
+
+/// One thread part of a [`TensorInputs::scan`].
+struct ScanPart<'a, 'b, V: Visit> {
+    inputs: &'a TensorInputs<'b>,
+    visitor: &'a V,
+    acc: &'a mut V::Acc,
+    first: usize,
+    last: usize,
+    block: usize,
+}
+
+impl<V: Visit> crate::simd::Kernel for ScanPart<'_, '_, V> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let mut scratch = Scratch::default();
+        let mut s = self.first;
+        while s < self.last {
+            let e = (s + self.block).min(self.last);
+            let b = self.inputs.decode(s, e, &mut scratch);
+            self.visitor.visit(self.acc, &b);
+            s = e;
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! max(|d_i||d_j|, 1e-6) and are clamped to [−1, 1]; where
 //! |1 + (N − 1) c| < 1e-6 the base is kept (t = 0), as mergekit does.
 
-use super::inputs::{per_thread, Block, TensorInputs};
+use super::inputs::{per_thread, Block, TensorInputs, Visit};
 use super::{Method, Scratch, TensorParams};
 use crate::error::Result;
 
@@ -63,6 +63,24 @@ fn blend(block: &Block<'_>, k: usize, t: f64, range: std::ops::Range<usize>, out
     }
 }
 
+/// Σ d_i d_j over the tensor.
+struct Dots {
+    k: usize,
+}
+
+impl Visit for Dots {
+    type Acc = Vec<f64>;
+
+    #[inline(always)]
+    fn visit(&self, dots: &mut Vec<f64>, block: &Block<'_>) {
+        let mut part = vec![0f64; self.k * self.k];
+        add_dots(block, self.k, 0..block.len, &mut part);
+        for (a, b) in dots.iter_mut().zip(part) {
+            *a += b;
+        }
+    }
+}
+
 impl Method for ModelStock {
     /// The tensor's t (unused with `filter_wise`).
     type State = f64;
@@ -77,13 +95,7 @@ impl Method for ModelStock {
         }
         let k = t.models.len();
         let mut accs = per_thread(|| vec![0f64; k * k]);
-        t.scan(false, &mut accs, |dots, block| {
-            let mut part = vec![0f64; k * k];
-            add_dots(block, k, 0..block.len, &mut part);
-            for (a, b) in dots.iter_mut().zip(part) {
-                *a += b;
-            }
-        })?;
+        t.scan(false, &mut accs, &Dots { k })?;
         let dots = accs.into_iter().reduce(|mut a, b| {
             for (x, y) in a.iter_mut().zip(b) {
                 *x += y;

@@ -36,8 +36,13 @@ impl Draws {
     pub fn fill(&self, first: usize, out: &mut [f64]) {
         let mut rng = ChaCha8Rng::from_seed(self.key);
         rng.set_word_pos(2 * first as u128);
-        for u in out {
-            *u = (rng.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        // The stream's bytes in bulk: entry j's output is the 8 bytes of
+        // words 2j and 2j + 1, little-endian, as next_u64 would read them.
+        let mut bytes = vec![0u8; 8 * out.len()];
+        rng.fill_bytes(&mut bytes);
+        for (u, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+            let x = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            *u = (x >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
         }
     }
 }
@@ -55,6 +60,10 @@ mod tests {
         d.fill(37, &mut part);
         assert_eq!(part, whole[37..47]);
         assert!(whole.iter().all(|&u| (0.0..1.0).contains(&u)));
+        let mut rng = ChaCha8Rng::from_seed(d.key);
+        for &u in &whole[..5] {
+            assert_eq!(u, (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64);
+        }
         let mut other = vec![0.0; 100];
         Draws::new(7, 3, "model.layers.0.mlp.up_proj.weight").fill(0, &mut other);
         assert_ne!(whole, other);

@@ -12,7 +12,7 @@
 //! tensor first): a last pass counts them per block so the merge can tell,
 //! block by block, which of them fall within k.
 
-use super::inputs::{per_thread, Block, TensorInputs, BLOCK};
+use super::inputs::{per_thread, Block, TensorInputs, Visit, BLOCK};
 use crate::error::Result;
 
 /// The key of a task-vector entry: the bits of |d| (NaN sorts highest).
@@ -163,14 +163,15 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
     let mut hists = per_thread(|| vec![0u64; models.len() * width]);
     for t in tensors {
         let sources = sources_of(t, &models);
-        t.scan(false, &mut hists, |h, block| {
-            for &(i, s) in &sources {
-                let h = &mut h[s * width..(s + 1) * width];
-                for j in 0..block.len {
-                    h[(key(block.delta(i, j)) >> shift) as usize] += 1;
-                }
-            }
-        })?;
+        t.scan(
+            false,
+            &mut hists,
+            &TopBits {
+                sources,
+                shift,
+                width,
+            },
+        )?;
     }
     let hist = sum_rows(hists);
     let mut searches: Vec<Search> = targets
@@ -212,16 +213,16 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
                     source_of(t, targets[k].model).map(|i| (i, o, prefix))
                 })
                 .collect();
-            t.scan(false, &mut accs, |acc, block| {
-                for &(i, o, prefix) in &sources {
-                    for j in 0..block.len {
-                        let key = key(block.delta(i, j));
-                        if key >> above == prefix {
-                            acc.add(o, ((key >> shift) as usize) & (width - 1), key);
-                        }
-                    }
-                }
-            })?;
+            t.scan(
+                false,
+                &mut accs,
+                &NextBits {
+                    sources,
+                    above,
+                    shift,
+                    width,
+                },
+            )?;
         }
         let acc = accs.into_iter().reduce(LevelAcc::merge).expect("one part");
         for (o, &(k, prefix)) in open.iter().enumerate() {
@@ -253,16 +254,14 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
                 .filter_map(|(o, &(k, key))| source_of(t, targets[k].model).map(|i| (i, o, key)))
                 .collect();
             let mut accs = per_thread(|| vec![Vec::new(); tied.len()]);
-            t.scan(false, &mut accs, |acc, block: &Block<'_>| {
-                for &(i, o, wanted) in &sources {
-                    let n = (0..block.len)
-                        .filter(|&j| key(block.delta(i, j)) == wanted)
-                        .count() as u64;
-                    if n > 0 {
-                        acc[o].push((t.ordinal, block.first / BLOCK, n));
-                    }
-                }
-            })?;
+            t.scan(
+                false,
+                &mut accs,
+                &Equal {
+                    sources,
+                    ordinal: t.ordinal,
+                },
+            )?;
             for acc in accs {
                 for (o, found) in acc.into_iter().enumerate() {
                     counts[o].extend(found);
@@ -294,6 +293,79 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
             _ => unreachable!("every level resolves or narrows to one key"),
         })
         .collect())
+}
+
+/// Level 1: counts the top bits of every key, per model slot.
+struct TopBits {
+    /// (position among the tensor's models, slot).
+    sources: Vec<(usize, usize)>,
+    shift: u32,
+    width: usize,
+}
+
+impl Visit for TopBits {
+    type Acc = Vec<u64>;
+
+    #[inline(always)]
+    fn visit(&self, h: &mut Vec<u64>, block: &Block<'_>) {
+        for &(i, s) in &self.sources {
+            let h = &mut h[s * self.width..(s + 1) * self.width];
+            for (&m, &b) in block.model(i).iter().zip(block.base) {
+                h[(key(m - b) >> self.shift) as usize & (self.width - 1)] += 1;
+            }
+        }
+    }
+}
+
+/// Later levels: counts the next bits of the keys under each open prefix.
+struct NextBits {
+    /// (position among the tensor's models, open target, prefix).
+    sources: Vec<(usize, usize, u64)>,
+    above: u32,
+    shift: u32,
+    width: usize,
+}
+
+impl Visit for NextBits {
+    type Acc = LevelAcc;
+
+    #[inline(always)]
+    fn visit(&self, acc: &mut LevelAcc, block: &Block<'_>) {
+        for &(i, o, prefix) in &self.sources {
+            for (&m, &b) in block.model(i).iter().zip(block.base) {
+                let key = key(m - b);
+                if key >> self.above == prefix {
+                    acc.add(o, ((key >> self.shift) as usize) & (self.width - 1), key);
+                }
+            }
+        }
+    }
+}
+
+/// Last pass: counts, per block, the keys equal to each threshold.
+struct Equal {
+    /// (position among the tensor's models, tied target, threshold key).
+    sources: Vec<(usize, usize, u64)>,
+    ordinal: usize,
+}
+
+impl Visit for Equal {
+    type Acc = Vec<Vec<(usize, usize, u64)>>;
+
+    #[inline(always)]
+    fn visit(&self, acc: &mut Self::Acc, block: &Block<'_>) {
+        for &(i, o, wanted) in &self.sources {
+            let n = block
+                .model(i)
+                .iter()
+                .zip(block.base)
+                .filter(|&(&m, &b)| key(m - b) == wanted)
+                .count() as u64;
+            if n > 0 {
+                acc[o].push((self.ordinal, block.first / BLOCK, n));
+            }
+        }
+    }
 }
 
 /// Picks the bucket of `counts` (keys `prefix | bucket` at `shift`) that

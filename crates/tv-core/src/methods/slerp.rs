@@ -4,7 +4,7 @@
 //! [−1, 1], θ = acos c, merged = sin((1−t)θ)/sin θ · b + sin(tθ)/sin θ · m;
 //! plain linear interpolation (1−t) b + t m when |c| > 0.9995.
 
-use super::inputs::{per_thread, Block, TensorInputs};
+use super::inputs::{per_thread, Block, TensorInputs, Visit};
 use super::{Method, Scratch, TensorParams};
 use crate::error::Result;
 
@@ -44,19 +44,28 @@ pub(crate) fn coefficients(base_sq: f64, model_sq: f64, dot: f64, t: f64) -> Coe
     }
 }
 
+/// Σb², Σm², Σbm of the base and the model.
+struct Sums;
+
+impl Visit for Sums {
+    type Acc = [f64; 3];
+
+    #[inline(always)]
+    fn visit(&self, acc: &mut [f64; 3], block: &Block<'_>) {
+        for (&b, &m) in block.base.iter().zip(block.model(0)) {
+            acc[0] += b * b;
+            acc[1] += m * m;
+            acc[2] += b * m;
+        }
+    }
+}
+
 impl Method for Slerp {
     type State = Coefficients;
 
     fn prepare(&self, t: &TensorInputs<'_>, p: &TensorParams) -> Result<Coefficients> {
         let mut accs = per_thread(|| [0f64; 3]);
-        t.scan(false, &mut accs, |acc, block| {
-            let m = block.model(0);
-            for (&b, &m) in block.base.iter().zip(m) {
-                acc[0] += b * b;
-                acc[1] += m * m;
-                acc[2] += b * m;
-            }
-        })?;
+        t.scan(false, &mut accs, &Sums)?;
         let s = accs
             .iter()
             .fold([0f64; 3], |a, b| [a[0] + b[0], a[1] + b[1], a[2] + b[2]]);

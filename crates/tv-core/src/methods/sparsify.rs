@@ -9,7 +9,7 @@
 //! Both the pre-pass and the merge call `apply`, so the entries counted for
 //! the L1 norm are exactly the entries merged.
 
-use super::inputs::{per_thread, Block, TensorInputs};
+use super::inputs::{per_thread, Block, TensorInputs, Visit};
 use super::rng::Draws;
 use super::select::{self, Cut, Target};
 use super::{MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
@@ -275,6 +275,26 @@ fn della_row(
     }
 }
 
+/// Σ|d| and Σ|thinned d| per model.
+struct L1Sums<'a, 'b> {
+    t: &'a TensorInputs<'b>,
+    sparsifiers: &'a [Sparsifier],
+}
+
+impl Visit for L1Sums<'_, '_> {
+    type Acc = (Vec<f64>, Scratch, Vec<f64>);
+
+    #[inline(always)]
+    fn visit(&self, (sums, scratch, kept): &mut Self::Acc, block: &Block<'_>) {
+        for (i, s) in self.sparsifiers.iter().enumerate() {
+            kept.resize(block.len, 0.0);
+            s.apply(self.t, i, block, scratch, kept);
+            sums[2 * i] += (0..block.len).map(|j| block.delta(i, j).abs()).sum::<f64>();
+            sums[2 * i + 1] += kept.iter().map(|v| v.abs()).sum::<f64>();
+        }
+    }
+}
+
 /// The factor per model that brings the thinned tensor's L1 norm back to
 /// the full one's (1 when either is below 1e-7, as mergekit does).
 fn l1_factors(t: &TensorInputs<'_>, sparsifiers: &[Sparsifier]) -> Result<Vec<f64>> {
@@ -283,14 +303,7 @@ fn l1_factors(t: &TensorInputs<'_>, sparsifiers: &[Sparsifier]) -> Result<Vec<f6
         .iter()
         .any(|s| matches!(s.mask, Mask::Della { .. }));
     let mut accs = per_thread(|| (vec![0f64; 2 * k], Scratch::default(), Vec::new()));
-    t.scan(rows, &mut accs, |(sums, scratch, kept), block| {
-        for (i, s) in sparsifiers.iter().enumerate() {
-            kept.resize(block.len, 0.0);
-            s.apply(t, i, block, scratch, kept);
-            sums[2 * i] += (0..block.len).map(|j| block.delta(i, j).abs()).sum::<f64>();
-            sums[2 * i + 1] += kept.iter().map(|v| v.abs()).sum::<f64>();
-        }
-    })?;
+    t.scan(rows, &mut accs, &L1Sums { t, sparsifiers })?;
     let mut sums = vec![0f64; 2 * k];
     for (s, _, _) in accs {
         for (a, b) in sums.iter_mut().zip(s) {
