@@ -3,12 +3,11 @@
 //! written here from the methods' definitions (full sorts instead of radix
 //! selection, one whole tensor at a time), correctly rounded by the test's
 //! own nearest-value search. DARE's and DELLA's masks come from the
-//! documented generator: ChaCha8 keyed by SHA-256(seed ‖ model ‖ name).
+//! documented generator: SplitMix64 keyed by SHA-256(seed ‖ model ‖ name).
 
 mod common;
 
 use common::*;
-use rand_chacha::rand_core::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -172,9 +171,17 @@ fn draws(seed: u64, model: usize, name: &str, n: usize) -> Vec<f64> {
     h.update(seed.to_le_bytes());
     h.update((model as u64).to_le_bytes());
     h.update(name.as_bytes());
-    let mut rng = rand_chacha::ChaCha8Rng::from_seed(h.finalize().into());
+    let mut state = u64::from_le_bytes(h.finalize()[..8].try_into().unwrap());
     (0..n)
-        .map(|_| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64)
+        .map(|_| {
+            // SplitMix64, step by step.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64
+        })
         .collect()
 }
 

@@ -316,7 +316,7 @@ pub(crate) struct Scratch {
     pub c: Vec<f64>,
     pub total: Vec<f64>,
     pub divisor: Vec<f64>,
-    pub order: Vec<u32>,
+    pub order: Vec<(u64, u32)>,
 }
 
 /// A merge method: a pre-pass per tensor, then a per-block combine.

@@ -247,14 +247,19 @@ fn della_row(
     density: f64,
     epsilon: f64,
     inverse: bool,
-    order: &mut Vec<u32>,
+    order: &mut Vec<(u64, u32)>,
 ) {
     let n = row.len();
+    // (|d| bits, index): sorting the pairs orders by magnitude, then index.
     order.clear();
-    order.extend(0..n as u32);
-    order.sort_by(|&a, &b| row[a as usize].abs().total_cmp(&row[b as usize].abs()));
+    order.extend(
+        row.iter()
+            .enumerate()
+            .map(|(j, d)| (d.abs().to_bits(), j as u32)),
+    );
+    order.sort_unstable();
     let mut probability = vec![0.0; n];
-    for (rank, &j) in order.iter().enumerate() {
+    for (rank, &(_, j)) in order.iter().enumerate() {
         let scaled = if n == 1 {
             0.5
         } else {
