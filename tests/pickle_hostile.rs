@@ -414,14 +414,19 @@ fn module_state_dicts_parameters_and_training_checkpoints_are_read() {
 #[test]
 fn hand_written_views_get_their_own_values() {
     // One int storage of 24 values, seen as itself, as a permuted 3-d view,
-    // as an offset slice and as a column: each must come out with the
-    // values its strides select (ints are copied verbatim, not merged).
+    // as an offset slice, as a column and as a transposed square: each must
+    // come out with the values its strides select (ints are copied
+    // verbatim, not merged).
     let data: Vec<i32> = (0..24).map(|v| v * 10 - 7).collect();
     let pkl = Pkl::new()
         .tensor("all", "IntStorage", "0", 24, 0, &[4, 6], &[6, 1])
         .tensor("perm", "IntStorage", "0", 24, 0, &[3, 2, 4], &[2, 1, 6])
         .tensor("slice", "IntStorage", "0", 24, 7, &[2, 3], &[6, 2])
         .tensor("column", "IntStorage", "0", 24, 5, &[4], &[6])
+        // A square block and its transpose: same storage, offset and
+        // shape, different strides, so not a tied copy.
+        .tensor("square", "IntStorage", "0", 24, 0, &[4, 4], &[6, 1])
+        .tensor("square_t", "IntStorage", "0", 24, 0, &[4, 4], &[1, 6])
         .done();
     let c = Case::new();
     let file = c.input("views.pt", &archive(&pkl, &[("0", &i32s(&data))]));
@@ -447,6 +452,9 @@ fn hand_written_views_get_their_own_values() {
     assert_eq!(got["perm"].2, pick(0, &[3, 2, 4], &[2, 1, 6]));
     assert_eq!(got["slice"].2, pick(7, &[2, 3], &[6, 2]));
     assert_eq!(got["column"].2, pick(5, &[4], &[6]));
+    assert_eq!(got["square"].2, pick(0, &[4, 4], &[6, 1]));
+    assert_eq!(got["square_t"].2, pick(0, &[4, 4], &[1, 6]));
+    assert_ne!(got["square"].2, got["square_t"].2);
     assert!(got.values().all(|t| t.0 == Dtype::I32));
 }
 
