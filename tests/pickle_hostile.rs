@@ -97,9 +97,16 @@ impl Case {
 
 /// A `torch.save` zip archive with `data.pkl` and the given storages.
 fn archive(pkl: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
+    archive_with(pkl, storages, false)
+}
+
+/// The same, with zip64 records for every entry if `zip64` (as for files
+/// past 4 GiB).
+fn archive_with(pkl: &[u8], storages: &[(&str, &[u8])], zip64: bool) -> Vec<u8> {
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let options =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(zip64);
     zip.start_file("archive/data.pkl", options).unwrap();
     zip.write_all(pkl).unwrap();
     zip.start_file("archive/byteorder", options).unwrap();
@@ -430,7 +437,17 @@ fn hand_written_views_get_their_own_values() {
         .done();
     let c = Case::new();
     let file = c.input("views.pt", &archive(&pkl, &[("0", &i32s(&data))]));
-    let o = c.merge(&file, &[&file]);
+    // The same in a zip64 archive (as torch.save writes files past 4 GiB)
+    // is the base, whose int tensors the merge copies verbatim.
+    let bytes64 = archive_with(&pkl, &[("0", &i32s(&data))], true);
+    let central = bytes64.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+    assert_eq!(
+        bytes64[central + 20..central + 28],
+        [0xff; 8],
+        "no zip64 sizes"
+    );
+    let file64 = c.input("views64.pt", &bytes64);
+    let o = c.merge(&file64, &[&file]);
     assert!(o.status.success(), "{}", stderr(&o));
     let got = read_all(&c.out().join("model.safetensors"));
     let pick = |offset: usize, shape: &[usize], stride: &[usize]| -> Vec<u8> {
