@@ -136,6 +136,48 @@ fn the_pickle_corpus_is_converted_or_refused() {
     }
 }
 
+/// Replays an input of the `checkpoint` fuzz target (fuzz/fuzz_targets/
+/// checkpoint.rs): a mode byte, then a single safetensors file, or an
+/// index, a NUL byte and one shard (safetensors or pickle).
+fn open_layout(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (index, shard) = match rest.iter().position(|&b| b == 0) {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let write = |name: &str, bytes: &[u8]| std::fs::write(root.join(name), bytes).unwrap();
+    match mode % 3 {
+        0 => write("model.safetensors", rest),
+        1 => {
+            write("model.safetensors.index.json", index);
+            write("model-00001-of-00001.safetensors", shard);
+        }
+        _ => {
+            write("pytorch_model.bin.index.json", index);
+            write("pytorch_model-00001-of-00001.bin", shard);
+        }
+    }
+    if let Ok(c) = tv_core::checkpoint::Checkpoint::open(&root.to_string_lossy()) {
+        for name in c.names() {
+            let t = c.get(name).unwrap();
+            assert_eq!(c.bytes(t).len(), t.nbytes());
+        }
+    }
+}
+
+#[test]
+fn the_checkpoint_fuzz_corpus_opens_or_fails_cleanly() {
+    let corpus = files_in("fuzz/corpus/checkpoint");
+    assert!(corpus.len() > 10, "{} files", corpus.len());
+    for (_, bytes) in &corpus {
+        open_layout(bytes);
+    }
+}
+
 /// A mutation of a corpus file.
 #[derive(Debug, Clone)]
 enum Mutation {
