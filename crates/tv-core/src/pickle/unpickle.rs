@@ -19,12 +19,12 @@ use std::rc::Rc;
 pub const MAX_MARKS: usize = 1024;
 /// Values on the stack at once.
 pub const MAX_STACK: usize = 1 << 20;
-/// Memo entries.
-pub const MAX_MEMO: usize = 1 << 22;
-/// Containers and objects built.
-pub const MAX_OBJECTS: usize = 1 << 22;
+/// Memo entries (a state dict uses about eight per tensor).
+pub const MAX_MEMO: usize = 1 << 21;
+/// Containers and objects built (about seven per tensor).
+pub const MAX_OBJECTS: usize = 1 << 21;
 /// Items held by all containers together.
-pub const MAX_ITEMS: usize = 1 << 24;
+pub const MAX_ITEMS: usize = 1 << 23;
 /// Dimensions of one tensor.
 pub const MAX_DIMS: usize = 64;
 /// Length of a global's module or name.
@@ -1085,4 +1085,131 @@ fn global(module: &[u8], name: &[u8]) -> Result<Global, String> {
             ))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(pickle: &[u8]) -> Result<Vec<(String, Item)>, String> {
+        state_dict(pickle)
+    }
+
+    fn err(pickle: &[u8]) -> String {
+        run(pickle).expect_err("refused")
+    }
+
+    /// `{name: _rebuild_tensor_v2(('storage', FloatStorage, '0', 'cpu', 6),
+    /// 0, (2, 3), (3, 1), False, ())}`.
+    fn one_tensor(name: &str) -> Vec<u8> {
+        let mut p = b"\x80\x02}(".to_vec();
+        p.push(0x8c);
+        p.push(name.len() as u8);
+        p.extend(name.as_bytes());
+        p.extend(b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storage");
+        p.extend(b"ctorch\nFloatStorage\nX\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x06tQ");
+        p.extend(b"K\x00K\x02K\x03\x86K\x03K\x01\x86\x89)tRu.");
+        p
+    }
+
+    #[test]
+    fn a_plain_state_dict_is_read() {
+        let got = run(&one_tensor("w")).unwrap();
+        assert_eq!(got.len(), 1);
+        let Item::Tensor(v) = &got[0].1 else {
+            panic!("not a tensor")
+        };
+        assert_eq!(got[0].0, "w");
+        assert_eq!(v.kind, StorageKind::Known(Dtype::F32, 4));
+        assert_eq!(
+            (v.offset, &v.shape[..], &v.stride[..]),
+            (0, &[2, 3][..], &[3, 1][..])
+        );
+        assert_eq!((&*v.storage.key, v.storage.numel), ("0", 6));
+    }
+
+    #[test]
+    fn globals_outside_the_table_are_refused_by_name() {
+        assert!(err(b"\x80\x02cos\nsystem\n.").contains("os.system"));
+        let stack_global = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.";
+        assert!(err(stack_global).contains("builtins.eval"));
+        // A known name called in a way torch never writes.
+        assert!(err(b"\x80\x02ctorch\nFloatStorage\n)R.").contains("never writes"));
+    }
+
+    #[test]
+    fn every_cap_holds() {
+        let mut marks = b"\x80\x02".to_vec();
+        marks.extend(vec![b'('; MAX_MARKS + 1]);
+        assert!(err(&marks).contains("nests deeper"));
+        let mut stack = b"\x80\x02".to_vec();
+        stack.extend(vec![b'N'; MAX_STACK + 1]);
+        assert!(err(&stack).contains("stacks more than"));
+        // Objects: empty tuples, popped at once so the stack stays small.
+        let mut objects = b"\x80\x02".to_vec();
+        for _ in 0..=MAX_OBJECTS {
+            objects.extend(b")0");
+        }
+        assert!(err(&objects).contains("objects"));
+        // Items: a list extended by the same 2^20 values again and again.
+        let mut items = b"\x80\x02]".to_vec();
+        for _ in 0..=(MAX_ITEMS >> 19) {
+            items.push(b'(');
+            items.extend(vec![b'N'; 1 << 19]);
+            items.push(b'e');
+        }
+        assert!(err(&items).contains("container items"));
+        // Memo: MEMOIZE after each value.
+        let mut memo = b"\x80\x04".to_vec();
+        for _ in 0..=MAX_MEMO {
+            memo.extend(b"N\x940");
+        }
+        assert!(err(&memo).contains("memoizes more than"));
+    }
+
+    #[test]
+    fn malformed_streams_are_refused_not_panicked_on() {
+        for (pickle, needle) in [
+            (&b""[..], "without a STOP"),
+            (b"\x80\x02X\xff\xff\xff\xff", "ends in the middle"),
+            (b"\x80\x020", "empty stack"),
+            (b"\x80\x02N(0", "empty stack"),
+            (b"\x80\x021", "no MARK"),
+            (b"\x80\x02h\x05", "never stored"),
+            (b"\x80\x02NNa", "non-list"),
+            (b"\x80\x02}N\x85s", "empty stack"),
+            (b"\x80\x09", "protocol 9"),
+            (b"\xfe", "unknown opcode 0xfe"),
+            (b"\x80\x02\x82\x01", "opcode 0x82"),
+            (b"\x80\x02NN.", "no state dict"),
+        ] {
+            let e = err(pickle);
+            assert!(e.contains(needle), "{pickle:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn long_integers_decode_as_twos_complement() {
+        let int = |b: &[u8]| match long(b) {
+            Value::Int(i) => Some(i),
+            _ => None,
+        };
+        assert_eq!(int(&[]), Some(0));
+        assert_eq!(int(&[0xff]), Some(-1));
+        assert_eq!(int(&[0x00, 0x80]), Some(-32768));
+        assert_eq!(int(&[0x00, 0x80, 0x00]), Some(32768));
+        assert_eq!(int(&[0xff; 9]), Some(-1));
+        assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), None);
+        assert_eq!(int(&[0, 0, 0, 0, 0, 0, 0, 0, 1]), None);
+    }
+
+    #[test]
+    fn a_repeated_key_keeps_its_last_value() {
+        // {"w": None} then SETITEMS "w": tensor (one_tensor's opcodes
+        // after its own PROTO and EMPTY_DICT): the tensor, once.
+        let mut p = b"\x80\x02}X\x01\x00\x00\x00wNs".to_vec();
+        p.extend(&one_tensor("w")[3..]);
+        let got = run(&p).unwrap();
+        assert_eq!(got.len(), 1);
+    }
 }
