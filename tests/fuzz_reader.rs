@@ -1,6 +1,11 @@
 //! Fuzzing the checkpoint reader: the committed corpus (tests/fuzz-corpus)
 //! and random mutations of its files and of an index must never panic.
 //! Whatever opens is also analysed and merged, to exercise odd shapes.
+//!
+//! The PyTorch pickle reader gets the same treatment: the corpus its
+//! coverage-guided fuzz target found (fuzz/corpus/pickle, merged and
+//! minimised) plus the torch.save fixtures, replayed as they are and
+//! mutated, in memory and through a model folder.
 
 use proptest::prelude::*;
 use std::path::Path;
@@ -24,6 +29,60 @@ fn corpus() -> Vec<(String, Vec<u8>)> {
         .collect();
     files.sort();
     files
+}
+
+/// Files of `dir` under the package root, sorted by name.
+fn files_in(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read(&p).unwrap(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// The pickle fuzz corpus and the torch.save fixtures (read once).
+fn pickle_corpus() -> &'static [(String, Vec<u8>)] {
+    static CORPUS: std::sync::OnceLock<Vec<(String, Vec<u8>)>> = std::sync::OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let mut files = files_in("fuzz/corpus/pickle");
+        files.extend(files_in("tests/pickle-fixtures"));
+        files
+    })
+}
+
+/// Runs the pickle reader as the fuzz target does: a whole archive when
+/// the bytes start like a zip, else a bare data.pkl. Must not panic.
+fn read_pickle(bytes: &[u8]) -> Result<usize, String> {
+    if bytes.starts_with(b"PK") {
+        tv_core::pickle::fuzzing::archive(bytes)
+    } else {
+        tv_core::pickle::fuzzing::pickle(bytes)
+    }
+}
+
+/// Opens `bytes` as the `pytorch_model.bin` of a model folder and reads
+/// every tensor; returns whether it opened. Must not panic.
+fn exercise_pickle(bytes: &[u8]) -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::write(model.join("pytorch_model.bin"), bytes).unwrap();
+    let spec = model.to_string_lossy().into_owned();
+    let opened = tv_core::checkpoint::Checkpoint::open(&spec).map(|c| {
+        for name in c.names() {
+            let t = c.get(name).unwrap();
+            assert_eq!(c.bytes(t).len(), t.nbytes());
+        }
+    });
+    opened.is_ok()
 }
 
 /// Opens `bytes` as a model folder; if it opens, analyses and merges it
@@ -62,6 +121,63 @@ fn the_corpus_opens_or_fails_cleanly() {
     assert_eq!(opened, ["valid.safetensors", "zero-dims.safetensors"]);
 }
 
+#[test]
+fn the_pickle_corpus_is_converted_or_refused() {
+    let corpus = pickle_corpus();
+    assert!(corpus.len() > 20, "{} files", corpus.len());
+    for (_, bytes) in corpus {
+        let _ = read_pickle(bytes);
+    }
+    // The torch.save fixtures: all but the complex one convert.
+    for (name, bytes) in files_in("tests/pickle-fixtures") {
+        let got = read_pickle(&bytes);
+        assert_eq!(got.is_ok(), name != "complex.pt", "{name}: {got:?}");
+        assert_eq!(exercise_pickle(&bytes), name != "complex.pt", "{name}");
+    }
+}
+
+/// Replays an input of the `checkpoint` fuzz target (fuzz/fuzz_targets/
+/// checkpoint.rs): a mode byte, then a single safetensors file, or an
+/// index, a NUL byte and one shard (safetensors or pickle).
+fn open_layout(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let (index, shard) = match rest.iter().position(|&b| b == 0) {
+        Some(i) => (&rest[..i], &rest[i + 1..]),
+        None => (rest, &[][..]),
+    };
+    let write = |name: &str, bytes: &[u8]| std::fs::write(root.join(name), bytes).unwrap();
+    match mode % 3 {
+        0 => write("model.safetensors", rest),
+        1 => {
+            write("model.safetensors.index.json", index);
+            write("model-00001-of-00001.safetensors", shard);
+        }
+        _ => {
+            write("pytorch_model.bin.index.json", index);
+            write("pytorch_model-00001-of-00001.bin", shard);
+        }
+    }
+    if let Ok(c) = tv_core::checkpoint::Checkpoint::open(&root.to_string_lossy()) {
+        for name in c.names() {
+            let t = c.get(name).unwrap();
+            assert_eq!(c.bytes(t).len(), t.nbytes());
+        }
+    }
+}
+
+#[test]
+fn the_checkpoint_fuzz_corpus_opens_or_fails_cleanly() {
+    let corpus = files_in("fuzz/corpus/checkpoint");
+    assert!(corpus.len() > 10, "{} files", corpus.len());
+    for (_, bytes) in &corpus {
+        open_layout(bytes);
+    }
+}
+
 /// A mutation of a corpus file.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -69,6 +185,7 @@ enum Mutation {
     Truncate { to: usize },
     HeaderLength { len: u64 },
     Insert { at: usize, text: String },
+    Bytes { at: usize, bytes: Vec<u8> },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {
@@ -79,6 +196,8 @@ fn mutation() -> impl Strategy<Value = Mutation> {
             .prop_map(|len| Mutation::HeaderLength { len }),
         (any::<usize>(), "[\\[\\]{}\",:0-9a-zA-Z_ -]{1,12}")
             .prop_map(|(at, text)| Mutation::Insert { at, text }),
+        (any::<usize>(), proptest::collection::vec(any::<u8>(), 1..9))
+            .prop_map(|(at, bytes)| Mutation::Bytes { at, bytes }),
     ]
 }
 
@@ -95,6 +214,10 @@ fn apply(bytes: &mut Vec<u8>, m: &Mutation) {
         Mutation::Insert { at, text } => {
             let i = at % (bytes.len() + 1);
             bytes.splice(i..i, text.bytes());
+        }
+        Mutation::Bytes { at, bytes: new } => {
+            let i = at % (bytes.len() + 1);
+            bytes.splice(i..i, new.iter().copied());
         }
         _ => {}
     }
@@ -114,6 +237,16 @@ proptest! {
     }
 
     #[test]
+    fn mutated_pickles_never_panic(pick in 0usize..1024, mutations in proptest::collection::vec(mutation(), 1..4)) {
+        let files = pickle_corpus();
+        let mut bytes = files[pick % files.len()].1.clone();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        let _ = read_pickle(&bytes);
+    }
+
+    #[test]
     fn mutated_indexes_never_panic(mutations in proptest::collection::vec(mutation(), 1..4)) {
         let files = corpus();
         let valid = &files.iter().find(|(n, _)| n == "valid.safetensors").unwrap().1;
@@ -122,5 +255,19 @@ proptest! {
             apply(&mut index, m);
         }
         exercise(valid, Some(&String::from_utf8_lossy(&index)));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn mutated_pickle_files_open_or_fail_cleanly(pick in 0usize..1024, mutations in proptest::collection::vec(mutation(), 1..3)) {
+        let files = files_in("tests/pickle-fixtures");
+        let mut bytes = files[pick % files.len()].1.clone();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        exercise_pickle(&bytes);
     }
 }

@@ -62,7 +62,7 @@ pub struct Checkpoint {
     /// Tensor names in storage order (shard by shard, by offset).
     order: Vec<String>,
     /// Safetensors copies of pickle files, deleted with the checkpoint.
-    _converted: Option<tempfile::TempDir>,
+    _converted: Option<crate::pickle::Converted>,
 }
 
 impl Checkpoint {

@@ -1,0 +1,14 @@
+//! The PyTorch pickle reader: a whole `torch.save` archive when the input
+//! starts like a zip file, else a bare `data.pkl` over fixed storages.
+//! Whatever the bytes, it must return (converted or refused), never panic,
+//! overflow its stack, run away or allocate without bound.
+
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = if data.starts_with(b"PK") {
+        tv_core::pickle::fuzzing::archive(data)
+    } else {
+        tv_core::pickle::fuzzing::pickle(data)
+    };
+});
