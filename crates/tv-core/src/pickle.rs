@@ -353,7 +353,7 @@ pub fn plan(storages: &dyn Storages, file_len: u64) -> Result<Vec<Planned>, Fail
             let end = last
                 .and_then(|l| l.checked_add(1))
                 .and_then(|l| l.checked_mul(size as u64));
-            if end.map_or(true, |e| e > storage_bytes) {
+            if end.is_none_or(|e| e > storage_bytes) {
                 return Err(Fail::Bad(format!(
                     "tensor {q} has a view (offset {}, size {:?}, stride {:?}) that reaches past \
                      the end of its storage ({storage_bytes} bytes)",

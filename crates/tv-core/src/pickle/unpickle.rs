@@ -612,7 +612,7 @@ impl<'a> Machine<'a> {
 
     /// SETITEM, SETITEMS, DICT: key-value pairs into the dict below.
     fn set_items(&mut self, items: Vec<Value>) -> Result<(), String> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(format!(
                 "data.pkl sets dict items from an odd number of values at byte {}",
                 self.pos
