@@ -58,17 +58,28 @@ impl Cut {
         }
     }
 
-    /// Equal keys before block `block` of tensor `ordinal`.
-    fn ties_before(&self, ordinal: usize, block: usize) -> u64 {
+    /// Equal keys before block `block` of tensor `ordinal`, and how many
+    /// the block holds.
+    fn ties_at(&self, ordinal: usize, block: usize) -> (u64, u64) {
         if self.need == u64::MAX {
-            return 0;
+            return (0, 0);
         }
         let i = self
             .ties
             .partition_point(|&(o, b, _)| (o, b) < (ordinal, block));
-        self.ties
-            .get(i)
-            .map_or(u64::MAX / 2, |&(_, _, before)| before)
+        match self.ties.get(i) {
+            Some(&(o, b, before)) if (o, b) == (ordinal, block) => {
+                let next = self.ties.get(i + 1).map_or(u64::MAX, |t| t.2);
+                (before, next.saturating_sub(before))
+            }
+            Some(&(_, _, before)) => (before, 0),
+            None => (u64::MAX / 2, 0),
+        }
+    }
+
+    /// Equal keys before block `block` of tensor `ordinal`.
+    fn ties_before(&self, ordinal: usize, block: usize) -> u64 {
+        self.ties_at(ordinal, block).0
     }
 
     /// Whether the cut keeps an entry of key `key`, given how many equal
@@ -86,9 +97,11 @@ impl Cut {
     /// `ordinal`.
     #[inline(always)]
     pub fn apply(&self, ordinal: usize, first: usize, out: &mut [f64]) {
-        if self.need == u64::MAX || !out.iter().any(|d| key(*d) == self.key) {
-            // No tie to count: a plain comparison, vectorised.
-            let inclusive = self.need == u64::MAX;
+        let (before, here) = self.ties_at(ordinal, first / BLOCK);
+        // Only the block where the kept ties run out needs counting; before
+        // it every equal key is kept, after it none.
+        if here == 0 || before + here <= self.need || before >= self.need {
+            let inclusive = before < self.need;
             for d in out.iter_mut() {
                 let k = key(*d);
                 let kept = k > self.key || (inclusive && k == self.key);
@@ -96,7 +109,7 @@ impl Cut {
             }
             return;
         }
-        let mut seen = self.ties_before(ordinal, first / BLOCK);
+        let mut seen = before;
         for d in out.iter_mut() {
             if !self.keeps(key(*d), &mut seen) {
                 *d = 0.0;
