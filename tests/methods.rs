@@ -760,3 +760,73 @@ fn every_method_reproduces_from_its_written_config() {
         );
     }
 }
+
+/// The test's own grouping of the family's tensor names.
+fn group(name: &str) -> String {
+    if name.starts_with("lm_head") {
+        "lm_head".into()
+    } else if name.contains("embed_tokens") {
+        "embed".into()
+    } else if let Some(rest) = name.strip_prefix("model.layers.") {
+        format!("layer_{}", rest.split('.').next().unwrap())
+    } else {
+        "other".into()
+    }
+}
+
+#[test]
+fn weights_per_group_and_per_tensor_come_from_the_analysis_norms() {
+    let f = fam(Ty::BF16, 1, false, &SCALES);
+    let stats = f.dir.path().join("stats");
+    let base = f.path("base");
+    let models = f.models();
+    let mut args = vec!["--base", &base, "--models"];
+    args.extend(models.iter().map(String::as_str));
+    let stats_s = stats.to_string_lossy().into_owned();
+    args.extend(["--outdir", &stats_s, "--quiet"]);
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for granularity in ["group", "tensor"] {
+        let out = f.dir.path().join(format!("out-{granularity}"));
+        merge(
+            &f,
+            &out,
+            &[
+                "--from-analysis",
+                &stats_s,
+                "--granularity",
+                granularity,
+                "--mode",
+                "exp",
+            ],
+        );
+        // Each model's norm per tensor, read from the analysis' files.
+        let norm = |i: usize, tensor: &str| -> f64 {
+            let dir = stats.join(format!("m{i}"));
+            if granularity == "group" {
+                let v: serde_json::Value = serde_json::from_str(
+                    &std::fs::read_to_string(dir.join("summary.json")).unwrap(),
+                )
+                .unwrap();
+                v["groups"][group(tensor)]["l2"].as_f64().unwrap()
+            } else {
+                let mut r = csv::Reader::from_path(dir.join("per_param_stats.csv")).unwrap();
+                r.records()
+                    .map(|r| r.unwrap())
+                    .find(|r| &r[0] == tensor)
+                    .map(|r| r[2].parse().unwrap())
+                    .unwrap()
+            }
+        };
+        let want = each_tensor(&f, |name, b, ds| {
+            let norms: Vec<f64> = (0..3).map(|i| norm(i, name)).collect();
+            let mean = norms.iter().sum::<f64>() / 3.0;
+            let raw: Vec<f64> = norms.iter().map(|l| (-l / mean).exp()).collect();
+            let total: f64 = raw.iter().sum();
+            (0..b.len())
+                .map(|j| b[j] + (0..3).map(|i| raw[i] / total * ds[i][j]).sum::<f64>())
+                .collect()
+        });
+        check(&out, &f.base, &want);
+    }
+}

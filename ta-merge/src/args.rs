@@ -98,6 +98,11 @@ pub struct Args {
     )]
     pub from_analysis: Option<PathBuf>,
 
+    /// With --from-analysis: weights once per model (its global norm), per layer group
+    /// (`embed`, `layer_N`, `lm_head`, `other`: the group's norm) or per tensor (its norm).
+    #[arg(long, default_value = "model", value_parser = ["model", "group", "tensor"], requires = "from_analysis")]
+    pub granularity: String,
+
     /// The merged model's folder.
     #[arg(
         long = "output-path",

@@ -14,12 +14,12 @@ use tv_core::dtype::FloatType;
 use tv_core::family::Family;
 use tv_core::merge::{human_bytes, parse_size, MergeOptions, MergePlan};
 use tv_core::methods::MethodKind;
-use tv_core::params::ParamValue;
+use tv_core::params::{FilterEntry, ParamValue};
 use tv_core::recipe;
 use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
-use tv_core::weights::{self, Mode, WeightParams};
+use tv_core::weights::{self, Granularity, Mode, WeightParams};
 
 fn main() -> ExitCode {
     tv_cli::main::<Args>(run)
@@ -85,7 +85,17 @@ fn run(args: Args) -> Result<()> {
         (None, None) => None,
     };
     apply_flags(&args, &mut config, lambdas.as_deref(), out_type)?;
-    let recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    let granularity = Granularity::parse(&args.granularity).expect("clap checked --granularity");
+    if let (Some(dir), Granularity::Group | Granularity::Tensor) =
+        (&args.from_analysis, granularity)
+    {
+        weights_per_tensor(&mut config, &family, dir, granularity, params)?;
+    }
+    let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    if let Some(l) = &lambdas {
+        // The table and the record show each model's weight as a whole.
+        recipe.weights = l.clone();
+    }
     let options = MergeOptions {
         out_type: config.out_dtype(),
         max_shard_size,
@@ -144,6 +154,47 @@ fn run(args: Args) -> Result<()> {
         plan.layout.shards.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Sets each model's weight per tensor from the analysis' group or tensor
+/// norms, as a list of `{filter: tensor name, value: weight}` entries
+/// (longest names first, so a name that another contains cannot match it).
+fn weights_per_tensor(
+    config: &mut MergeConfig,
+    family: &Family,
+    dir: &std::path::Path,
+    granularity: Granularity,
+    params: WeightParams,
+) -> Result<()> {
+    let mut tensors: Vec<String> = family
+        .base
+        .names()
+        .iter()
+        .filter(|n| family.base.get(n).is_some_and(|t| t.float_type().is_some()))
+        .cloned()
+        .collect();
+    tensors.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+    let norms = report::tensor_norms_from_analysis(dir, &family.names, &tensors, granularity)?;
+    let what: Vec<String> = tensors
+        .iter()
+        .map(|t| match granularity {
+            Granularity::Group => format!("group '{}' (tensor '{t}')", tv_core::stats::group_of(t)),
+            _ => format!("tensor '{t}'"),
+        })
+        .collect();
+    let per_tensor = weights::lambdas_per_tensor(&family.names, &norms, &what, params)?;
+    for i in 0..family.models.len() {
+        let entries = tensors
+            .iter()
+            .zip(&per_tensor)
+            .map(|(t, w)| FilterEntry {
+                filter: Some(t.clone()),
+                value: ParamValue::Number(w[i]),
+            })
+            .collect();
+        config.set_model_param(i, ParamKey::Weight, ParamValue::Filtered(entries))?;
+    }
     Ok(())
 }
 

@@ -183,6 +183,87 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
         .collect()
 }
 
+/// Each tensor's L2 norm per model from an analysis folder, for weights per
+/// group or per tensor (`ta-merge --from-analysis --granularity`):
+/// `result[t][i]` for tensor `tensors[t]` and model `names[i]`, from
+/// `DIR/<name>/summary.json`'s `groups` (the tensor's group) or from
+/// `DIR/<name>/per_param_stats.csv` (the tensor's row); `None` where the
+/// model's analysis has no such group or row (a tensor it does not store).
+pub fn tensor_norms_from_analysis(
+    dir: &Path,
+    names: &[String],
+    tensors: &[String],
+    granularity: crate::weights::Granularity,
+) -> Result<Vec<Vec<Option<f64>>>> {
+    use crate::weights::Granularity;
+    let mut per_model: Vec<std::collections::HashMap<String, f64>> = Vec::new();
+    for name in names {
+        let norms = match granularity {
+            Granularity::Model => unreachable!("model weights come from global_l2"),
+            Granularity::Group => {
+                let path = dir.join(name).join("summary.json");
+                let text = crate::sidecar::read_side_text_if_present(&path)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "--from-analysis: no summary for model '{name}' ({}: no such file)",
+                        path.display()
+                    ))
+                })?;
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
+                let groups = v
+                    .get("groups")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| Error::bad_file(&path, "has no groups"))?;
+                groups
+                    .iter()
+                    .map(|(g, stats)| {
+                        stats
+                            .get("l2")
+                            .and_then(Value::as_f64)
+                            .map(|l2| (g.clone(), l2))
+                            .ok_or_else(|| {
+                                Error::bad_file(&path, format!("group '{g}' has no numeric l2"))
+                            })
+                    })
+                    .collect::<Result<_>>()?
+            }
+            Granularity::Tensor => {
+                let path = dir.join(name).join("per_param_stats.csv");
+                let text = crate::sidecar::read_side_text_if_present(&path)?.ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "--from-analysis: no per-tensor statistics for model '{name}' ({}: no such file)",
+                        path.display()
+                    ))
+                })?;
+                let mut reader = csv::Reader::from_reader(text.as_bytes());
+                let mut norms = std::collections::HashMap::new();
+                for row in reader.records() {
+                    let row = row.map_err(|e| Error::bad_file(&path, format!("bad CSV: {e}")))?;
+                    let (Some(param), Some(l2)) = (row.get(0), row.get(2)) else {
+                        return Err(Error::bad_file(&path, "a row lacks param or l2"));
+                    };
+                    let l2: f64 = l2.parse().map_err(|_| {
+                        Error::bad_file(&path, format!("l2 of '{param}' is not a number"))
+                    })?;
+                    norms.insert(param.to_string(), l2);
+                }
+                norms
+            }
+        };
+        per_model.push(norms);
+    }
+    Ok(tensors
+        .iter()
+        .map(|t| {
+            let key = match granularity {
+                Granularity::Group => crate::stats::group_of(t),
+                _ => t.clone(),
+            };
+            per_model.iter().map(|m| m.get(&key).copied()).collect()
+        })
+        .collect())
+}
+
 /// The files an analysis writes at the top of its folder.
 pub const FAMILY_FILES: [&str; 3] = [
     "analysis.json",

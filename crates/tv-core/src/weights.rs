@@ -45,6 +45,30 @@ impl Mode {
     }
 }
 
+/// Over what the norms that weights come from are measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granularity {
+    /// One weight per model, from its global L2 norm.
+    Model,
+    /// One weight per model and layer group (`embed`, `layer_N`, `lm_head`,
+    /// `other`), from the group's L2 norm.
+    Group,
+    /// One weight per model and tensor, from the tensor's L2 norm.
+    Tensor,
+}
+
+impl Granularity {
+    /// Parses `model`, `group` or `tensor`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "model" => Some(Self::Model),
+            "group" => Some(Self::Group),
+            "tensor" => Some(Self::Tensor),
+            _ => None,
+        }
+    }
+}
+
 /// Parameters of the weighting modes.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct WeightParams {
@@ -180,6 +204,37 @@ pub fn format_table(names: &[String], norms: Option<&[f64]>, lambdas: &[f64]) ->
         out.push_str(&format!("{name:<width$} {l2}  λ={lambda:.6}\n"));
     }
     out
+}
+
+/// Weights per tensor from per-tensor norms: `norms[t][i]` is model `i`'s
+/// norm for tensor `t`, `None` where the model does not store it (its
+/// weight is then 0 and the others are normalised among themselves).
+/// `what[t]` names the tensor or group in errors.
+pub fn lambdas_per_tensor(
+    names: &[String],
+    norms: &[Vec<Option<f64>>],
+    what: &[String],
+    params: WeightParams,
+) -> Result<Vec<Vec<f64>>> {
+    norms
+        .iter()
+        .zip(what)
+        .map(|(row, what)| {
+            let present: Vec<usize> = (0..row.len()).filter(|&i| row[i].is_some()).collect();
+            let mut weights = vec![0.0; row.len()];
+            if present.is_empty() {
+                return Ok(weights);
+            }
+            let sub_names: Vec<String> = present.iter().map(|&i| names[i].clone()).collect();
+            let sub_norms: Vec<f64> = present.iter().map(|&i| row[i].expect("present")).collect();
+            let sub = lambdas_from_norms(&sub_names, &sub_norms, params)
+                .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))?;
+            for (&i, w) in present.iter().zip(sub) {
+                weights[i] = w;
+            }
+            Ok(weights)
+        })
+        .collect()
 }
 
 #[cfg(test)]
