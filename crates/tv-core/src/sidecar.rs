@@ -273,14 +273,17 @@ impl MergeRecord {
         let mut s = String::new();
         s.push_str("---\n");
         s.push_str(&format!("base_model: {}\n", yaml_str(&self.base)));
-        s.push_str(
-            "library_name: transformers\ntags:\n- merge\n- task-arithmetic\n- ta-merge\n---\n\n",
-        );
-        s.push_str("# Task Arithmetic merge\n\n");
         s.push_str(&format!(
-            "Made with {} {} by Task Arithmetic: `{}`, accumulated in f64 and rounded once to {}.\n\n",
+            "library_name: transformers\ntags:\n- merge\n- mergekit\n- {}\n- ta-merge\n---\n\n",
+            self.method.replace('_', "-")
+        ));
+        s.push_str(&format!("# {} merge\n\n", self.method));
+        s.push_str(&format!(
+            "Made with {} {} by `{}`: `{}`, accumulated in f64 and rounded once to {}. \
+             `mergekit_config.yml` holds the recipe.\n\n",
             self.tool,
             self.version,
+            self.method,
             self.formula,
             self.dtype.as_deref().unwrap_or("each tensor's stored type")
         ));

@@ -97,19 +97,17 @@ impl Cut {
     /// `ordinal`.
     #[inline(always)]
     pub fn apply(&self, ordinal: usize, first: usize, out: &mut [f64]) {
-        let (before, here) = self.ties_at(ordinal, first / BLOCK);
         // Only the block where the kept ties run out needs counting; before
         // it every equal key is kept, after it none.
-        if here == 0 || before + here <= self.need || before >= self.need {
-            let inclusive = before < self.need;
+        if let Some(ties_kept) = self.plain(ordinal, first / BLOCK) {
             for d in out.iter_mut() {
                 let k = key(*d);
-                let kept = k > self.key || (inclusive && k == self.key);
+                let kept = k > self.key || (ties_kept && k == self.key);
                 *d = if kept { *d } else { 0.0 };
             }
             return;
         }
-        let mut seen = before;
+        let mut seen = self.ties_before(ordinal, first / BLOCK);
         for d in out.iter_mut() {
             if !self.keeps(key(*d), &mut seen) {
                 *d = 0.0;
@@ -122,6 +120,17 @@ impl Cut {
     #[inline(always)]
     pub fn apply_without(&self, inner: &Cut, ordinal: usize, first: usize, out: &mut [f64]) {
         let block = first / BLOCK;
+        let (outer_plain, inner_plain) = (self.plain(ordinal, block), inner.plain(ordinal, block));
+        if let (Some(outer_ties), Some(inner_ties)) = (outer_plain, inner_plain) {
+            // Vectorised: no cut has to count its ties in this block.
+            for d in out.iter_mut() {
+                let k = key(*d);
+                let outer = k > self.key || (outer_ties && k == self.key);
+                let outlier = k > inner.key || (inner_ties && k == inner.key);
+                *d = if outer && !outlier { *d } else { 0.0 };
+            }
+            return;
+        }
         let (mut seen, mut seen_inner) = (
             self.ties_before(ordinal, block),
             inner.ties_before(ordinal, block),
@@ -133,6 +142,18 @@ impl Cut {
             if !outer || outlier {
                 *d = 0.0;
             }
+        }
+    }
+
+    /// Whether every key equal to the threshold in block `block` is kept
+    /// (`Some(true)`) or dropped (`Some(false)`); `None` for the one block
+    /// where the kept ties run out.
+    fn plain(&self, ordinal: usize, block: usize) -> Option<bool> {
+        let (before, here) = self.ties_at(ordinal, block);
+        if here == 0 || before + here <= self.need || before >= self.need {
+            Some(before < self.need)
+        } else {
+            None
         }
     }
 }
