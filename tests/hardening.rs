@@ -775,3 +775,60 @@ fn force_replaces_a_merge_whole_and_leaves_nothing_beside_it() {
     assert_eq!(entries(s.dir.path()), ["base", "good", "merged"]);
     assert_eq!(snapshot_nofollow(&s.path("base")), inputs);
 }
+
+/// Starts a merge of `good` onto `base` slowed to 200 ms a segment, waits
+/// until it writes, applies `change` to the model's shard, and returns the
+/// finished process's output.
+fn merge_while(s: &Setup, change: impl FnOnce(&Path)) -> Output {
+    let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
+    let child = std::process::Command::new(bin_path("ta-merge"))
+        .args(["--base-model-path", &base, "--other-model-paths", &good])
+        .args(["--output-path", &out, "--lambdas", "0.5", "--quiet"])
+        .env("TV_TEST_SEGMENT_DELAY_MS", "200")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let partial = format!(".merged.partial-{}", child.id());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !entries(s.dir.path()).contains(&partial) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "merge never started writing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    change(&s.path("good").join("model.safetensors"));
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_shard_truncated_during_a_merge_is_an_error_not_a_crash() {
+    let s = Setup::new();
+    // Emptied: every later read of the mapping faults
+    // (SIGBUS), which must become this error rather than kill the process.
+    let o = merge_while(&s, |shard| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(shard)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    });
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, &["model.safetensors", "truncated while being read"]);
+    assert_eq!(entries(s.dir.path()), ["base", "good"]);
+}
+
+#[test]
+fn a_shard_replaced_during_a_merge_is_an_error() {
+    let s = Setup::new();
+    let o = merge_while(&s, |shard| {
+        let copy = shard.with_extension("new");
+        std::fs::copy(shard, &copy).unwrap();
+        std::fs::rename(&copy, shard).unwrap();
+    });
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, &["model.safetensors", "changed while being read"]);
+    assert_eq!(entries(s.dir.path()), ["base", "good"]);
+}

@@ -247,6 +247,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 .collect()
         })
         .collect();
+    crate::guard::check()?;
     Ok(Analysis {
         base: family.base.located.spec.clone(),
         models,
@@ -332,6 +333,7 @@ fn fused_pass(
         if interrupt::requested() {
             return Err(Error::Interrupted);
         }
+        crate::guard::check()?;
         let end = (start + SEGMENT).min(numel);
         let parts: Vec<DeltaAcc> = (start..end)
             .step_by(TASK)

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 pub struct Shard {
     pub path: PathBuf,
     map: Mmap,
+    /// Turns a truncation of the file under the mapping into an error.
+    _watch: crate::guard::Watch,
 }
 
 /// Where one tensor lives and what it is.
@@ -284,10 +286,15 @@ pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
 /// Maps one shard and lists its tensors in offset order.
 fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, TensorRef)>)> {
     let file = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Error::io("cannot read", path, e))?;
     // SAFETY: the file is mapped read-only; the tools never write to their
-    // inputs. Another process truncating the file while we run is outside
-    // what any mmap-based reader (safetensors included) can defend against.
+    // inputs. Another process truncating it while we run raises SIGBUS on
+    // the lost pages, which `guard` turns into zeros plus an error that
+    // `guard::check` reports before any output is committed.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("cannot map", path, e))?;
+    let watch = crate::guard::watch(path, &meta, &map);
     let (header_len, metadata) =
         SafeTensors::read_metadata(&map).map_err(|e| Error::bad_file(path, describe(e)))?;
     let data_start = 8 + header_len;
@@ -313,6 +320,7 @@ fn open_shard(path: &Path, shard_idx: usize) -> Result<(Shard, Vec<(String, Tens
         Shard {
             path: path.to_path_buf(),
             map,
+            _watch: watch,
         },
         entries,
     ))

@@ -16,6 +16,7 @@ pub mod dtype;
 pub mod error;
 pub mod family;
 pub mod gpu;
+pub mod guard;
 pub mod interrupt;
 pub mod kernels;
 pub mod lanes;

@@ -135,6 +135,7 @@ impl MergePlan {
             let path = dir.join("model.safetensors.index.json");
             std::fs::write(&path, index).map_err(|e| Error::io("cannot write", &path, e))?;
         }
+        crate::guard::check()?;
         progress.finish();
         Ok(())
     }
@@ -195,6 +196,7 @@ impl MergePlan {
             let end = (start + segment).min(numel);
             buffer.resize((end - start) * out_type.size(), 0);
             let nonfinite = compute(start, end, buffer);
+            crate::guard::check()?;
             if nonfinite > 0 && !self.options.allow_nonfinite {
                 return Err(nonfinite_error(family, inputs, planned, start, end));
             }

@@ -168,6 +168,7 @@ impl<'a> TensorInputs<'a> {
                 })
             });
             self.release(start, end);
+            crate::guard::check()?;
             start = end;
         }
         Ok(())
