@@ -775,3 +775,104 @@ fn force_replaces_a_merge_whole_and_leaves_nothing_beside_it() {
     assert_eq!(entries(s.dir.path()), ["base", "good", "merged"]);
     assert_eq!(snapshot_nofollow(&s.path("base")), inputs);
 }
+
+/// A family whose base `model.norm.weight` holds `value` at element 3 and
+/// whose fine-tune (`ft`) stores that tensor only when `model_stores` (as
+/// the base's values): otherwise the tensor is copied from the base.
+fn base_holding(value: f64, model_stores: bool) -> (Setup, Vec<f64>) {
+    let s = Setup::new();
+    let mut base = s.base.clone();
+    let norm = base
+        .iter_mut()
+        .find(|t| t.name == "model.norm.weight")
+        .unwrap();
+    norm.values[3] = value;
+    let norm_values = norm.values.clone();
+    write_model(&s.path("base"), &base, 1, false);
+    let mut ft = fine_tune(&base, 11, 0.01, Ty::BF16);
+    if model_stores {
+        let t = ft
+            .iter_mut()
+            .find(|t| t.name == "model.norm.weight")
+            .unwrap();
+        t.values = norm_values.clone();
+    } else {
+        ft.retain(|t| t.name != "model.norm.weight");
+    }
+    write_model(&s.path("ft"), &ft, 1, false);
+    (s, norm_values)
+}
+
+#[test]
+fn base_values_that_overflow_the_output_type_are_refused_unless_allowed() {
+    // 1e6 is a finite bf16 value (999424) but overflows float16 (max 65504).
+    for model_stores in [false, true] {
+        let (s, values) = base_holding(1e6, model_stores);
+        assert!(values[3].is_finite() && values[3] > 65504.0);
+        let (base, ft, out) = (s.s("base"), s.s("ft"), s.s("merged"));
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&base, &[&ft], &out, &["--dtype", "f16"]);
+        refused(
+            &o,
+            &[
+                "tensor 'model.norm.weight'",
+                "the base's values overflow float16",
+                "--dtype",
+                "--allow-nonfinite",
+            ],
+            s.dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+
+        let o = s.merge(
+            &base,
+            &[&ft],
+            &out,
+            &["--dtype", "f16", "--allow-nonfinite"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged = read_model(&s.path("merged"));
+        let t = &merged["model.norm.weight"];
+        assert_eq!(t.ty, Ty::F16);
+        let got = Ty::F16.decode(&t.bytes);
+        assert_eq!(got[3], f64::INFINITY);
+        // The rest is the base's values rounded to float16 (the model's
+        // copy equals the base, so its delta is 0).
+        for (j, &b) in values.iter().enumerate().filter(|&(j, _)| j != 3) {
+            assert_eq!(
+                &t.bytes[2 * j..2 * j + 2],
+                &Ty::F16.round(b)[..],
+                "[{j}] {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nonfinite_values_of_a_copied_base_tensor_are_refused_unless_allowed() {
+    for bad in [f64::NAN, f64::INFINITY] {
+        let (s, values) = base_holding(bad, false);
+        let (base, ft, out) = (s.s("base"), s.s("ft"), s.s("merged"));
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&base, &[&ft], &out, &[]);
+        refused(
+            &o,
+            &[
+                "tensor 'model.norm.weight'",
+                "the base model holds NaN or infinite values",
+                "--allow-nonfinite",
+            ],
+            s.dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+        let o = s.merge(&base, &[&ft], &out, &["--allow-nonfinite"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged = read_model(&s.path("merged"));
+        let got = Ty::BF16.decode(&merged["model.norm.weight"].bytes);
+        for (j, (&g, &b)) in got.iter().zip(&values).enumerate() {
+            assert!(g == b || (g.is_nan() && b.is_nan()), "[{j}] {g} {b}");
+        }
+    }
+}
