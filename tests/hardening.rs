@@ -876,3 +876,107 @@ fn nonfinite_values_of_a_copied_base_tensor_are_refused_unless_allowed() {
         }
     }
 }
+
+/// Rewrites `dir/model.safetensors` (written by [`write_model`]) with the
+/// tensors of `tensors` except those named in `raw`, which are stored with
+/// their own dtype and bytes (FP8 here, which the test helpers cannot
+/// encode).
+fn write_with_raw(
+    dir: &Path,
+    tensors: &[T],
+    raw: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)],
+) {
+    use safetensors::tensor::TensorView;
+    write_model(dir, tensors, 1, false);
+    let encoded: Vec<(String, Vec<u8>, &T)> = tensors
+        .iter()
+        .filter(|t| !raw.iter().any(|r| r.0 == t.name))
+        .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
+        .collect();
+    let mut views: Vec<(String, TensorView)> = encoded
+        .iter()
+        .map(|(n, b, t)| {
+            (
+                n.clone(),
+                TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    for (name, dtype, shape, bytes) in raw {
+        views.push((
+            name.to_string(),
+            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        ));
+    }
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn fp8_tensors_to_be_merged_or_analysed_are_refused() {
+    use safetensors::Dtype;
+    const UP: &str = "model.layers.0.mlp.up_proj.weight";
+    let s = Setup::new();
+    let shape = vec![24, 16];
+    // FP8 weights with their f32 inverse scale beside them, as
+    // DeepSeek-V3-style checkpoints store them.
+    let fp8 = |seed: u8| -> Vec<u8> {
+        (0..24 * 16)
+            .map(|j| (j as u8).wrapping_mul(seed) & 0x77)
+            .collect()
+    };
+    let scale = T::new(
+        "model.layers.0.mlp.up_proj.weight_scale_inv",
+        Ty::F32,
+        &[1],
+        vec![0.01],
+    );
+    let mut base = s.base.clone();
+    base.push(scale.clone());
+    write_with_raw(
+        &s.path("fp8base"),
+        &base,
+        &[(UP, Dtype::F8_E4M3, shape.clone(), fp8(3))],
+    );
+    let mut ft = fine_tune(&base, 21, 0.01, Ty::BF16);
+    ft.last_mut().unwrap().values[0] = 0.02;
+    write_with_raw(
+        &s.path("fp8ft"),
+        &ft,
+        &[(UP, Dtype::F8_E4M3, shape.clone(), fp8(5))],
+    );
+    // A bf16 base with a fine-tune that stores one tensor as F8_E5M2.
+    write_with_raw(
+        &s.path("fp8model"),
+        &fine_tune(&s.base, 22, 0.01, Ty::BF16),
+        &[(UP, Dtype::F8_E5M2, shape.clone(), fp8(7))],
+    );
+
+    let out = s.s("merged");
+    let cases = [
+        ("fp8base", "fp8ft", "in the base"),
+        ("base", "fp8model", "in model 'fp8model'"),
+    ];
+    for (base, model, whose) in cases {
+        let dtype = if model == "fp8model" {
+            "F8_E5M2"
+        } else {
+            "F8_E4M3"
+        };
+        let needles = [
+            &format!("tensor '{UP}' is stored as {dtype} {whose}") as &str,
+            "FP8 checkpoints are not merged",
+            "dequantise them to bf16 first",
+        ];
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&s.s(base), &[&s.s(model)], &out, &[]);
+        refused(&o, &needles, s.dir.path(), &before);
+        assert_eq!(o.status.code(), Some(1));
+        let o = s.merge(&s.s(base), &[&s.s(model)], &out, &["--dry-run"]);
+        refused(&o, &needles, s.dir.path(), &before);
+
+        let needles = [needles[0], "FP8 checkpoints are not analysed", needles[2]];
+        let o = s.analyze(&s.s(base), &[&s.s(model)], &s.s("stats"), &[]);
+        refused(&o, &needles, s.dir.path(), &before);
+        assert_eq!(o.status.code(), Some(1));
+    }
+}

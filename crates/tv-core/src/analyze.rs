@@ -112,6 +112,7 @@ impl Analysis {
 /// Runs the analysis of `family`.
 pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -> Result<Analysis> {
     family.check_overlap()?;
+    family.refuse_low_precision("analysed")?;
     let k = family.models.len();
     let mut rows: Vec<Vec<TensorRow>> = vec![Vec::new(); k];
     let mut skipped: Vec<Vec<Skipped>> = vec![Vec::new(); k];

@@ -5,6 +5,7 @@
 //! be unique, since they label output folders and tables.
 
 use crate::checkpoint::Checkpoint;
+use crate::dtype::low_precision_kind;
 use crate::error::{Error, Result};
 use crate::locate::WeightFiles;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,41 @@ impl Family {
                      (it stores {}); is it a fine-tune of this base?",
                     model.len()
                 )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a family where a tensor to be `verb` ("merged", "analysed")
+    /// is stored as FP8 (or FP6/FP4) in the base or in a model: those
+    /// tensors are quantised with scale tensors beside them, and handling
+    /// the scales while copying the weights would silently break the model.
+    /// A low-precision tensor of the base that no model stores is copied.
+    pub fn refuse_low_precision(&self, verb: &str) -> Result<()> {
+        let refuse = |name: &str, dtype, kind, whose: String| {
+            Error::Incompatible(format!(
+                "tensor '{name}' is stored as {dtype:?} in {whose}; {kind} checkpoints are not \
+                 {verb} (dequantise them to bf16 first)"
+            ))
+        };
+        for name in self.base.names() {
+            let base = self.base.get(name).expect("listed tensor");
+            let stored: Vec<usize> = (0..self.models.len())
+                .filter(|&i| self.models[i].contains(name))
+                .collect();
+            if let (Some(kind), Some(_)) = (low_precision_kind(base.dtype), stored.first()) {
+                return Err(refuse(name, base.dtype, kind, "the base".into()));
+            }
+            for i in stored {
+                let t = self.models[i].get(name).expect("stored");
+                if let Some(kind) = low_precision_kind(t.dtype) {
+                    return Err(refuse(
+                        name,
+                        t.dtype,
+                        kind,
+                        format!("model '{}'", self.names[i]),
+                    ));
+                }
             }
         }
         Ok(())

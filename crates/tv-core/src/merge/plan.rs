@@ -95,6 +95,7 @@ impl MergePlan {
         check_model_count(recipe.settings.kind, family.models.len())?;
         recipe.settings.check()?;
         family.check_overlap()?;
+        family.refuse_low_precision("merged")?;
         let out_type = options.out_type;
         let mut tensors = Vec::with_capacity(family.base.len());
         let mut missing = vec![Vec::new(); family.models.len()];
