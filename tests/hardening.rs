@@ -980,3 +980,129 @@ fn fp8_tensors_to_be_merged_or_analysed_are_refused() {
         assert_eq!(o.status.code(), Some(1));
     }
 }
+
+/// The value nearest `exact` among bf16 values is `got` (either neighbour
+/// at an exact tie, within f64 rounding of the reference).
+fn assert_bf16_rounds(what: &str, got: &[u8], exact: f64) {
+    let want = Ty::BF16.round(exact);
+    if got == &want[..] {
+        return;
+    }
+    let (g, w) = (Ty::BF16.decode(got)[0], Ty::BF16.decode(&want)[0]);
+    let (dg, dw) = ((g - exact).abs(), (w - exact).abs());
+    assert!(
+        (dg - dw).abs() <= 1e-12 * exact.abs().max(1e-30),
+        "{what}: got {g}, want {w} (exact {exact:e})"
+    );
+}
+
+#[test]
+fn a_fine_tuned_lm_head_over_a_tied_base_is_refused_or_merged_untied() {
+    const EMBED: &str = "model.embed_tokens.weight";
+    const LM_HEAD: &str = "lm_head.weight";
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_string_lossy().into_owned();
+    // A tied base (no lm_head.weight, tie_word_embeddings: true).
+    let base = base_tensors(Ty::BF16, true);
+    write_model(&p("base"), &base, 1, true);
+    // 'head' untied its embeddings in training and stores its own output
+    // layer; 'tied' kept them tied.
+    let mut head = fine_tune(&base, 31, 0.01, Ty::BF16);
+    let embed = base.iter().find(|t| t.name == EMBED).unwrap();
+    let own: Vec<f64> = embed
+        .values
+        .iter()
+        .zip(noise(77, embed.values.len(), 0.02))
+        .map(|(b, d)| b + d)
+        .collect();
+    head.push(T::new(LM_HEAD, Ty::BF16, &embed.shape, own));
+    write_model(&p("head"), &head, 1, false);
+    let tied = fine_tune(&base, 32, 0.01, Ty::BF16);
+    write_model(&p("tied"), &tied, 1, true);
+
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--base-model-path",
+            &s("base"),
+            "--other-model-paths",
+            &s("head"),
+            &s("tied"),
+            "--output-path",
+            out,
+            "--lambdas",
+            "0.7",
+            "0.4",
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let go = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_bounded("ta-merge", &a, &[], 60)
+    };
+
+    // Without the flag: refused, naming the model and the flag.
+    let before = snapshot_nofollow(dir.path());
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let o = go(args(&s("merged"), extra));
+        refused(
+            &o,
+            &[
+                "model 'head'",
+                "stores its own lm_head.weight",
+                EMBED,
+                "--untie-embeddings",
+            ],
+            dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+    }
+
+    // With it: lm_head.weight = E + 0.7 (L_head - E) + 0.4 (E_tied - E).
+    let o = go(args(&s("merged"), &["--untie-embeddings"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = read_model(&p("merged"));
+    let value = |ts: &[T], n: &str| ts.iter().find(|t| t.name == n).unwrap().values.clone();
+    let (e, l_head, e_head, e_tied) = (
+        value(&base, EMBED),
+        value(&head, LM_HEAD),
+        value(&head, EMBED),
+        value(&tied, EMBED),
+    );
+    for (name, from_head) in [(LM_HEAD, &l_head), (EMBED, &e_head)] {
+        let t = &merged[name];
+        assert_eq!((t.ty, &t.shape), (Ty::BF16, &embed.shape), "{name}");
+        for j in 0..e.len() {
+            let exact = e[j] + 0.7 * (from_head[j] - e[j]) + 0.4 * (e_tied[j] - e[j]);
+            assert_bf16_rounds(&format!("{name}[{j}]"), &t.bytes[2 * j..2 * j + 2], exact);
+        }
+    }
+    // The output layer differs from the merged embedding (the model's own
+    // training survived), sits right after the embedding, and the config
+    // says the output is untied.
+    assert_ne!(merged[LM_HEAD].bytes, merged[EMBED].bytes);
+    let file = std::fs::read(p("merged/model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let offsets = |n: &str| meta.info(n).unwrap().data_offsets;
+    assert_eq!(offsets(EMBED).1, offsets(LM_HEAD).0);
+    let order: Vec<String> = meta.offset_keys();
+    assert_eq!(order[0], EMBED);
+    assert_eq!(order[1], LM_HEAD);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("merged/config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("merged/merge_record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["tied_embeddings"], false);
+    assert_eq!(record["untied_embeddings"], true);
+    assert_eq!(record["models"][0]["extra_tensors"], serde_json::json!([]));
+    let o = run("ta-merge", &["--verify", &s("merged")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

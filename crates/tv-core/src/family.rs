@@ -124,6 +124,19 @@ impl Family {
         Ok(())
     }
 
+    /// The input embedding the base's output layer is tied to, when the
+    /// base ties its embeddings and stores no `lm_head.weight`.
+    pub fn tied_embedding(&self) -> Option<&str> {
+        if self.base.contains(LM_HEAD) || !self.base_ties_embeddings() {
+            return None;
+        }
+        self.base
+            .names()
+            .iter()
+            .find(|n| is_input_embedding(n))
+            .map(String::as_str)
+    }
+
     /// Whether the base ties its output embedding to its input embedding
     /// (`tie_word_embeddings` in its config, or no `lm_head.weight` stored
     /// beside an embedding).
@@ -137,6 +150,26 @@ impl Family {
                 && self.base.names().iter().any(|n| n.contains("embed_tokens"))
         })
     }
+}
+
+/// The name of the output embedding that tied checkpoints leave out.
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Whether `name` is an input embedding that an output layer can be tied to.
+pub fn is_input_embedding(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight")
+        || name.ends_with("wte.weight")
+        || name.ends_with("word_embeddings.weight")
+}
+
+/// Whether `ckpt` stores an output layer of its own: an `lm_head.weight`
+/// that its config does not declare tied to the input embedding (with
+/// `tie_word_embeddings: true`, Transformers loads the embedding there).
+pub fn stores_own_lm_head(ckpt: &Checkpoint) -> bool {
+    let tied = ckpt
+        .config()
+        .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()));
+    ckpt.contains(LM_HEAD) && tied != Some(true)
 }
 
 /// The weight files of `ckpt` as the user will recognise them: the index,
