@@ -7,8 +7,7 @@
 //! from the base. With `--untie-embeddings` over a base that ties its
 //! embeddings, an `lm_head.weight` is planned right after the embedding,
 //! with the base's embedding as its base tensor. Nothing is read beyond
-//! headers; [`super::run`] executes
-//! the plan.
+//! headers; [`super::run`] executes the plan.
 
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
