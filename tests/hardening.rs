@@ -832,3 +832,334 @@ fn a_shard_replaced_during_a_merge_is_an_error() {
     assert_one_line_error(&o, &["model.safetensors", "changed while being read"]);
     assert_eq!(entries(s.dir.path()), ["base", "good"]);
 }
+
+/// A family whose base `model.norm.weight` holds `value` at element 3 and
+/// whose fine-tune (`ft`) stores that tensor only when `model_stores` (as
+/// the base's values): otherwise the tensor is copied from the base.
+fn base_holding(value: f64, model_stores: bool) -> (Setup, Vec<f64>) {
+    let s = Setup::new();
+    let mut base = s.base.clone();
+    let norm = base
+        .iter_mut()
+        .find(|t| t.name == "model.norm.weight")
+        .unwrap();
+    norm.values[3] = value;
+    let norm_values = norm.values.clone();
+    write_model(&s.path("base"), &base, 1, false);
+    let mut ft = fine_tune(&base, 11, 0.01, Ty::BF16);
+    if model_stores {
+        let t = ft
+            .iter_mut()
+            .find(|t| t.name == "model.norm.weight")
+            .unwrap();
+        t.values = norm_values.clone();
+    } else {
+        ft.retain(|t| t.name != "model.norm.weight");
+    }
+    write_model(&s.path("ft"), &ft, 1, false);
+    (s, norm_values)
+}
+
+#[test]
+fn base_values_that_overflow_the_output_type_are_refused_unless_allowed() {
+    // 1e6 is a finite bf16 value (999424) but overflows float16 (max 65504).
+    for model_stores in [false, true] {
+        let (s, values) = base_holding(1e6, model_stores);
+        assert!(values[3].is_finite() && values[3] > 65504.0);
+        let (base, ft, out) = (s.s("base"), s.s("ft"), s.s("merged"));
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&base, &[&ft], &out, &["--dtype", "f16"]);
+        refused(
+            &o,
+            &[
+                "tensor 'model.norm.weight'",
+                "the base's values overflow float16",
+                "--dtype",
+                "--allow-nonfinite",
+            ],
+            s.dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+
+        let o = s.merge(
+            &base,
+            &[&ft],
+            &out,
+            &["--dtype", "f16", "--allow-nonfinite"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged = read_model(&s.path("merged"));
+        let t = &merged["model.norm.weight"];
+        assert_eq!(t.ty, Ty::F16);
+        let got = Ty::F16.decode(&t.bytes);
+        assert_eq!(got[3], f64::INFINITY);
+        // The rest is the base's values rounded to float16 (the model's
+        // copy equals the base, so its delta is 0).
+        for (j, &b) in values.iter().enumerate().filter(|&(j, _)| j != 3) {
+            assert_eq!(
+                &t.bytes[2 * j..2 * j + 2],
+                &Ty::F16.round(b)[..],
+                "[{j}] {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn nonfinite_values_of_a_copied_base_tensor_are_refused_unless_allowed() {
+    for bad in [f64::NAN, f64::INFINITY] {
+        let (s, values) = base_holding(bad, false);
+        let (base, ft, out) = (s.s("base"), s.s("ft"), s.s("merged"));
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&base, &[&ft], &out, &[]);
+        refused(
+            &o,
+            &[
+                "tensor 'model.norm.weight'",
+                "the base model holds NaN or infinite values",
+                "--allow-nonfinite",
+            ],
+            s.dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+        let o = s.merge(&base, &[&ft], &out, &["--allow-nonfinite"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged = read_model(&s.path("merged"));
+        let got = Ty::BF16.decode(&merged["model.norm.weight"].bytes);
+        for (j, (&g, &b)) in got.iter().zip(&values).enumerate() {
+            assert!(g == b || (g.is_nan() && b.is_nan()), "[{j}] {g} {b}");
+        }
+    }
+}
+
+/// Rewrites `dir/model.safetensors` (written by [`write_model`]) with the
+/// tensors of `tensors` except those named in `raw`, which are stored with
+/// their own dtype and bytes (FP8 here, which the test helpers cannot
+/// encode).
+fn write_with_raw(
+    dir: &Path,
+    tensors: &[T],
+    raw: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)],
+) {
+    use safetensors::tensor::TensorView;
+    write_model(dir, tensors, 1, false);
+    let encoded: Vec<(String, Vec<u8>, &T)> = tensors
+        .iter()
+        .filter(|t| !raw.iter().any(|r| r.0 == t.name))
+        .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
+        .collect();
+    let mut views: Vec<(String, TensorView)> = encoded
+        .iter()
+        .map(|(n, b, t)| {
+            (
+                n.clone(),
+                TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    for (name, dtype, shape, bytes) in raw {
+        views.push((
+            name.to_string(),
+            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        ));
+    }
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn fp8_tensors_to_be_merged_or_analysed_are_refused() {
+    use safetensors::Dtype;
+    const UP: &str = "model.layers.0.mlp.up_proj.weight";
+    let s = Setup::new();
+    let shape = vec![24, 16];
+    // FP8 weights with their f32 inverse scale beside them, as
+    // DeepSeek-V3-style checkpoints store them.
+    let fp8 = |seed: u8| -> Vec<u8> {
+        (0..24 * 16)
+            .map(|j| (j as u8).wrapping_mul(seed) & 0x77)
+            .collect()
+    };
+    let scale = T::new(
+        "model.layers.0.mlp.up_proj.weight_scale_inv",
+        Ty::F32,
+        &[1],
+        vec![0.01],
+    );
+    let mut base = s.base.clone();
+    base.push(scale.clone());
+    write_with_raw(
+        &s.path("fp8base"),
+        &base,
+        &[(UP, Dtype::F8_E4M3, shape.clone(), fp8(3))],
+    );
+    let mut ft = fine_tune(&base, 21, 0.01, Ty::BF16);
+    ft.last_mut().unwrap().values[0] = 0.02;
+    write_with_raw(
+        &s.path("fp8ft"),
+        &ft,
+        &[(UP, Dtype::F8_E4M3, shape.clone(), fp8(5))],
+    );
+    // A bf16 base with a fine-tune that stores one tensor as F8_E5M2.
+    write_with_raw(
+        &s.path("fp8model"),
+        &fine_tune(&s.base, 22, 0.01, Ty::BF16),
+        &[(UP, Dtype::F8_E5M2, shape.clone(), fp8(7))],
+    );
+
+    let out = s.s("merged");
+    let cases = [
+        ("fp8base", "fp8ft", "in the base"),
+        ("base", "fp8model", "in model 'fp8model'"),
+    ];
+    for (base, model, whose) in cases {
+        let dtype = if model == "fp8model" {
+            "F8_E5M2"
+        } else {
+            "F8_E4M3"
+        };
+        let needles = [
+            &format!("tensor '{UP}' is stored as {dtype} {whose}") as &str,
+            "FP8 checkpoints are not merged",
+            "dequantise them to bf16 first",
+        ];
+        let before = snapshot_nofollow(s.dir.path());
+        let o = s.merge(&s.s(base), &[&s.s(model)], &out, &[]);
+        refused(&o, &needles, s.dir.path(), &before);
+        assert_eq!(o.status.code(), Some(1));
+        let o = s.merge(&s.s(base), &[&s.s(model)], &out, &["--dry-run"]);
+        refused(&o, &needles, s.dir.path(), &before);
+
+        let needles = [needles[0], "FP8 checkpoints are not analysed", needles[2]];
+        let o = s.analyze(&s.s(base), &[&s.s(model)], &s.s("stats"), &[]);
+        refused(&o, &needles, s.dir.path(), &before);
+        assert_eq!(o.status.code(), Some(1));
+    }
+}
+
+/// The value nearest `exact` among bf16 values is `got` (either neighbour
+/// at an exact tie, within f64 rounding of the reference).
+fn assert_bf16_rounds(what: &str, got: &[u8], exact: f64) {
+    let want = Ty::BF16.round(exact);
+    if got == &want[..] {
+        return;
+    }
+    let (g, w) = (Ty::BF16.decode(got)[0], Ty::BF16.decode(&want)[0]);
+    let (dg, dw) = ((g - exact).abs(), (w - exact).abs());
+    assert!(
+        (dg - dw).abs() <= 1e-12 * exact.abs().max(1e-30),
+        "{what}: got {g}, want {w} (exact {exact:e})"
+    );
+}
+
+#[test]
+fn a_fine_tuned_lm_head_over_a_tied_base_is_refused_or_merged_untied() {
+    const EMBED: &str = "model.embed_tokens.weight";
+    const LM_HEAD: &str = "lm_head.weight";
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |n: &str| p(n).to_string_lossy().into_owned();
+    // A tied base (no lm_head.weight, tie_word_embeddings: true).
+    let base = base_tensors(Ty::BF16, true);
+    write_model(&p("base"), &base, 1, true);
+    // 'head' untied its embeddings in training and stores its own output
+    // layer; 'tied' kept them tied.
+    let mut head = fine_tune(&base, 31, 0.01, Ty::BF16);
+    let embed = base.iter().find(|t| t.name == EMBED).unwrap();
+    let own: Vec<f64> = embed
+        .values
+        .iter()
+        .zip(noise(77, embed.values.len(), 0.02))
+        .map(|(b, d)| b + d)
+        .collect();
+    head.push(T::new(LM_HEAD, Ty::BF16, &embed.shape, own));
+    write_model(&p("head"), &head, 1, false);
+    let tied = fine_tune(&base, 32, 0.01, Ty::BF16);
+    write_model(&p("tied"), &tied, 1, true);
+
+    let args = |out: &str, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--base-model-path",
+            &s("base"),
+            "--other-model-paths",
+            &s("head"),
+            &s("tied"),
+            "--output-path",
+            out,
+            "--lambdas",
+            "0.7",
+            "0.4",
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let go = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        run_bounded("ta-merge", &a, &[], 60)
+    };
+
+    // Without the flag: refused, naming the model and the flag.
+    let before = snapshot_nofollow(dir.path());
+    for extra in [&[][..], &["--dry-run"][..]] {
+        let o = go(args(&s("merged"), extra));
+        refused(
+            &o,
+            &[
+                "model 'head'",
+                "stores its own lm_head.weight",
+                EMBED,
+                "--untie-embeddings",
+            ],
+            dir.path(),
+            &before,
+        );
+        assert_eq!(o.status.code(), Some(1));
+    }
+
+    // With it: lm_head.weight = E + 0.7 (L_head - E) + 0.4 (E_tied - E).
+    let o = go(args(&s("merged"), &["--untie-embeddings"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let merged = read_model(&p("merged"));
+    let value = |ts: &[T], n: &str| ts.iter().find(|t| t.name == n).unwrap().values.clone();
+    let (e, l_head, e_head, e_tied) = (
+        value(&base, EMBED),
+        value(&head, LM_HEAD),
+        value(&head, EMBED),
+        value(&tied, EMBED),
+    );
+    for (name, from_head) in [(LM_HEAD, &l_head), (EMBED, &e_head)] {
+        let t = &merged[name];
+        assert_eq!((t.ty, &t.shape), (Ty::BF16, &embed.shape), "{name}");
+        for j in 0..e.len() {
+            let exact = e[j] + 0.7 * (from_head[j] - e[j]) + 0.4 * (e_tied[j] - e[j]);
+            assert_bf16_rounds(&format!("{name}[{j}]"), &t.bytes[2 * j..2 * j + 2], exact);
+        }
+    }
+    // The output layer differs from the merged embedding (the model's own
+    // training survived), sits right after the embedding, and the config
+    // says the output is untied.
+    assert_ne!(merged[LM_HEAD].bytes, merged[EMBED].bytes);
+    let file = std::fs::read(p("merged/model.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&file).unwrap();
+    let offsets = |n: &str| meta.info(n).unwrap().data_offsets;
+    assert_eq!(offsets(EMBED).1, offsets(LM_HEAD).0);
+    let order: Vec<String> = meta.offset_keys();
+    assert_eq!(order[0], EMBED);
+    assert_eq!(order[1], LM_HEAD);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("merged/config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p("merged/merge_record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["tied_embeddings"], false);
+    assert_eq!(record["untied_embeddings"], true);
+    assert_eq!(record["models"][0]["extra_tensors"], serde_json::json!([]));
+    let o = run("ta-merge", &["--verify", &s("merged")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -152,6 +152,10 @@ pub struct Args {
     #[arg(long = "allow-nonfinite")]
     pub allow_nonfinite: bool,
 
+    /// When the base ties its embeddings, write an untied output: an lm_head.weight merged from the base's embedding and each model's own lm_head.
+    #[arg(long = "untie-embeddings")]
+    pub untie_embeddings: bool,
+
     /// Only check a finished merged folder (headers, offsets, index, sizes, values) and exit.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["base", "models", "output", "dry_run"])]
     pub verify: Option<PathBuf>,

@@ -101,6 +101,7 @@ fn run(args: Args) -> Result<()> {
         max_shard_size,
         skip_mismatched: args.skip_mismatched,
         allow_nonfinite: args.allow_nonfinite,
+        untie_embeddings: args.untie_embeddings,
     };
     let plan = MergePlan::with_recipe(&family, recipe, options)?;
 
@@ -138,7 +139,12 @@ fn run(args: Args) -> Result<()> {
     tv_cli::notes(staging.notes());
     let bar = tv_cli::Bar::new("merging", args.quiet);
     plan.execute(&family, &device, staging.path(), &bar)?;
-    sidecar::write_config(family.base.folder(), staging.path(), plan.main_type)?;
+    sidecar::write_config(
+        family.base.folder(),
+        staging.path(),
+        plan.main_type,
+        plan.untied_embeddings,
+    )?;
     sidecar::copy_side_files(family.base.folder(), staging.path())?;
     record(&args, &family, &plan, norms.as_deref()).write(staging.path())?;
     recipe::pin_settings(&mut config, &plan.recipe.settings)?;
@@ -344,6 +350,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         shards: plan.layout.shards.len(),
         total_size: plan.layout.total_bytes(),
         tied_embeddings: plan.tied_embeddings,
+        untied_embeddings: plan.untied_embeddings,
     }
 }
 

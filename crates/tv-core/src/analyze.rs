@@ -11,7 +11,7 @@
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::Family;
+use crate::family::{is_input_embedding, Family};
 use crate::interrupt;
 use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc};
 use crate::progress::Progress;
@@ -112,6 +112,7 @@ impl Analysis {
 /// Runs the analysis of `family`.
 pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -> Result<Analysis> {
     family.check_overlap()?;
+    family.refuse_low_precision("analysed")?;
     let k = family.models.len();
     let mut rows: Vec<Vec<TensorRow>> = vec![Vec::new(); k];
     let mut skipped: Vec<Vec<Skipped>> = vec![Vec::new(); k];
@@ -266,12 +267,6 @@ fn add_family_sums(dots: &mut [f64], base_sum_sq: &mut [f64], indices: &[usize],
         }
         base_sum_sq[i] += acc.base_sum_sq;
     }
-}
-
-fn is_input_embedding(name: &str) -> bool {
-    name.ends_with("embed_tokens.weight")
-        || name.ends_with("wte.weight")
-        || name.ends_with("word_embeddings.weight")
 }
 
 /// One tensor of the base and the models it can be compared with.

@@ -78,6 +78,23 @@ impl FloatType {
     }
 }
 
+/// The family name of a low-precision float type (FP8, FP6, FP4) that the
+/// tools cannot compute with; such tensors come with scale tensors stored
+/// beside them (`*_scale_inv`), so merging or analysing the rest alone
+/// would be silently wrong.
+pub fn low_precision_kind(dtype: Dtype) -> Option<&'static str> {
+    match dtype {
+        Dtype::F8_E4M3
+        | Dtype::F8_E5M2
+        | Dtype::F8_E8M0
+        | Dtype::F8_E4M3FNUZ
+        | Dtype::F8_E5M2FNUZ => Some("FP8"),
+        Dtype::F6_E2M3 | Dtype::F6_E3M2 => Some("FP6"),
+        Dtype::F4 => Some("FP4"),
+        _ => None,
+    }
+}
+
 impl std::fmt::Display for FloatType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.torch_name())

@@ -5,6 +5,7 @@
 //! be unique, since they label output folders and tables.
 
 use crate::checkpoint::Checkpoint;
+use crate::dtype::low_precision_kind;
 use crate::error::{Error, Result};
 use crate::locate::WeightFiles;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,54 @@ impl Family {
         Ok(())
     }
 
+    /// Refuses a family where a tensor to be `verb` ("merged", "analysed")
+    /// is stored as FP8 (or FP6/FP4) in the base or in a model: those
+    /// tensors are quantised with scale tensors beside them, and handling
+    /// the scales while copying the weights would silently break the model.
+    /// A low-precision tensor of the base that no model stores is copied.
+    pub fn refuse_low_precision(&self, verb: &str) -> Result<()> {
+        let refuse = |name: &str, dtype, kind, whose: String| {
+            Error::Incompatible(format!(
+                "tensor '{name}' is stored as {dtype:?} in {whose}; {kind} checkpoints are not \
+                 {verb} (dequantise them to bf16 first)"
+            ))
+        };
+        for name in self.base.names() {
+            let base = self.base.get(name).expect("listed tensor");
+            let stored: Vec<usize> = (0..self.models.len())
+                .filter(|&i| self.models[i].contains(name))
+                .collect();
+            if let (Some(kind), Some(_)) = (low_precision_kind(base.dtype), stored.first()) {
+                return Err(refuse(name, base.dtype, kind, "the base".into()));
+            }
+            for i in stored {
+                let t = self.models[i].get(name).expect("stored");
+                if let Some(kind) = low_precision_kind(t.dtype) {
+                    return Err(refuse(
+                        name,
+                        t.dtype,
+                        kind,
+                        format!("model '{}'", self.names[i]),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The input embedding the base's output layer is tied to, when the
+    /// base ties its embeddings and stores no `lm_head.weight`.
+    pub fn tied_embedding(&self) -> Option<&str> {
+        if self.base.contains(LM_HEAD) || !self.base_ties_embeddings() {
+            return None;
+        }
+        self.base
+            .names()
+            .iter()
+            .find(|n| is_input_embedding(n))
+            .map(String::as_str)
+    }
+
     /// Whether the base ties its output embedding to its input embedding
     /// (`tie_word_embeddings` in its config, or no `lm_head.weight` stored
     /// beside an embedding).
@@ -101,6 +150,26 @@ impl Family {
                 && self.base.names().iter().any(|n| n.contains("embed_tokens"))
         })
     }
+}
+
+/// The name of the output embedding that tied checkpoints leave out.
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Whether `name` is an input embedding that an output layer can be tied to.
+pub fn is_input_embedding(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight")
+        || name.ends_with("wte.weight")
+        || name.ends_with("word_embeddings.weight")
+}
+
+/// Whether `ckpt` stores an output layer of its own: an `lm_head.weight`
+/// that its config does not declare tied to the input embedding (with
+/// `tie_word_embeddings: true`, Transformers loads the embedding there).
+pub fn stores_own_lm_head(ckpt: &Checkpoint) -> bool {
+    let tied = ckpt
+        .config()
+        .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()));
+    ckpt.contains(LM_HEAD) && tied != Some(true)
 }
 
 /// The weight files of `ckpt` as the user will recognise them: the index,

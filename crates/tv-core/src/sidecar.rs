@@ -205,8 +205,15 @@ pub fn copy_side_files(base_folder: &Path, dir: &Path) -> Result<Vec<String>> {
 }
 
 /// Writes the base's `config.json` into `dir` with its dtype set to
-/// `dtype`. Returns false when the base has no config.
-pub fn write_config(base_folder: &Path, dir: &Path, dtype: Option<FloatType>) -> Result<bool> {
+/// `dtype` and, when `untied`, `tie_word_embeddings: false` (the output
+/// stores its own `lm_head.weight`). Returns false when the base has no
+/// config.
+pub fn write_config(
+    base_folder: &Path,
+    dir: &Path,
+    dtype: Option<FloatType>,
+    untied: bool,
+) -> Result<bool> {
     let src = base_folder.join("config.json");
     let Some(text) = read_side_text_if_present(&src)? else {
         return Ok(false);
@@ -218,6 +225,9 @@ pub fn write_config(base_folder: &Path, dir: &Path, dtype: Option<FloatType>) ->
         if obj.contains_key("dtype") {
             obj.insert("dtype".into(), dtype.torch_name().into());
         }
+    }
+    if let (Some(obj), true) = (config.as_object_mut(), untied) {
+        obj.insert("tie_word_embeddings".into(), false.into());
     }
     let dst = dir.join("config.json");
     let out = serde_json::to_string_pretty(&config).expect("json") + "\n";
@@ -257,6 +267,8 @@ pub struct MergeRecord {
     pub shards: usize,
     pub total_size: u64,
     pub tied_embeddings: bool,
+    /// The base's tied embeddings were written untied (`--untie-embeddings`).
+    pub untied_embeddings: bool,
 }
 
 impl MergeRecord {

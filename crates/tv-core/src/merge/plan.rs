@@ -4,13 +4,15 @@
 //! decides, for every tensor of the base in storage order, what to write:
 //! float tensors are merged by the recipe's method from the models that
 //! store them (with that tensor's parameters), everything else is copied
-//! from the base. Nothing is read beyond headers; [`super::run`] executes
-//! the plan.
+//! from the base. With `--untie-embeddings` over a base that ties its
+//! embeddings, an `lm_head.weight` is planned right after the embedding,
+//! with the base's embedding as its base tensor. Nothing is read beyond
+//! headers; [`super::run`] executes the plan.
 
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::Family;
+use crate::family::{stores_own_lm_head, Family, LM_HEAD};
 use crate::methods::{MethodKind, Recipe, TensorParams};
 use crate::writer::{Layout, OutTensor};
 
@@ -46,6 +48,9 @@ pub struct MergeOptions {
     pub skip_mismatched: bool,
     /// Write NaN or infinite merged values instead of refusing.
     pub allow_nonfinite: bool,
+    /// When the base ties its embeddings, write an untied output whose
+    /// `lm_head.weight` merges the models' own output layers.
+    pub untie_embeddings: bool,
 }
 
 impl Default for MergeOptions {
@@ -55,6 +60,7 @@ impl Default for MergeOptions {
             max_shard_size: 5_000_000_000,
             skip_mismatched: false,
             allow_nonfinite: false,
+            untie_embeddings: false,
         }
     }
 }
@@ -76,6 +82,9 @@ pub struct MergePlan {
     /// The output's main float type (for `config.json`).
     pub main_type: Option<FloatType>,
     pub tied_embeddings: bool,
+    /// The base's tied embeddings are written untied: an `lm_head.weight`
+    /// merged from the base's embedding and the models' output layers.
+    pub untied_embeddings: bool,
 }
 
 impl MergePlan {
@@ -95,72 +104,46 @@ impl MergePlan {
         check_model_count(recipe.settings.kind, family.models.len())?;
         recipe.settings.check()?;
         family.check_overlap()?;
+        family.refuse_low_precision("merged")?;
         let out_type = options.out_type;
-        let mut tensors = Vec::with_capacity(family.base.len());
+        let untie = untied_lm_head(family, options.untie_embeddings)?;
+        let mut tensors = Vec::with_capacity(family.base.len() + 1);
         let mut missing = vec![Vec::new(); family.models.len()];
         let mut mismatched = vec![Vec::new(); family.models.len()];
         for name in family.base.names() {
-            let base = family.base.get(name).expect("listed tensor").clone();
-            let Some(base_type) = base.float_type() else {
-                tensors.push(PlannedTensor {
-                    name: name.clone(),
-                    base,
-                    out_type: None,
-                    action: Action::Copy,
-                    params: None,
-                });
-                continue;
-            };
-            let mut sources = Vec::new();
-            for (i, model) in family.models.iter().enumerate() {
-                let model_name = &family.names[i];
-                let Some(t) = model.get(name) else {
-                    missing[i].push(name.clone());
-                    continue;
-                };
-                if t.shape != base.shape {
-                    if options.skip_mismatched {
-                        mismatched[i].push(name.clone());
-                        continue;
-                    }
-                    return Err(Error::Incompatible(format!(
-                        "tensor '{name}': model '{model_name}' has shape {:?}, the base {:?}{}; \
-                         pass --skip-mismatched to merge it from the other models only",
-                        t.shape,
-                        base.shape,
-                        if name.contains("embed") || name.contains("lm_head") {
-                            " (a resized vocabulary?)"
-                        } else {
-                            ""
-                        }
-                    )));
-                }
-                if t.float_type().is_none() {
-                    return Err(Error::Incompatible(format!(
-                        "tensor '{name}': model '{model_name}' stores it as {:?}, the base as {:?}",
-                        t.dtype, base.dtype
-                    )));
-                }
-                sources.push((i, t.clone()));
-            }
-            let out = out_type.unwrap_or(base_type);
-            // Model Stock needs two task vectors to measure an angle; with
-            // fewer the tensor keeps the base's values (as in mergekit).
-            let too_few = recipe.settings.kind == MethodKind::ModelStock && sources.len() < 2;
-            let (action, params) = if sources.is_empty() || too_few {
-                (Action::Copy, None)
-            } else {
-                let params = recipe.params.tensor_params(name)?;
-                check_params(name, &params, family)?;
-                (Action::Merge(sources), Some(params))
-            };
-            tensors.push(PlannedTensor {
-                name: name.clone(),
+            let base = family.base.get(name).expect("listed tensor");
+            tensors.push(plan_tensor(
+                family,
+                &recipe,
+                &options,
+                name,
                 base,
-                out_type: Some(out),
-                action,
-                params,
-            });
+                &|i| family.models[i].get(name),
+                &mut missing,
+                &mut mismatched,
+            )?);
+            // The untied output layer follows the embedding it starts from:
+            // the base's embedding, each model's own lm_head (or, for a
+            // model that ties, its embedding).
+            if untie == Some(name.as_str()) {
+                tensors.push(plan_tensor(
+                    family,
+                    &recipe,
+                    &options,
+                    LM_HEAD,
+                    base,
+                    &|i| {
+                        let m = &family.models[i];
+                        if stores_own_lm_head(m) {
+                            m.get(LM_HEAD)
+                        } else {
+                            m.get(name)
+                        }
+                    },
+                    &mut missing,
+                    &mut mismatched,
+                )?);
+            }
         }
         let extra = family
             .models
@@ -169,6 +152,7 @@ impl MergePlan {
                 m.names()
                     .iter()
                     .filter(|n| !family.base.contains(n))
+                    .filter(|n| untie.is_none() || n.as_str() != LM_HEAD)
                     .cloned()
                     .collect()
             })
@@ -194,7 +178,8 @@ impl MergePlan {
             mismatched,
             options,
             main_type,
-            tied_embeddings: family.base_ties_embeddings(),
+            tied_embeddings: family.base_ties_embeddings() && untie.is_none(),
+            untied_embeddings: untie.is_some(),
         })
     }
 
@@ -231,6 +216,12 @@ impl MergePlan {
         if self.tied_embeddings {
             s.push_str("      tied embeddings: the shared matrix is merged once, as stored\n");
         }
+        if self.untied_embeddings {
+            s.push_str(
+                "      untied embeddings: lm_head.weight is written, merged from the base's \
+                 embedding and each model's lm_head (or its embedding, where it ties them)\n",
+            );
+        }
         for (i, name) in names.iter().enumerate() {
             if !self.missing[i].is_empty() {
                 s.push_str(&format!(
@@ -256,6 +247,108 @@ impl MergePlan {
         }
         s
     }
+}
+
+/// The base embedding to write an untied `lm_head.weight` from, when the
+/// base ties its embeddings and `untie` asks for it. Without `untie`, a
+/// model with an output layer of its own is refused: merging only the
+/// shared matrix would silently drop that model's output-layer training.
+fn untied_lm_head(family: &Family, untie: bool) -> Result<Option<&str>> {
+    let Some(embedding) = family.tied_embedding() else {
+        if untie && family.base_ties_embeddings() && !family.base.contains(LM_HEAD) {
+            return Err(Error::Incompatible(
+                "--untie-embeddings: the base ties its embeddings but stores no input embedding \
+                 (*embed_tokens.weight, *wte.weight, *word_embeddings.weight) to untie"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if untie {
+        return Ok(Some(embedding));
+    }
+    match family.models.iter().position(stores_own_lm_head) {
+        Some(i) => Err(Error::Incompatible(format!(
+            "model '{}' stores its own {LM_HEAD}, but the base ties it to {embedding}; \
+             pass --untie-embeddings to merge it into an untied output",
+            family.names[i]
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Plans one output tensor `name` from the base's tensor `base` and, for
+/// each model `i`, `source(i)`: merged from the models that store a float
+/// tensor of the base's shape, copied from the base otherwise.
+#[allow(clippy::too_many_arguments)]
+fn plan_tensor<'a>(
+    family: &'a Family,
+    recipe: &Recipe,
+    options: &MergeOptions,
+    name: &str,
+    base: &TensorRef,
+    source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    missing: &mut [Vec<String>],
+    mismatched: &mut [Vec<String>],
+) -> Result<PlannedTensor> {
+    let Some(base_type) = base.float_type() else {
+        return Ok(PlannedTensor {
+            name: name.to_string(),
+            base: base.clone(),
+            out_type: None,
+            action: Action::Copy,
+            params: None,
+        });
+    };
+    let mut sources = Vec::new();
+    for (i, model_name) in family.names.iter().enumerate() {
+        let Some(t) = source(i) else {
+            missing[i].push(name.to_string());
+            continue;
+        };
+        if t.shape != base.shape {
+            if options.skip_mismatched {
+                mismatched[i].push(name.to_string());
+                continue;
+            }
+            return Err(Error::Incompatible(format!(
+                "tensor '{name}': model '{model_name}' has shape {:?}, the base {:?}{}; \
+                 pass --skip-mismatched to merge it from the other models only",
+                t.shape,
+                base.shape,
+                if name.contains("embed") || name.contains("lm_head") {
+                    " (a resized vocabulary?)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        if t.float_type().is_none() {
+            return Err(Error::Incompatible(format!(
+                "tensor '{name}': model '{model_name}' stores it as {:?}, the base as {:?}",
+                t.dtype, base.dtype
+            )));
+        }
+        sources.push((i, t.clone()));
+    }
+    let out = options.out_type.unwrap_or(base_type);
+    // Model Stock needs two task vectors to measure an angle; with
+    // fewer the tensor keeps the base's values (as in mergekit).
+    let too_few = recipe.settings.kind == MethodKind::ModelStock && sources.len() < 2;
+    let (action, params) = if sources.is_empty() || too_few {
+        (Action::Copy, None)
+    } else {
+        let params = recipe.params.tensor_params(name)?;
+        check_params(name, &params, family)?;
+        (Action::Merge(sources), Some(params))
+    };
+    Ok(PlannedTensor {
+        name: name.to_string(),
+        base: base.clone(),
+        out_type: Some(out),
+        action,
+        params,
+    })
 }
 
 /// Refuses a family the method cannot merge.

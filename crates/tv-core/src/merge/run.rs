@@ -512,19 +512,30 @@ fn nonfinite_error(
             .find(|(_, m)| has_nonfinite(m))
             .map(|(i, _)| format!("model '{}'", family.names[*i]))
     };
-    let out = planned
-        .out_type
-        .map_or("the output type".to_string(), |t| t.to_string());
+    let out_type = planned.out_type.expect("float tensor");
+    // Whether the base's values alone, in the output type, overflow it.
+    let base_overflows = || {
+        let mut values = vec![0f64; end - start];
+        crate::dtype::decode_f64(inputs.base.ty, inputs.base.range(start, end), &mut values);
+        let mut bytes = vec![0u8; (end - start) * out_type.size()];
+        encode_f64(out_type, &values, &mut bytes);
+        count_nonfinite(out_type, &bytes) > 0
+    };
+    let action = if inputs.models.is_empty() {
+        "copy them anyway"
+    } else {
+        "merge anyway"
+    };
     match culprit {
         Some(who) => Error::Incompatible(format!(
-            "tensor '{name}': {who} holds NaN or infinite values; pass --allow-nonfinite to merge anyway"
+            "tensor '{name}': {who} holds NaN or infinite values; pass --allow-nonfinite to {action}"
         )),
-        None if inputs.models.is_empty() => Error::Incompatible(format!(
-            "tensor '{name}': the base's values overflow {out}; choose a wider --dtype, \
-             or pass --allow-nonfinite"
+        None if inputs.models.is_empty() || base_overflows() => Error::Incompatible(format!(
+            "tensor '{name}': the base's values overflow {out_type}; choose a wider --dtype \
+             (or keep the base's), or pass --allow-nonfinite to write them as infinity"
         )),
         None => Error::Incompatible(format!(
-            "tensor '{name}': merged values overflow {out}; use smaller weights, a wider --dtype, \
+            "tensor '{name}': merged values overflow {out_type}; use smaller weights, a wider --dtype, \
              or pass --allow-nonfinite"
         )),
     }
