@@ -519,32 +519,7 @@ fn the_next_run_removes_what_a_killed_run_left() {
     let s = Setup::new();
     let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
     let before = snapshot_nofollow(&s.path("base"));
-    let mut child = std::process::Command::new(bin_path("ta-merge"))
-        .args([
-            "--base-model-path",
-            &base,
-            "--other-model-paths",
-            &good,
-            "--output-path",
-            &out,
-            "--lambdas",
-            "0.5",
-            "--quiet",
-        ])
-        .env("TV_TEST_SEGMENT_DELAY_MS", "200")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let partial = format!(".merged.partial-{}", child.id());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !entries(s.dir.path()).contains(&partial) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "merge never started writing"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    let (mut child, partial) = start_slow_merge(&s);
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     assert_eq!(entries(s.dir.path()), [partial.as_str(), "base", "good"]);
@@ -776,10 +751,10 @@ fn force_replaces_a_merge_whole_and_leaves_nothing_beside_it() {
     assert_eq!(snapshot_nofollow(&s.path("base")), inputs);
 }
 
-/// Starts a merge of `good` onto `base` slowed to 200 ms a segment, waits
-/// until it writes, applies `change` to the model's shard, and returns the
-/// finished process's output.
-fn merge_while(s: &Setup, change: impl FnOnce(&Path)) -> Output {
+/// Starts a merge of `good` onto `base` into `merged`, slowed to 200 ms a
+/// segment, and waits until it is writing; returns the process and the
+/// name of its partial folder.
+fn start_slow_merge(s: &Setup) -> (std::process::Child, String) {
     let (base, good, out) = (s.s("base"), s.s("good"), s.s("merged"));
     let child = std::process::Command::new(bin_path("ta-merge"))
         .args(["--base-model-path", &base, "--other-model-paths", &good])
@@ -798,6 +773,13 @@ fn merge_while(s: &Setup, change: impl FnOnce(&Path)) -> Output {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    (child, partial)
+}
+
+/// Applies `change` to the model's shard while a slowed merge runs;
+/// returns the finished process's output.
+fn merge_while(s: &Setup, change: impl FnOnce(&Path)) -> Output {
+    let (child, _) = start_slow_merge(s);
     change(&s.path("good").join("model.safetensors"));
     child.wait_with_output().unwrap()
 }

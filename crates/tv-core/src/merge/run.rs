@@ -22,10 +22,10 @@ use crate::methods::inputs::{Input, Scratch as DecodeScratch, TensorInputs, SEGM
 use crate::methods::linear::Linear;
 use crate::methods::magmax::Magmax;
 use crate::methods::model_stock::ModelStock;
-use crate::methods::select::{self, Target};
+use crate::methods::select;
 use crate::methods::slerp::Slerp;
-use crate::methods::sparsify::{keep_count, outlier_window, Mask, ModelCut};
-use crate::methods::{DensityScope, Method, MethodKind, Scratch, Sparsification, TensorParams};
+use crate::methods::sparsify::{ModelCut, Pending};
+use crate::methods::{DensityScope, Method, MethodKind, Scratch, TensorParams};
 use crate::progress::Progress;
 use crate::writer::ShardWriter;
 use rayon::prelude::*;
@@ -342,56 +342,27 @@ impl MergePlan {
             }
         }
         let mut targets = Vec::new();
-        let mut plans = Vec::new();
-        for m in 0..k {
-            let (rho, n) = (density[m].unwrap_or(1.0), entries[m]);
-            let plan = if rho >= 1.0 || n == 0 {
-                Err(Mask::All)
-            } else if kind.sparsification() == Some(Sparsification::Magnitude) {
-                if rho <= 0.0 {
-                    Err(Mask::Nothing)
-                } else {
-                    targets.push(Target {
-                        model: m,
-                        rank: keep_count(rho, n).max(1),
-                    });
-                    Ok((targets.len() - 1, None))
-                }
-            } else {
-                let (drop, keep) = outlier_window(rho, gamma[m].unwrap_or(0.0), n);
-                if keep == 0 {
-                    Err(Mask::Nothing)
-                } else {
-                    targets.push(Target {
-                        model: m,
-                        rank: drop + keep,
-                    });
-                    targets.push(Target {
-                        model: m,
-                        rank: drop,
-                    });
-                    Ok((targets.len() - 2, Some(targets.len() - 1)))
-                }
-            };
-            plans.push(plan);
-        }
-        let cuts: Vec<Arc<_>> = select::select(&inputs, &targets)?
-            .into_iter()
-            .map(Arc::new)
+        let sparsification = kind.sparsification().expect("a magnitude method");
+        let pending: Vec<Pending> = (0..k)
+            .map(|m| {
+                let (rho, gamma) = (density[m].unwrap_or(1.0), gamma[m].unwrap_or(0.0));
+                Pending::magnitude(sparsification, m, rho, gamma, entries[m], &mut targets)
+            })
             .collect();
-        Ok(plans
+        let cuts: Vec<Arc<_>> = if targets.is_empty() {
+            Vec::new()
+        } else {
+            select::select(&inputs, &targets)?
+                .into_iter()
+                .map(Arc::new)
+                .collect()
+        };
+        Ok(pending
             .into_iter()
             .enumerate()
-            .map(|(model, plan)| ModelCut {
+            .map(|(model, p)| ModelCut {
                 model,
-                mask: match plan {
-                    Err(mask) => mask,
-                    Ok((top, None)) => Mask::Top(Arc::clone(&cuts[top])),
-                    Ok((outer, Some(inner))) => Mask::Window {
-                        outer: Arc::clone(&cuts[outer]),
-                        inner: Arc::clone(&cuts[inner]),
-                    },
-                },
+                mask: p.resolve(&cuts),
             })
             .collect())
     }

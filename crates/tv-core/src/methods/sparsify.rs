@@ -52,6 +52,66 @@ pub(crate) struct Sparsifier {
     pub factor: f64,
 }
 
+/// A mask that may wait for the selection of its cuts.
+#[derive(Debug)]
+pub(crate) enum Pending {
+    Ready(Mask),
+    /// The cut of target `.0`.
+    Top(usize),
+    /// Kept by target `.0`'s cut and not by target `.1`'s.
+    Window(usize, usize),
+}
+
+impl Pending {
+    /// The mask of model `model` for a magnitude sparsification at density
+    /// `rho` (and `gamma`) over `n` entries, pushing the cuts it needs onto
+    /// `targets`: TIES' top max(1, ⌊ρn⌋), or Breadcrumbs' window.
+    pub fn magnitude(
+        kind: Sparsification,
+        model: usize,
+        rho: f64,
+        gamma: f64,
+        n: u64,
+        targets: &mut Vec<Target>,
+    ) -> Self {
+        if rho >= 1.0 || n == 0 {
+            return Pending::Ready(Mask::All);
+        }
+        if kind == Sparsification::Magnitude {
+            if rho <= 0.0 {
+                return Pending::Ready(Mask::Nothing);
+            }
+            targets.push(Target {
+                model,
+                rank: keep_count(rho, n).max(1),
+            });
+            return Pending::Top(targets.len() - 1);
+        }
+        let (drop, keep) = outlier_window(rho, gamma, n);
+        if keep == 0 {
+            return Pending::Ready(Mask::Nothing);
+        }
+        targets.push(Target {
+            model,
+            rank: drop + keep,
+        });
+        targets.push(Target { model, rank: drop });
+        Pending::Window(targets.len() - 2, targets.len() - 1)
+    }
+
+    /// The mask, given the cuts selected for the targets.
+    pub fn resolve(self, cuts: &[Arc<Cut>]) -> Mask {
+        match self {
+            Pending::Ready(mask) => mask,
+            Pending::Top(k) => Mask::Top(Arc::clone(&cuts[k])),
+            Pending::Window(outer, inner) => Mask::Window {
+                outer: Arc::clone(&cuts[outer]),
+                inner: Arc::clone(&cuts[inner]),
+            },
+        }
+    }
+}
+
 /// Whole-model cuts of one model, for `--density-scope model`.
 #[derive(Debug, Clone)]
 pub(crate) struct ModelCut {
@@ -71,13 +131,8 @@ impl Sparsifier {
     ) -> Result<Vec<Sparsifier>> {
         let n = t.numel() as u64;
         let mut masks = Vec::with_capacity(t.models.len());
-        // Magnitude targets, selected together: (source, rank) pairs.
+        // Magnitude targets of every model, selected together.
         let mut targets: Vec<Target> = Vec::new();
-        enum Pending {
-            Ready(Mask),
-            Top(usize),
-            Window(usize, usize),
-        }
         for &(m, _) in &t.models {
             let rho = p.density[m];
             let pending = if let Some(cuts) = model_cuts {
@@ -87,29 +142,8 @@ impl Sparsifier {
                 Pending::Ready(Mask::All)
             } else {
                 match kind {
-                    Sparsification::Magnitude if rho <= 0.0 => Pending::Ready(Mask::Nothing),
-                    Sparsification::Magnitude => {
-                        targets.push(Target {
-                            model: m,
-                            rank: keep_count(rho, n).max(1),
-                        });
-                        Pending::Top(targets.len() - 1)
-                    }
-                    Sparsification::MagnitudeOutliers => {
-                        let (drop, keep) = outlier_window(rho, p.gamma[m], n);
-                        if keep == 0 {
-                            Pending::Ready(Mask::Nothing)
-                        } else {
-                            targets.push(Target {
-                                model: m,
-                                rank: drop + keep,
-                            });
-                            targets.push(Target {
-                                model: m,
-                                rank: drop,
-                            });
-                            Pending::Window(targets.len() - 2, targets.len() - 1)
-                        }
+                    Sparsification::Magnitude | Sparsification::MagnitudeOutliers => {
+                        Pending::magnitude(kind, m, rho, p.gamma[m], n, &mut targets)
                     }
                     Sparsification::Random if rho <= 0.0 => Pending::Ready(Mask::Nothing),
                     Sparsification::Random => Pending::Ready(Mask::Random {
@@ -147,14 +181,7 @@ impl Sparsifier {
         let mut out: Vec<Sparsifier> = masks
             .into_iter()
             .map(|pending| Sparsifier {
-                mask: match pending {
-                    Pending::Ready(mask) => mask,
-                    Pending::Top(k) => Mask::Top(Arc::clone(&cuts[k])),
-                    Pending::Window(outer, inner) => Mask::Window {
-                        outer: Arc::clone(&cuts[outer]),
-                        inner: Arc::clone(&cuts[inner]),
-                    },
-                },
+                mask: pending.resolve(&cuts),
                 inverse: settings.rescale == Rescale::Inverse,
                 factor: 1.0,
             })
