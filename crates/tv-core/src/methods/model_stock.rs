@@ -69,14 +69,28 @@ struct Dots {
 }
 
 impl Visit for Dots {
-    type Acc = Vec<f64>;
+    /// Σ d_i d_j (`k * k`, upper triangle filled) and the block's deltas.
+    type Acc = (Vec<f64>, Vec<f64>);
 
     #[inline(always)]
-    fn visit(&self, dots: &mut Vec<f64>, block: &Block<'_>) {
-        let mut part = vec![0f64; self.k * self.k];
-        add_dots(block, self.k, 0..block.len, &mut part);
-        for (a, b) in dots.iter_mut().zip(part) {
-            *a += b;
+    fn visit(&self, (dots, deltas): &mut Self::Acc, block: &Block<'_>) {
+        let (k, len) = (self.k, block.len);
+        deltas.resize(k * len, 0.0);
+        for i in 0..k {
+            for ((d, &m), &b) in deltas[i * len..(i + 1) * len]
+                .iter_mut()
+                .zip(block.model(i))
+                .zip(block.base)
+            {
+                *d = m - b;
+            }
+        }
+        for a in 0..k {
+            let da = &deltas[a * len..(a + 1) * len];
+            for b in a..k {
+                let db = &deltas[b * len..(b + 1) * len];
+                dots[a * k + b] += crate::lanes::dot(da, db);
+            }
         }
     }
 }
@@ -94,15 +108,20 @@ impl Method for ModelStock {
             return Ok(0.0);
         }
         let k = t.models.len();
-        let mut accs = per_thread(|| vec![0f64; k * k]);
+        let mut accs = per_thread(|| (vec![0f64; k * k], Vec::new()));
         t.scan(false, &mut accs, &Dots { k })?;
-        let dots = accs.into_iter().reduce(|mut a, b| {
-            for (x, y) in a.iter_mut().zip(b) {
+        let mut dots = vec![0f64; k * k];
+        for (part, _) in accs {
+            for (x, y) in dots.iter_mut().zip(part) {
                 *x += y;
             }
-            a
-        });
-        Ok(interpolation(&dots.unwrap_or_default(), k))
+        }
+        for a in 0..k {
+            for b in 0..a {
+                dots[a * k + b] = dots[b * k + a];
+            }
+        }
+        Ok(interpolation(&dots, k))
     }
 
     #[inline(always)]

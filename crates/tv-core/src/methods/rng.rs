@@ -9,7 +9,8 @@
 //! 8 little-endian bytes ‖ tensor name in UTF-8), and entry j's draw is
 //! SplitMix64's output for state key + (j + 1) · 0x9E3779B97F4A7C15, that is
 //! the (j + 1)-th output of the SplitMix64 sequence seeded with the key,
-//! mapped to `(x >> 11) · 2⁻⁵³`. An entry is kept when its draw is below its
+//! mapped to `(x >> 12) · 2⁻⁵²` (computed exactly as the f64 with those 52
+//! bits as its fraction, minus 1). An entry is kept when its draw is below its
 //! keep probability. Each draw is a few multiplications, computed
 //! independently, so a block of draws vectorises.
 
@@ -46,7 +47,7 @@ impl Draws {
             z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^= z >> 31;
-            *u = (z >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+            *u = f64::from_bits(0x3FF0_0000_0000_0000 | (z >> 12)) - 1.0;
         }
     }
 }
@@ -75,7 +76,7 @@ mod tests {
         d.fill(0, &mut whole);
         let mut reference = SplitMix64(d.key);
         for &u in &whole {
-            assert_eq!(u, (reference.next() >> 11) as f64 / (1u64 << 53) as f64);
+            assert_eq!(u, (reference.next() >> 12) as f64 / (1u64 << 52) as f64);
         }
         let mut part = vec![0.0; 10];
         d.fill(37, &mut part);
