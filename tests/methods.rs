@@ -466,50 +466,56 @@ fn dare_keeps_about_the_density() {
 
 #[test]
 fn della_ranks_rows_and_draws_the_documented_mask() {
-    let f = fam(Ty::F32, 1, false, &SCALES);
-    for (method, elect, normalize) in [("della", true, true), ("della_linear", false, false)] {
-        let out = f.dir.path().join(format!("out-{method}"));
-        run_method(
-            &f,
-            &out,
-            method,
-            &["--density", "0.5", "--epsilon", "0.2", "--seed", "3"],
-        );
-        let shapes: BTreeMap<String, Vec<usize>> = f
-            .base
-            .iter()
-            .map(|t| (t.name.clone(), t.shape.clone()))
-            .collect();
-        let want = each_tensor(&f, |name, b, ds| {
-            let row = *shapes[name].last().unwrap();
-            let v: Vec<Vec<f64>> = ds
+    // bf16 deltas leave the magnitudes' low bits free (the packed sort),
+    // f32 deltas do not (the pair sort).
+    for ty in [Ty::BF16, Ty::F32] {
+        let f = fam(ty, 1, false, &SCALES);
+        for (method, elect, normalize) in [("della", true, true), ("della_linear", false, false)] {
+            let out = f.dir.path().join(format!("out-{method}"));
+            run_method(
+                &f,
+                &out,
+                method,
+                &["--density", "0.5", "--epsilon", "0.2", "--seed", "3"],
+            );
+            let shapes: BTreeMap<String, Vec<usize>> = f
+                .base
                 .iter()
-                .enumerate()
-                .map(|(i, d)| {
-                    let u = draws(3, i, name, d.len());
-                    let mut out = vec![0.0; d.len()];
-                    for r in 0..d.len() / row {
-                        let cells: Vec<usize> = (r * row..(r + 1) * row).collect();
-                        let mut order = cells.clone();
-                        order.sort_by(|&a, &c| d[a].abs().total_cmp(&d[c].abs()).then(a.cmp(&c)));
-                        for (rank, &j) in order.iter().enumerate() {
-                            let scaled = if row == 1 {
-                                0.5
-                            } else {
-                                rank as f64 / (row - 1) as f64
-                            };
-                            let p = 0.3 + 0.4 * scaled;
-                            if u[j] < p {
-                                out[j] = W[i] * (d[j] / p);
+                .map(|t| (t.name.clone(), t.shape.clone()))
+                .collect();
+            let want = each_tensor(&f, |name, b, ds| {
+                let row = *shapes[name].last().unwrap();
+                let v: Vec<Vec<f64>> = ds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| {
+                        let u = draws(3, i, name, d.len());
+                        let mut out = vec![0.0; d.len()];
+                        for r in 0..d.len() / row {
+                            let cells: Vec<usize> = (r * row..(r + 1) * row).collect();
+                            let mut order = cells.clone();
+                            order.sort_by(|&a, &c| {
+                                d[a].abs().total_cmp(&d[c].abs()).then(a.cmp(&c))
+                            });
+                            for (rank, &j) in order.iter().enumerate() {
+                                let scaled = if row == 1 {
+                                    0.5
+                                } else {
+                                    rank as f64 / (row - 1) as f64
+                                };
+                                let p = 0.3 + 0.4 * scaled;
+                                if u[j] < p {
+                                    out[j] = W[i] * (d[j] / p);
+                                }
                             }
                         }
-                    }
-                    out
-                })
-                .collect();
-            combine(b, &v, &W, elect, normalize)
-        });
-        check(&out, &f.base, &want);
+                        out
+                    })
+                    .collect();
+                combine(b, &v, &W, elect, normalize)
+            });
+            check(&out, &f.base, &want);
+        }
     }
 }
 

@@ -317,6 +317,7 @@ pub(crate) struct Scratch {
     pub total: Vec<f64>,
     pub divisor: Vec<f64>,
     pub order: Vec<(u64, u32)>,
+    pub packed: Vec<u64>,
 }
 
 /// A merge method: a pre-pass per tensor, then a per-block combine.
