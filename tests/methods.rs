@@ -57,13 +57,18 @@ impl Fam {
 /// A base with the common tensors plus one of 12 × 1000 elements (several
 /// blocks), and fine-tunes of the given noise scales.
 fn fam(ty: Ty, shards: usize, tied: bool, scales: &[f64]) -> Fam {
+    fam_with(ty, shards, tied, scales, &[12, 1000])
+}
+
+/// [`fam`] with the extra tensor of shape `big`.
+fn fam_with(ty: Ty, shards: usize, tied: bool, scales: &[f64], big: &[usize]) -> Fam {
     let dir = tempfile::tempdir().unwrap();
     let mut base = base_tensors(ty, tied);
     base.push(T::new(
         "model.layers.1.mlp.gate_proj.weight",
         ty,
-        &[12, 1000],
-        noise(99, 12_000, 0.05),
+        big,
+        noise(99, big.iter().product(), 0.05),
     ));
     write_model(&dir.path().join("base"), &base, shards, tied);
     write_side_files(&dir.path().join("base"));
@@ -392,42 +397,107 @@ fn dare_masks_follow_the_documented_generator_and_rescale() {
 }
 
 #[test]
-fn dare_output_does_not_depend_on_the_thread_count() {
-    let f = fam(Ty::BF16, 2, false, &SCALES);
-    let mut outs = Vec::new();
-    for threads in ["1", "2", "3"] {
-        let out = f.dir.path().join(format!("out-{threads}"));
-        let o = std::process::Command::new(bin_path("ta-merge"))
-            .env("RAYON_NUM_THREADS", threads)
-            .args(["--base-model-path", &f.path("base"), "--other-model-paths"])
-            .args(f.models())
-            .args([
+fn outputs_do_not_depend_on_the_thread_count() {
+    // DARE's draws, and the float sums of the pre-passes (Model Stock's
+    // dots, SLERP's norms, L1 rescaling), in f64 output where a last-bit
+    // difference would show, on a tensor of many blocks.
+    let f = fam_with(Ty::BF16, 2, false, &SCALES, &[1024, 1024]);
+    let m0 = f.path("m0");
+    let runs: [(&str, Vec<&str>); 4] = [
+        ("dare_ties", vec!["--density", "0.3"]),
+        (
+            "dare_linear",
+            vec!["--density", "0.3", "--rescale", "l1", "--dtype", "f64"],
+        ),
+        ("model_stock", vec!["--dtype", "f64"]),
+        ("slerp", vec!["--t", "0.3", "--dtype", "f64"]),
+    ];
+    for (method, extra) in runs {
+        let mut outs = Vec::new();
+        for threads in ["1", "2", "3"] {
+            let out = f.dir.path().join(format!("{method}-{threads}"));
+            let models = if method == "slerp" {
+                vec![m0.clone()]
+            } else {
+                f.models()
+            };
+            let mut cmd = std::process::Command::new(bin_path("ta-merge"));
+            cmd.env("RAYON_NUM_THREADS", threads)
+                .args(["--base-model-path", &f.path("base"), "--other-model-paths"])
+                .args(&models)
+                .args(["--method", method])
+                .args(&extra)
+                .arg("--output-path")
+                .arg(&out)
+                .arg("--quiet");
+            if method.starts_with("dare") {
+                cmd.args(["--lambdas", "0.5", "0.3", "0.2"]);
+            }
+            let o = cmd.output().unwrap();
+            assert!(o.status.success(), "{method}: {}", stderr(&o));
+            let shards: Vec<Vec<u8>> = snapshot(&out)
+                .into_iter()
+                .filter(|(p, _)| p.to_string_lossy().ends_with(".safetensors"))
+                .map(|(_, b)| b)
+                .collect();
+            assert!(!shards.is_empty());
+            outs.push(shards);
+        }
+        assert!(outs[0] == outs[1] && outs[0] == outs[2], "{method}");
+    }
+}
+
+#[test]
+fn nan_in_a_fine_tune_is_refused_by_every_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_tensors(Ty::F32, false);
+    write_model(&dir.path().join("base"), &base, 1, false);
+    let mut bad = fine_tune(&base, 3, 0.01, Ty::F32);
+    bad[1].values[5] = f64::NAN;
+    write_model(&dir.path().join("bad"), &bad, 1, false);
+    write_model(
+        &dir.path().join("good"),
+        &fine_tune(&base, 4, 0.01, Ty::F32),
+        1,
+        false,
+    );
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    for method in [
+        "ties",
+        "dare_ties",
+        "breadcrumbs",
+        "magmax",
+        "della",
+        "model_stock",
+        "linear",
+    ] {
+        let out = p(&format!("out-{method}"));
+        let o = run(
+            "ta-merge",
+            &[
+                "--base-model-path",
+                &p("base"),
+                "--other-model-paths",
+                &p("bad"),
+                &p("good"),
                 "--lambdas",
                 "0.5",
-                "0.3",
-                "0.2",
+                "0.5",
                 "--method",
-                "dare_ties",
+                method,
                 "--density",
-                "0.3",
-            ])
-            .arg("--output-path")
-            .arg(&out)
-            .arg("--quiet")
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        outs.push(snapshot(&out));
+                "0.5",
+                "--gamma",
+                "0.2",
+                "--output-path",
+                &out,
+                "--quiet",
+            ],
+        );
+        assert_eq!(o.status.code(), Some(1), "{method}: {}", stderr(&o));
+        assert_one_line_error(&o, &[&bad[1].name, "model 'bad'", "NaN"]);
+        assert!(!Path::new(&out).exists(), "{method}");
     }
-    let shards = |s: &BTreeMap<std::path::PathBuf, Vec<u8>>| -> Vec<Vec<u8>> {
-        s.iter()
-            .filter(|(p, _)| p.to_string_lossy().ends_with(".safetensors"))
-            .map(|(_, b)| b.clone())
-            .collect()
-    };
-    assert!(!shards(&outs[0]).is_empty());
-    assert_eq!(shards(&outs[0]), shards(&outs[1]));
-    assert_eq!(shards(&outs[0]), shards(&outs[2]));
 }
 
 #[test]

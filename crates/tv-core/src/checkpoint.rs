@@ -20,9 +20,10 @@ use std::path::{Path, PathBuf};
 #[derive(Debug)]
 pub struct Shard {
     pub path: PathBuf,
-    map: Mmap,
-    /// Turns a truncation of the file under the mapping into an error.
+    /// Turns a truncation of the file under the mapping into an error;
+    /// declared first so it is unregistered before the mapping goes.
     _watch: crate::guard::Watch,
+    map: Mmap,
 }
 
 /// Where one tensor lives and what it is.

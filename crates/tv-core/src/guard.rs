@@ -29,6 +29,9 @@ static ENDS: [AtomicUsize; SLOTS] = [const { AtomicUsize::new(0) }; SLOTS];
 static USED: AtomicUsize = AtomicUsize::new(0);
 /// 1 + the slot of the first mapping that faulted, 0 while none has.
 static FAULTED: AtomicUsize = AtomicUsize::new(0);
+/// The page size, read once when the handler is installed (sysconf is not
+/// async-signal-safe).
+static PAGE: AtomicUsize = AtomicUsize::new(4096);
 
 /// What each slot maps: the file and its identity when opened.
 static FILES: Mutex<Vec<Watched>> = Mutex::new(Vec::new());
@@ -52,8 +55,9 @@ pub(crate) struct Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         if let Some(slot) = self.slot {
-            STARTS[slot].store(0, Ordering::SeqCst);
+            // End first: the handler never sees a range from 0 to an old end.
             ENDS[slot].store(0, Ordering::SeqCst);
+            STARTS[slot].store(0, Ordering::SeqCst);
             if let Ok(mut files) = FILES.lock() {
                 if let Some(w) = files.get_mut(slot) {
                     w.live = false;
@@ -125,6 +129,11 @@ fn truncated(path: &Path) -> Error {
 }
 
 fn install_handler() {
+    // SAFETY: sysconf is called outside any signal handler.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page > 0 {
+        PAGE.store(page as usize, Ordering::SeqCst);
+    }
     // SAFETY: sigaction with a handler that only does async-signal-safe
     // work (atomics, mmap, sigaction, raise).
     unsafe {
@@ -146,10 +155,10 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
             ENDS[slot].load(Ordering::SeqCst),
         );
         if addr >= start && addr < end {
-            // SAFETY: sysconf and mmap are async-signal-safe; the page lies
-            // inside a read-only mapping of ours, replaced by zeros.
-            unsafe {
-                let page = libc::sysconf(libc::_SC_PAGESIZE).max(4096) as usize;
+            // SAFETY: the page lies inside a read-only mapping of ours and
+            // is replaced by zeros; mmap is a plain system call here.
+            let mapped = unsafe {
+                let page = PAGE.load(Ordering::SeqCst);
                 let at = addr & !(page - 1);
                 libc::mmap(
                     at as *mut libc::c_void,
@@ -158,7 +167,11 @@ extern "C" fn on_sigbus(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                     -1,
                     0,
-                );
+                )
+            };
+            if mapped == libc::MAP_FAILED {
+                // Retrying would fault forever: crash as the default would.
+                break;
             }
             let _ = FAULTED.compare_exchange(0, slot + 1, Ordering::SeqCst, Ordering::SeqCst);
             return;

@@ -210,7 +210,15 @@ impl<V: Visit> crate::simd::Kernel for ScanPart<'_, '_, V> {
     }
 }
 
-/// One accumulator per thread of rayon's pool, made by `init`.
+/// Accumulators of float sums: a fixed number of parts, whatever the thread
+/// count, so each part sums the same elements in the same order on every
+/// machine and the total (added in part order) is bit-identical.
+pub(crate) fn fixed_parts<A>(init: impl Fn() -> A) -> Vec<A> {
+    (0..16).map(|_| init()).collect()
+}
+
+/// One accumulator per thread of rayon's pool, made by `init` (for counts,
+/// whose totals do not depend on how the work is split).
 pub(crate) fn per_thread<A>(init: impl Fn() -> A) -> Vec<A> {
     (0..rayon::current_num_threads().max(1))
         .map(|_| init())

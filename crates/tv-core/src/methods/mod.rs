@@ -315,6 +315,7 @@ pub(crate) struct Scratch {
     pub a: Vec<f64>,
     pub c: Vec<f64>,
     pub total: Vec<f64>,
+    pub raw: Vec<f64>,
     pub divisor: Vec<f64>,
     pub order: Vec<(u64, u32)>,
     pub packed: Vec<u64>,

@@ -5,7 +5,7 @@
 //! max(|d_i||d_j|, 1e-6) and are clamped to [−1, 1]; where
 //! |1 + (N − 1) c| < 1e-6 the base is kept (t = 0), as mergekit does.
 
-use super::inputs::{per_thread, Block, TensorInputs, Visit};
+use super::inputs::{fixed_parts, Block, TensorInputs, Visit};
 use super::{Method, Scratch, TensorParams};
 use crate::error::Result;
 
@@ -108,7 +108,7 @@ impl Method for ModelStock {
             return Ok(0.0);
         }
         let k = t.models.len();
-        let mut accs = per_thread(|| (vec![0f64; k * k], Vec::new()));
+        let mut accs = fixed_parts(|| (vec![0f64; k * k], Vec::new()));
         t.scan(false, &mut accs, &Dots { k })?;
         let mut dots = vec![0f64; k * k];
         for (part, _) in accs {

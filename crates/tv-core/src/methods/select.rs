@@ -13,7 +13,7 @@
 //! block by block, which of them fall within k.
 
 use super::inputs::{per_thread, Block, TensorInputs, Visit, BLOCK};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// The key of a task-vector entry: the bits of |d| (NaN sorts highest).
 #[inline(always)]
@@ -179,6 +179,8 @@ enum Search {
         key: u64,
         need: u64,
     },
+    /// A later pass found fewer entries than an earlier one.
+    Changed,
 }
 
 /// Finds the cut of every target over `tensors` (one tensor for a
@@ -322,13 +324,16 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
             .collect();
         searches[*k] = Search::Done(Cut { key, need, ties });
     }
-    Ok(searches
+    searches
         .into_iter()
         .map(|s| match s {
-            Search::Done(cut) => cut,
-            _ => unreachable!("every level resolves or narrows to one key"),
+            Search::Done(cut) => Ok(cut),
+            _ => Err(Error::Incompatible(
+                "an input changed while being read (its entries no longer add up); nothing was written"
+                    .into(),
+            )),
         })
-        .collect())
+        .collect()
 }
 
 /// Level 1: counts the top bits of every key, per model slot.
@@ -440,7 +445,8 @@ fn narrow(
         }
         return Search::Narrowing { prefix, need };
     }
-    unreachable!("need is at most the number of entries")
+    // The counts no longer hold the rank: an input changed between passes.
+    Search::Changed
 }
 
 /// Count, smallest and largest key of one bucket, side by side so an

@@ -4,7 +4,7 @@
 //! [−1, 1], θ = acos c, merged = sin((1−t)θ)/sin θ · b + sin(tθ)/sin θ · m;
 //! plain linear interpolation (1−t) b + t m when |c| > 0.9995.
 
-use super::inputs::{per_thread, Block, TensorInputs, Visit};
+use super::inputs::{fixed_parts, Block, TensorInputs, Visit};
 use super::{Method, Scratch, TensorParams};
 use crate::error::Result;
 
@@ -64,7 +64,7 @@ impl Method for Slerp {
     type State = Coefficients;
 
     fn prepare(&self, t: &TensorInputs<'_>, p: &TensorParams) -> Result<Coefficients> {
-        let mut accs = per_thread(|| [0f64; 3]);
+        let mut accs = fixed_parts(|| [0f64; 3]);
         t.scan(false, &mut accs, &Sums)?;
         let s = accs
             .iter()

@@ -9,7 +9,7 @@
 //! Both the pre-pass and the merge call `apply`, so the entries counted for
 //! the L1 norm are exactly the entries merged.
 
-use super::inputs::{per_thread, Block, TensorInputs, Visit};
+use super::inputs::{fixed_parts, Block, TensorInputs, Visit};
 use super::rng::Draws;
 use super::select::{self, Cut, Target};
 use super::{MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
@@ -355,7 +355,7 @@ fn l1_factors(t: &TensorInputs<'_>, sparsifiers: &[Sparsifier]) -> Result<Vec<f6
     let rows = sparsifiers
         .iter()
         .any(|s| matches!(s.mask, Mask::Della { .. }));
-    let mut accs = per_thread(|| (vec![0f64; 2 * k], Scratch::default(), Vec::new()));
+    let mut accs = fixed_parts(|| (vec![0f64; 2 * k], Scratch::default(), Vec::new()));
     t.scan(rows, &mut accs, &L1Sums { t, sparsifiers })?;
     let mut sums = vec![0f64; 2 * k];
     for (s, _, _) in accs {
