@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
 
 /// A tensor to be written.
 #[derive(Debug, Clone)]
@@ -144,15 +146,18 @@ pub fn dtype_name(dtype: Dtype) -> String {
         .unwrap_or_else(|| format!("{dtype:?}"))
 }
 
-/// Writes one shard: header, then tensor data in plan order.
+/// Streams one shard's data into its file, in the planned order. The file
+/// is written by a thread of its own, one segment behind the caller, so
+/// writing overlaps the computation of the next segment; buffers go back
+/// and forth so none is allocated per segment.
+#[derive(Debug)]
 pub struct ShardWriter {
     path: PathBuf,
-    out: BufWriter<File>,
     expected: u64,
     written: u64,
-    /// File offset up to which writeback to disk has been started.
-    queued: u64,
-    header_len: u64,
+    to_file: Option<SyncSender<Vec<u8>>>,
+    recycled: Receiver<Vec<u8>>,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 /// Bytes written between two requests that the kernel start writing back.
@@ -179,46 +184,96 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
     let _ = (file, offset, len);
 }
 
+/// The writing thread: appends every buffer it receives, starts writeback
+/// every [`WRITEBACK_STEP`], hands the buffer back; at the end (the sender
+/// dropped) flushes and fsyncs. Stops at the first error.
+fn write_file(
+    file: File,
+    header_len: u64,
+    buffers: Receiver<Vec<u8>>,
+    recycle: SyncSender<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut out = BufWriter::with_capacity(1 << 20, file);
+    let (mut end, mut queued) = (header_len, 0u64);
+    for buffer in buffers {
+        crate::testhooks::before_write(buffer.len())?;
+        out.write_all(&buffer)?;
+        end += buffer.len() as u64;
+        if end - queued >= WRITEBACK_STEP {
+            out.flush()?;
+            start_writeback(out.get_ref(), queued, end - queued);
+            queued = end;
+        }
+        // The caller may have stopped taking buffers back; that is fine.
+        let _ = recycle.try_send(buffer);
+    }
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
+}
+
 impl ShardWriter {
     /// Creates `dir/<file_name>` and writes the header of shard `k`.
     pub fn create(dir: &Path, layout: &Layout, k: usize) -> Result<Self> {
         let plan = &layout.shards[k];
         let path = dir.join(&plan.file_name);
-        let file = File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut file = File::create(&path).map_err(|e| Error::io("cannot create", &path, e))?;
         let header = layout.header(k);
-        out.write_all(&header)
+        file.write_all(&header)
             .map_err(|e| Error::io("cannot write", &path, e))?;
+        let (to_file, buffers) = sync_channel::<Vec<u8>>(1);
+        let (recycle, recycled) = sync_channel::<Vec<u8>>(2);
+        let header_len = header.len() as u64;
+        let thread = std::thread::Builder::new()
+            .name("shard-writer".into())
+            .spawn(move || write_file(file, header_len, buffers, recycle))
+            .map_err(|e| Error::io("cannot start a writer for", &path, e))?;
         Ok(Self {
             path,
-            out,
             expected: plan.data_bytes,
             written: 0,
-            queued: 0,
-            header_len: header.len() as u64,
+            to_file: Some(to_file),
+            recycled,
+            thread: Some(thread),
         })
     }
 
-    /// Appends tensor data.
+    /// Appends tensor data (copied into a buffer of the writer's).
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.written += bytes.len() as u64;
-        crate::testhooks::before_write(bytes.len())
-            .and_then(|()| self.out.write_all(bytes))
-            .map_err(|e| Error::io("cannot write", &self.path, e))?;
-        let end = self.header_len + self.written;
-        if end - self.queued >= WRITEBACK_STEP {
-            self.out
-                .flush()
-                .map_err(|e| Error::io("cannot write", &self.path, e))?;
-            start_writeback(self.out.get_ref(), self.queued, end - self.queued);
-            self.queued = end;
+        let mut buffer = self.recycled.try_recv().unwrap_or_default();
+        buffer.clear();
+        buffer.extend_from_slice(bytes);
+        self.write_owned(buffer).map(|_| ())
+    }
+
+    /// Appends `buffer` and returns an emptied buffer to fill next (one the
+    /// writing thread is done with, when there is one).
+    pub fn write_owned(&mut self, buffer: Vec<u8>) -> Result<Vec<u8>> {
+        self.written += buffer.len() as u64;
+        let sent = self.to_file.as_ref().map(|tx| tx.send(buffer));
+        if !matches!(sent, Some(Ok(()))) {
+            // The thread stopped: its error says why.
+            return Err(self.stop());
         }
-        Ok(())
+        Ok(self.recycled.try_recv().unwrap_or_default())
+    }
+
+    /// Ends the writing thread and returns its outcome as this shard's error.
+    fn stop(&mut self) -> Error {
+        self.to_file = None;
+        let outcome = self.thread.take().map(|t| t.join());
+        match outcome {
+            Some(Ok(Err(e))) => Error::io("cannot write", &self.path, e),
+            _ => Error::io(
+                "cannot write",
+                &self.path,
+                std::io::Error::other("the writing thread stopped"),
+            ),
+        }
     }
 
     /// Flushes and fsyncs the shard; checks that exactly the planned number
     /// of bytes was written.
-    pub fn finish(self) -> Result<()> {
+    pub fn finish(mut self) -> Result<()> {
         if self.written != self.expected {
             return Err(Error::bad_file(
                 &self.path,
@@ -228,12 +283,26 @@ impl ShardWriter {
                 ),
             ));
         }
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| Error::io("cannot write", &self.path, e.into_error()))?;
-        file.sync_all()
-            .map_err(|e| Error::io("cannot sync", &self.path, e))
+        self.to_file = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::io("cannot write", &self.path, e)),
+            _ => Err(Error::io(
+                "cannot write",
+                &self.path,
+                std::io::Error::other("the writing thread stopped"),
+            )),
+        }
+    }
+}
+
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        // Unfinished (an error elsewhere): let the thread end, result unused.
+        self.to_file = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

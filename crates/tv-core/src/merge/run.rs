@@ -200,7 +200,8 @@ impl MergePlan {
             if nonfinite > 0 && !self.options.allow_nonfinite {
                 return Err(nonfinite_error(family, inputs, planned, start, end));
             }
-            writer.write(buffer)?;
+            let full = std::mem::take(buffer);
+            *buffer = writer.write_owned(full)?;
             inputs.release(start, end);
             let read: usize = std::iter::once(&inputs.base)
                 .chain(inputs.models.iter().map(|(_, m)| m))
