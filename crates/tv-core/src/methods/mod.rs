@@ -319,6 +319,7 @@ pub(crate) struct Scratch {
     pub divisor: Vec<f64>,
     pub order: Vec<(u64, u32)>,
     pub packed: Vec<u64>,
+    pub probability: Vec<f64>,
 }
 
 /// A merge method: a pre-pass per tensor, then a per-block combine.

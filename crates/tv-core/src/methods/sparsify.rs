@@ -242,6 +242,7 @@ impl Sparsifier {
                         self.inverse,
                         &mut scratch.order,
                         &mut scratch.packed,
+                        &mut scratch.probability,
                     );
                 }
             }
@@ -277,9 +278,11 @@ fn della_row(
     inverse: bool,
     order: &mut Vec<(u64, u32)>,
     packed: &mut Vec<u64>,
+    probability: &mut Vec<f64>,
 ) {
+    probability.clear();
+    probability.resize(row.len(), 0.0);
     let n = row.len();
-    let mut probability = vec![0.0; n];
     let scaled = |rank: usize| {
         if n == 1 {
             0.5
@@ -315,7 +318,7 @@ fn della_row(
             probability[j as usize] = (density - epsilon) + 2.0 * epsilon * scaled(rank);
         }
     }
-    for ((d, &u), &p) in row.iter_mut().zip(draws).zip(&probability) {
+    for ((d, &u), &p) in row.iter_mut().zip(draws).zip(probability.iter()) {
         *d = if u < p {
             if inverse {
                 *d / p
