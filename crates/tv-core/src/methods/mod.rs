@@ -317,6 +317,12 @@ pub(crate) struct Scratch {
     pub total: Vec<f64>,
     pub raw: Vec<f64>,
     pub divisor: Vec<f64>,
+    pub della: DellaScratch,
+}
+
+/// Per-row buffers of DELLA's ranking.
+#[derive(Debug, Default)]
+pub(crate) struct DellaScratch {
     pub order: Vec<(u64, u32)>,
     pub packed: Vec<u64>,
     pub probability: Vec<f64>,

@@ -12,7 +12,7 @@
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit};
 use super::rng::Draws;
 use super::select::{self, Cut, Target};
-use super::{MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
+use super::{DellaScratch, MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -240,9 +240,7 @@ impl Sparsifier {
                         *density,
                         *epsilon,
                         self.inverse,
-                        &mut scratch.order,
-                        &mut scratch.packed,
-                        &mut scratch.probability,
+                        &mut scratch.della,
                     );
                 }
             }
@@ -276,10 +274,13 @@ fn della_row(
     density: f64,
     epsilon: f64,
     inverse: bool,
-    order: &mut Vec<(u64, u32)>,
-    packed: &mut Vec<u64>,
-    probability: &mut Vec<f64>,
+    buffers: &mut DellaScratch,
 ) {
+    let DellaScratch {
+        order,
+        packed,
+        probability,
+    } = buffers;
     probability.clear();
     probability.resize(row.len(), 0.0);
     let n = row.len();
