@@ -432,16 +432,7 @@ mod tests {
         let mut s = values.to_vec();
         s.extend(std::iter::repeat_n(0.0, zeros));
         s.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        let n = s.len();
-        LEVELS
-            .iter()
-            .map(|p| {
-                let pos = p / 100.0 * (n - 1) as f64;
-                let lo = pos.floor() as usize;
-                let hi = (lo + 1).min(n - 1);
-                lerp(s[lo], s[hi], pos - lo as f64)
-            })
-            .collect()
+        reference_sorted(&s)
     }
 
     #[test]

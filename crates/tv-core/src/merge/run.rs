@@ -18,7 +18,7 @@ use crate::family::Family;
 use crate::interrupt;
 use crate::kernels::{convert_range, merge_range, Addend};
 use crate::methods::gta::Gta;
-use crate::methods::inputs::{Input, Scratch as DecodeScratch, TensorInputs, SEGMENT};
+use crate::methods::inputs::{Block, Input, Scratch as DecodeScratch, TensorInputs, SEGMENT};
 use crate::methods::linear::Linear;
 use crate::methods::magmax::Magmax;
 use crate::methods::model_stock::ModelStock;
@@ -407,12 +407,28 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
                 &mut scratch,
                 &mut merged,
             );
+            propagate_nonfinite(&b, &mut merged);
             let bytes = &mut self.out[out_type.byte_range(s - self.first, e - self.first)];
             encode_f64(out_type, &merged, bytes);
             nonfinite += count_nonfinite(out_type, bytes);
             s = e;
         }
         nonfinite
+    }
+}
+
+/// Makes every merged value whose inputs hold NaN or infinity NaN, whatever
+/// the method did with them (trimming, dropping or sign election may leave
+/// such an entry out), so the non-finite check refuses it and names the
+/// input, as for Task Arithmetic.
+#[inline(always)]
+fn propagate_nonfinite(block: &Block<'_>, merged: &mut [f64]) {
+    for input in std::iter::once(block.base).chain(block.models.chunks(block.len.max(1))) {
+        for (m, &x) in merged.iter_mut().zip(input) {
+            if !x.is_finite() {
+                *m = f64::NAN;
+            }
+        }
     }
 }
 

@@ -70,18 +70,10 @@ impl Method for Gta {
         v.resize(k * len, 0.0);
         total.clear();
         total.resize(len, 0.0);
-        // Σ of the raw deltas: not finite exactly where an input is NaN or
-        // infinite, even if thinning or election would drop that entry.
-        let mut raw = std::mem::take(&mut scratch.raw);
-        raw.clear();
-        raw.resize(len, 0.0);
         let mut weight_sum = 0.0;
         for (i, &(m, _)) in t.models.iter().enumerate() {
             let w = p.weight[m];
             weight_sum += w;
-            for ((r, &x), &b) in raw.iter_mut().zip(block.model(i)).zip(block.base) {
-                *r += x - b;
-            }
             let vi = &mut v[i * len..(i + 1) * len];
             self.weighted(sparsifiers, i, w, t, block, scratch, vi);
             for (s, x) in total.iter_mut().zip(vi.iter()) {
@@ -123,15 +115,8 @@ impl Method for Gta {
                 *o = b + p.scale * (s / divisor);
             }
         }
-        // Non-finite inputs reach the output, whose check names them.
-        for (o, &r) in out.iter_mut().zip(&raw) {
-            if !r.is_finite() {
-                *o = f64::NAN;
-            }
-        }
         scratch.c = v;
         scratch.total = total;
-        scratch.raw = raw;
     }
 }
 

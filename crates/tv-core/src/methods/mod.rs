@@ -315,7 +315,6 @@ pub(crate) struct Scratch {
     pub a: Vec<f64>,
     pub c: Vec<f64>,
     pub total: Vec<f64>,
-    pub raw: Vec<f64>,
     pub divisor: Vec<f64>,
     pub della: DellaScratch,
 }
