@@ -5,35 +5,12 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
-
-/// A family folder: base/, good/ (a fine-tune) and room for bad models.
-struct Setup {
-    dir: tempfile::TempDir,
-    base: Vec<T>,
-}
 
 impl Setup {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let base = base_tensors(Ty::BF16, false);
-        write_model(&dir.path().join("base"), &base, 1, false);
-        write_model(
-            &dir.path().join("good"),
-            &fine_tune(&base, 5, 0.01, Ty::BF16),
-            1,
-            false,
-        );
-        Setup { dir, base }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_string_lossy().into_owned()
+        Setup::with_side_files(false)
     }
 
     /// A model folder `name` holding `model.safetensors` = `bytes`.

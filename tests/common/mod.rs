@@ -585,3 +585,37 @@ pub fn snapshot_nofollow(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     }
     out
 }
+
+/// A family folder: `base/` and `good/` (a bf16 fine-tune of it), with the
+/// base's side files when asked; test files add their own helpers in
+/// `impl Setup` blocks.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub base: Vec<T>,
+}
+
+impl Setup {
+    pub fn with_side_files(side_files: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let base = base_tensors(Ty::BF16, false);
+        write_model(&dir.path().join("base"), &base, 1, false);
+        if side_files {
+            write_side_files(&dir.path().join("base"));
+        }
+        write_model(
+            &dir.path().join("good"),
+            &fine_tune(&base, 5, 0.01, Ty::BF16),
+            1,
+            false,
+        );
+        Setup { dir, base }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+}
