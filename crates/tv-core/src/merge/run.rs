@@ -43,6 +43,10 @@ struct Out<'a> {
     progress: &'a dyn Progress,
 }
 
+/// Fills the output bytes of elements `start..end`; returns how many of the
+/// values are not finite.
+type ComputeSegment<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<usize> + Sync + 'a;
+
 /// Writes one planned tensor.
 type WriteTensor<'a> = dyn FnMut(&PlannedTensor, &mut Out<'_>) -> Result<()> + 'a;
 
@@ -181,7 +185,7 @@ impl MergePlan {
         planned: &PlannedTensor,
         unit: usize,
         out: &mut Out<'_>,
-        compute: &(dyn Fn(usize, usize, &mut [u8]) -> usize + Sync),
+        compute: &ComputeSegment<'_>,
     ) -> Result<()> {
         let (writer, buffer, progress) = (&mut *out.writer, &mut *out.buffer, out.progress);
         let out_type = planned.out_type.expect("float tensor");
@@ -195,7 +199,7 @@ impl MergePlan {
             }
             let end = (start + segment).min(numel);
             buffer.resize((end - start) * out_type.size(), 0);
-            let nonfinite = compute(start, end, buffer);
+            let nonfinite = compute(start, end, buffer)?;
             crate::guard::check()?;
             if nonfinite > 0 && !self.options.allow_nonfinite {
                 return Err(nonfinite_error(family, inputs, planned, start, end));
@@ -231,8 +235,7 @@ impl MergePlan {
                 .collect(),
             None => Vec::new(),
         };
-        let failed = std::sync::Mutex::new(None);
-        let compute = |start: usize, end: usize, out: &mut [u8]| -> usize {
+        let compute = |start: usize, end: usize, out: &mut [u8]| -> Result<usize> {
             let base = inputs.base.range(start, end);
             let addends: Vec<Addend<'_>> = inputs
                 .models
@@ -244,26 +247,16 @@ impl MergePlan {
                     bytes: m.range(start, end),
                 })
                 .collect();
-            match compute_segment(device, inputs.base.ty, base, &addends, out_type, out) {
-                Ok(n) => n,
-                Err(e) => {
-                    *failed.lock().expect("lock") = Some(e);
-                    0
-                }
-            }
+            compute_segment(device, inputs.base.ty, base, &addends, out_type, out)
         };
         if inputs.models.is_empty() && inputs.base.ty == out_type {
             // A plain copy: the base's bytes, segment by segment.
             return self.stream_tensor(family, &inputs, planned, 1, out, &|s, e, bytes| {
                 bytes.copy_from_slice(inputs.base.range(s, e));
-                count_nonfinite(out_type, bytes)
+                Ok(count_nonfinite(out_type, bytes))
             });
         }
-        self.stream_tensor(family, &inputs, planned, 1, out, &compute)?;
-        match failed.into_inner().expect("lock") {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.stream_tensor(family, &inputs, planned, 1, out, &compute)
     }
 
     /// A tensor through `method`: its pre-pass, then the combine.
@@ -283,8 +276,9 @@ impl MergePlan {
         let block = inputs.block_len(method.rows());
         let task = (TASK / block).max(1) * block;
         let os = out_type.size();
-        let compute = |start: usize, _end: usize, out: &mut [u8]| -> usize {
-            out.par_chunks_mut(task * os)
+        let compute = |start: usize, _end: usize, out: &mut [u8]| -> Result<usize> {
+            Ok(out
+                .par_chunks_mut(task * os)
                 .enumerate()
                 .map(|(k, out)| {
                     crate::simd::fastest(CombineTask {
@@ -298,7 +292,7 @@ impl MergePlan {
                         out,
                     })
                 })
-                .sum()
+                .sum())
         };
         self.stream_tensor(family, &inputs, planned, task, out, &compute)
     }
