@@ -94,7 +94,7 @@ fn run(args: Args) -> Result<()> {
     let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
     if let Some(l) = &lambdas {
         // The table and the record show each model's weight as a whole.
-        recipe.weights = l.clone();
+        recipe.weights = l.iter().copied().map(Some).collect();
     }
     let options = MergeOptions {
         out_type: config.out_dtype(),

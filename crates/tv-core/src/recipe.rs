@@ -89,14 +89,17 @@ pub fn from_config<'a>(
     }
     settings.check()?;
     let needs_weights = kind.uses_weights();
-    // What the weight table shows: each model's weight outside the layers.
+    // What the weight table shows: a model's weight when it is one number.
     let weights = (0..config.models().len())
         .map(|i| {
-            Ok(config
-                .model_number(i, ParamKey::Weight, "", None)?
-                .unwrap_or(if needs_weights { f64::NAN } else { 1.0 }))
+            let scalar = match config.model_param(i, ParamKey::Weight) {
+                Some(ParamValue::Number(w)) => Some(*w),
+                Some(_) => None,
+                None => config.global_number(ParamKey::Weight, "", None)?,
+            };
+            Ok(scalar.or((!needs_weights).then_some(1.0)))
         })
-        .collect::<Result<Vec<f64>>>()?;
+        .collect::<Result<Vec<Option<f64>>>>()?;
     Ok(Recipe {
         settings,
         weights,

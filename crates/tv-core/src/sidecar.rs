@@ -241,7 +241,8 @@ pub struct RecordModel {
     pub name: String,
     pub path: String,
     pub l2_norm: Option<f64>,
-    pub lambda: f64,
+    /// `None` where the weight varies by tensor (see `mergekit_config.yml`).
+    pub lambda: Option<f64>,
     pub missing_tensors: Vec<String>,
     pub extra_tensors: Vec<String>,
 }
@@ -313,7 +314,10 @@ impl MergeRecord {
         ));
         for m in &self.models {
             let l2 = m.l2_norm.map_or("n/a".to_string(), |l| format!("{l:.4}"));
-            s.push_str(&format!("| `{}` | {l2} | {:.6} |\n", m.path, m.lambda));
+            let lambda = m
+                .lambda
+                .map_or("per tensor".to_string(), |l| format!("{l:.6}"));
+            s.push_str(&format!("| `{}` | {l2} | {lambda} |\n", m.path));
         }
         s.push_str(&format!(
             "\n{} tensors merged, {} copied from the base; {} shard(s), {} bytes.\n",

@@ -188,7 +188,8 @@ pub fn check_explicit(names: &[String], lambdas: &[f64]) -> Result<()> {
 }
 
 /// The table the original tool printed: name, L2 and λ per model.
-pub fn format_table(names: &[String], norms: Option<&[f64]>, lambdas: &[f64]) -> String {
+/// (`None` weights vary by tensor.)
+pub fn format_table(names: &[String], norms: Option<&[f64]>, lambdas: &[Option<f64>]) -> String {
     let width = names
         .iter()
         .map(|n| n.chars().count())
@@ -201,7 +202,10 @@ pub fn format_table(names: &[String], norms: Option<&[f64]>, lambdas: &[f64]) ->
             Some(n) => format!("L2={:<8.4}", n[i]),
             None => format!("L2={:<8}", "n/a"),
         };
-        out.push_str(&format!("{name:<width$} {l2}  λ={lambda:.6}\n"));
+        match lambda {
+            Some(lambda) => out.push_str(&format!("{name:<width$} {l2}  λ={lambda:.6}\n")),
+            None => out.push_str(&format!("{name:<width$} {l2}  λ varies by tensor\n")),
+        }
     }
     out
 }

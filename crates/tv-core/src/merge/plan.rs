@@ -94,7 +94,7 @@ impl MergePlan {
     }
 
     /// The models' weights as a whole (what the weight table prints).
-    pub fn lambdas(&self) -> &[f64] {
+    pub fn lambdas(&self) -> &[Option<f64>] {
         &self.recipe.weights
     }
 

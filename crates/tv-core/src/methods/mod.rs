@@ -392,9 +392,9 @@ impl TensorParams {
 #[derive(Debug)]
 pub struct Recipe {
     pub settings: MethodSettings,
-    /// Each model's weight as a whole (what the weight table prints; a
-    /// [`ParamSource`] may still vary it by tensor).
-    pub weights: Vec<f64>,
+    /// Each model's weight as a whole, what the weight table prints; `None`
+    /// where it varies by tensor (per-layer anchors, filters).
+    pub weights: Vec<Option<f64>>,
     pub params: Box<dyn ParamSource>,
 }
 
@@ -404,7 +404,7 @@ impl Recipe {
         Self {
             settings: MethodSettings::new(MethodKind::TaskArithmetic),
             params: Box::new(Uniform(TensorParams::with_weights(weights.clone()))),
-            weights,
+            weights: weights.into_iter().map(Some).collect(),
         }
     }
 }
