@@ -195,6 +195,11 @@ fn hub_snapshot(spec: &str, id: &HubId) -> Result<PathBuf> {
              run without --no-download and HF_HUB_OFFLINE to complete it",
             snapshot.display()
         ))),
+        Cached::Dangling { reference, commit } => Err(Error::NotFound(format!(
+            "{spec}: {} names commit {commit}, which has no snapshot folder in the cache; \
+             run without --no-download and HF_HUB_OFFLINE to download the model again",
+            reference.display()
+        ))),
         Cached::Absent => Err(Error::NotFound(format!(
             "{spec}: not a local path, and not in the Hugging Face cache at {} \
              (run without --no-download and HF_HUB_OFFLINE to download it)",

@@ -132,6 +132,9 @@ pub enum Cached {
     /// A snapshot (or a ref) that lacks `missing`, as an interrupted
     /// download leaves it.
     Incomplete { snapshot: PathBuf, missing: String },
+    /// A ref naming a commit that has no snapshot folder (deleted, or a
+    /// download that stopped before its first file).
+    Dangling { reference: PathBuf, commit: String },
     /// Nothing of this revision.
     Absent,
 }
@@ -144,37 +147,45 @@ pub fn lookup(cache: &Path, id: &HubId) -> Result<Cached> {
         return Ok(Cached::Absent);
     }
     let snapshots = repo.join("snapshots");
-    let commit = if is_commit_hash(&id.revision) {
-        id.revision.to_ascii_lowercase()
+    let (commit, reference) = if is_commit_hash(&id.revision) {
+        (id.revision.to_ascii_lowercase(), None)
     } else {
         let ref_path = repo.join("refs").join(&id.revision);
         if std::fs::symlink_metadata(&ref_path).is_ok() {
-            read_ref(&ref_path)?
+            (read_ref(&ref_path)?, Some(ref_path))
         } else if !id.explicit_revision {
             // No refs/main: accept the cache only when it holds one snapshot.
             let mut revs = snapshot_folders(&snapshots);
-            match revs.len() {
-                0 => return Ok(Cached::Absent),
-                1 => return Ok(completeness(revs.remove(0))),
-                n => {
-                    return Err(Error::NotFound(format!(
-                        "{}: the cache at {} holds {n} snapshots and no refs/main; \
-                         pass the snapshot folder path or name a commit as {}@<commit>",
-                        id.repo,
-                        repo.display(),
-                        id.repo
-                    )))
-                }
-            }
+            return match revs.len() {
+                0 => Ok(Cached::Absent),
+                1 => Ok(completeness(revs.remove(0))),
+                n => Err(Error::NotFound(format!(
+                    "{}: the cache at {} holds {n} snapshots and no refs/main; \
+                     pass the snapshot folder path or name a commit as {}@<commit>",
+                    id.repo,
+                    repo.display(),
+                    id.repo
+                ))),
+            };
         } else {
             return Ok(Cached::Absent);
         }
     };
-    match snapshot_dir(&snapshots, &commit) {
-        Some(dir) => Ok(completeness(dir)),
-        None => Ok(Cached::Incomplete {
-            snapshot: snapshots.join(&commit),
-            missing: "the snapshot folder".to_string(),
+    let dir = snapshots.join(&commit);
+    match std::fs::symlink_metadata(&dir) {
+        Ok(meta) if meta.is_dir() => Ok(completeness(dir)),
+        // A symlink could lead out of the cache: never read or write there.
+        Ok(_) => Err(Error::bad_file(
+            &dir,
+            format!(
+                "is not a snapshot folder (a symbolic link or a file), so {} has no snapshot \
+                 folder; the cache is damaged: remove it and run again",
+                reference.as_deref().unwrap_or(&dir).display()
+            ),
+        )),
+        Err(_) => Ok(match reference {
+            Some(reference) => Cached::Dangling { reference, commit },
+            None => Cached::Absent,
         }),
     }
 }
@@ -279,6 +290,13 @@ pub fn lock_path(cache: &Path, repo: &str, etag: &str) -> PathBuf {
 /// renamed over it).
 pub fn link_pointer(repo: &Path, commit: &str, name: &str, etag: &str) -> Result<PathBuf> {
     let dir = repo.join("snapshots").join(commit);
+    if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+        // Writing through a symlink could write outside the cache.
+        return Err(Error::bad_file(
+            &dir,
+            "is not a snapshot folder (a symbolic link or a file); the cache is damaged: remove it and run again",
+        ));
+    }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
     let pointer = dir.join(name);
     let target = Path::new("../../blobs").join(etag);
@@ -354,9 +372,19 @@ mod tests {
             "refs/pr/3"
         );
         assert!(HubId::parse("./local/dir").unwrap().is_none());
-        for bad in ["org/m@", "org/m@../x", "org/m@a//b", "org/m@a b", "org/m@/x", "org/m@.x"] {
+        for bad in [
+            "org/m@",
+            "org/m@../x",
+            "org/m@a//b",
+            "org/m@a b",
+            "org/m@/x",
+            "org/m@.x",
+        ] {
             let err = HubId::parse(bad).unwrap_err().to_string();
-            assert!(err.contains("not a branch, tag or commit name"), "{bad}: {err}");
+            assert!(
+                err.contains("not a branch, tag or commit name"),
+                "{bad}: {err}"
+            );
         }
     }
 
@@ -412,7 +440,10 @@ mod tests {
         link_pointer(&repo, &commit, "config.json", &etag2).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"y");
         write_ref(&repo, "refs/pr/1", &commit).unwrap();
-        assert_eq!(std::fs::read_to_string(repo.join("refs/refs/pr/1")).unwrap(), commit);
+        assert_eq!(
+            std::fs::read_to_string(repo.join("refs/refs/pr/1")).unwrap(),
+            commit
+        );
         write_ref(&repo, &commit, &commit).unwrap();
         assert!(!repo.join("refs").join(&commit).exists());
         let snaps = repo.join("snapshots").join(&commit);

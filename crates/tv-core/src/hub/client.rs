@@ -133,7 +133,11 @@ impl Client {
         file: &str,
         offset: u64,
     ) -> Result<Transfer, HubError> {
-        let url = format!("{}/{repo}/resolve/{commit}/{}", self.endpoint, encode(file, true));
+        let url = format!(
+            "{}/{repo}/resolve/{commit}/{}",
+            self.endpoint,
+            encode(file, true)
+        );
         let response = self.get(&url, (offset > 0).then_some(offset))?;
         let status = response.status().as_u16();
         let commit = header(&response, "x-repo-commit");
@@ -165,7 +169,11 @@ impl Client {
     /// GETs `url` with the token (on the endpoint's origin only) and an
     /// optional range, following redirects; any status but 200 and 206 is
     /// an error.
-    fn get(&self, url: &str, from: Option<u64>) -> Result<ureq::http::Response<ureq::Body>, HubError> {
+    fn get(
+        &self,
+        url: &str,
+        from: Option<u64>,
+    ) -> Result<ureq::http::Response<ureq::Body>, HubError> {
         let home = origin(&self.endpoint);
         let mut url = url.to_string();
         for _ in 0..=10 {
@@ -176,7 +184,9 @@ impl Client {
             if let Some(n) = from {
                 request = request.header("Range", format!("bytes={n}-"));
             }
-            let response = request.call().map_err(|e| HubError::Unreachable(cause(&e)))?;
+            let response = request
+                .call()
+                .map_err(|e| HubError::Unreachable(cause(&e)))?;
             let status = response.status().as_u16();
             match status {
                 200 | 206 => return Ok(response),
@@ -222,7 +232,11 @@ fn classify(response: &ureq::http::Response<ureq::Body>) -> HubError {
         _ if status == 401 => HubError::RepoNotFound,
         _ => {
             let reason = response.status().canonical_reason().unwrap_or("");
-            let text = if message.is_empty() { reason.to_string() } else { message };
+            let text = if message.is_empty() {
+                reason.to_string()
+            } else {
+                message
+            };
             HubError::Http(status, crate::error::escape_controls(&text).into_owned())
         }
     }
@@ -239,7 +253,11 @@ fn origin(url: &str) -> String {
         return String::new();
     };
     let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    format!("{}://{}", scheme.to_ascii_lowercase(), host.to_ascii_lowercase())
+    format!(
+        "{}://{}",
+        scheme.to_ascii_lowercase(),
+        host.to_ascii_lowercase()
+    )
 }
 
 /// `location` resolved against `base` (absolute, host-relative or
@@ -314,10 +332,11 @@ fn parse_info(text: &str) -> Result<RepoInfo, HubError> {
         .map(|s| {
             let meta = match &s.lfs {
                 Some(lfs) => {
-                    let sha = lfs
-                        .sha256
-                        .clone()
-                        .or_else(|| lfs.oid.as_ref().map(|o| o.trim_start_matches("sha256:").to_string()));
+                    let sha = lfs.sha256.clone().or_else(|| {
+                        lfs.oid
+                            .as_ref()
+                            .map(|o| o.trim_start_matches("sha256:").to_string())
+                    });
                     match (sha, lfs.size.or(s.size)) {
                         (Some(sha), Some(size)) if sha.len() == 64 => Some((sha, size, true)),
                         _ => None,
@@ -342,7 +361,10 @@ fn parse_info(text: &str) -> Result<RepoInfo, HubError> {
             }
         })
         .collect();
-    let gated = !matches!(info.gated, serde_json::Value::Null | serde_json::Value::Bool(false));
+    let gated = !matches!(
+        info.gated,
+        serde_json::Value::Null | serde_json::Value::Bool(false)
+    );
     Ok(RepoInfo {
         commit,
         files,
@@ -359,7 +381,10 @@ mod tests {
         assert_eq!(origin("https://HF.co/api/x?y"), "https://hf.co");
         assert_eq!(origin("http://127.0.0.1:8080/a"), "http://127.0.0.1:8080");
         assert_eq!(join("http://a:1/x/y?q", "/cdn/z"), "http://a:1/cdn/z");
-        assert_eq!(join("http://a:1/x/y", "https://cdn.example/z"), "https://cdn.example/z");
+        assert_eq!(
+            join("http://a:1/x/y", "https://cdn.example/z"),
+            "https://cdn.example/z"
+        );
         assert_eq!(join("http://a:1/x/y", "z"), "http://a:1/x/z");
         assert_eq!(join("https://a/x", "//b/c"), "https://b/c");
         assert_eq!(encode("refs/pr/1", false), "refs%2Fpr%2F1");
@@ -391,11 +416,16 @@ mod tests {
                 lfs: false
             })
         );
-        assert_eq!(metas[1].as_ref().map(|m| (m.etag.clone(), m.lfs)), Some((sha, true)));
+        assert_eq!(
+            metas[1].as_ref().map(|m| (m.etag.clone(), m.lfs)),
+            Some((sha, true))
+        );
         assert_eq!(metas[2], None);
         assert!(parse_info(r#"{"sha":"../../x","siblings":[]}"#).is_err());
-        assert!(!parse_info(&format!(r#"{{"sha":"{}","gated":false}}"#, "a".repeat(40)))
-            .unwrap()
-            .gated);
+        assert!(
+            !parse_info(&format!(r#"{{"sha":"{}","gated":false}}"#, "a".repeat(40)))
+                .unwrap()
+                .gated
+        );
     }
 }

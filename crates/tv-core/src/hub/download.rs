@@ -107,7 +107,13 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
     }
     if let Some(index) = &selection.index {
         let index_file = meta(index)?;
-        fetch_file(client, settings, &job, &index_file, &crate::progress::Silent)?;
+        fetch_file(
+            client,
+            settings,
+            &job,
+            &index_file,
+            &crate::progress::Silent,
+        )?;
         let pointer = job.repo_dir.join("snapshots").join(&job.commit).join(index);
         let map = crate::checkpoint::parse_index(&pointer)?;
         let mut shards: Vec<&String> = map.values().collect();
@@ -128,7 +134,12 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
 }
 
 /// Brings every file of `job` the snapshot lacks, then records the ref.
-pub fn fetch(client: &Client, settings: &HubSettings, job: &Job, progress: &dyn Progress) -> Result<()> {
+pub fn fetch(
+    client: &Client,
+    settings: &HubSettings,
+    job: &Job,
+    progress: &dyn Progress,
+) -> Result<()> {
     for file in job.missing() {
         fetch_file(client, settings, job, file, progress)?;
     }
@@ -156,7 +167,8 @@ fn fetch_file(
         .write(true)
         .open(&lock_path)
         .map_err(|e| Error::io("cannot create", &lock_path, e))?;
-    lock.lock().map_err(|e| Error::io("cannot lock", &lock_path, e))?;
+    lock.lock()
+        .map_err(|e| Error::io("cannot lock", &lock_path, e))?;
     let blob = cache::blob_path(&job.repo_dir, &file.etag);
     if !blob.exists() {
         download_blob(client, settings, job, file, progress)?;
@@ -309,13 +321,20 @@ impl Transfer<'_> {
     fn attempt(&mut self, buf: &mut [u8]) -> Attempt {
         let (file, who, part_path) = (self.file, self.job.id.display(), self.part_path);
         let io = |action, e| Attempt::Fail(Error::io(action, part_path, e));
-        let mut body = match self.client.open_file(&self.job.id.repo, &self.job.commit, &file.name, *self.have) {
-            Ok(t) => t,
-            Err(HubError::Unreachable(cause)) => return Attempt::Retry(cause),
-            Err(e) => {
-                return Attempt::Fail(super::describe(&Failure::new(&self.job.id, self.settings), e))
-            }
-        };
+        let mut body =
+            match self
+                .client
+                .open_file(&self.job.id.repo, &self.job.commit, &file.name, *self.have)
+            {
+                Ok(t) => t,
+                Err(HubError::Unreachable(cause)) => return Attempt::Retry(cause),
+                Err(e) => {
+                    return Attempt::Fail(super::describe(
+                        &Failure::new(&self.job.id, self.settings),
+                        e,
+                    ))
+                }
+            };
         if let Some(c) = &body.commit {
             if !c.eq_ignore_ascii_case(&self.job.commit) {
                 return Attempt::Fail(Error::Download(format!(
@@ -326,7 +345,11 @@ impl Transfer<'_> {
         }
         if body.offset != *self.have {
             // The server ignored the range: start the file over.
-            if let Err(e) = self.part.set_len(0).and_then(|_| self.part.seek(SeekFrom::Start(0))) {
+            if let Err(e) = self
+                .part
+                .set_len(0)
+                .and_then(|_| self.part.seek(SeekFrom::Start(0)))
+            {
                 return io("cannot write", e);
             }
             *self.hasher = Hasher::new(file);
@@ -340,7 +363,11 @@ impl Transfer<'_> {
                 Ok(0) => return Attempt::Done,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Attempt::Retry(crate::error::escape_controls(&e.to_string()).into_owned()),
+                Err(e) => {
+                    return Attempt::Retry(
+                        crate::error::escape_controls(&e.to_string()).into_owned(),
+                    )
+                }
             };
             if *self.have + n as u64 > file.size {
                 // More bytes than listed: not the listed file.

@@ -124,6 +124,12 @@ fn not_cached(id: &HubId, settings: &HubSettings, access: Access, cached: &Cache
             id.display(),
             snapshot.display()
         )),
+        Cached::Dangling { reference, commit } => Error::NotFound(format!(
+            "{}: {} names commit {commit}, which has no snapshot folder in the cache, and {why}; \
+             run without it to download the model again",
+            id.display(),
+            reference.display()
+        )),
         _ => Error::NotFound(format!(
             "{}: not a local path, and not in the Hugging Face cache at {}; {why}",
             id.display(),
@@ -201,15 +207,21 @@ pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
 /// the model, if there is one, else the network settings.
 fn offline_hint(f: &Failure) -> String {
     let snapshots = cache::repo_dir(&f.settings.cache, &f.id.repo).join("snapshots");
-    let complete = cache::snapshot_folders(&snapshots).into_iter().find_map(|dir| {
-        let commit = dir.file_name()?.to_string_lossy().into_owned();
-        let id = HubId {
-            repo: f.id.repo.clone(),
-            revision: commit.clone(),
-            explicit_revision: true,
-        };
-        matches!(cache::lookup(&f.settings.cache, &id), Ok(Cached::Complete(_))).then_some(commit)
-    });
+    let complete = cache::snapshot_folders(&snapshots)
+        .into_iter()
+        .find_map(|dir| {
+            let commit = dir.file_name()?.to_string_lossy().into_owned();
+            let id = HubId {
+                repo: f.id.repo.clone(),
+                revision: commit.clone(),
+                explicit_revision: true,
+            };
+            matches!(
+                cache::lookup(&f.settings.cache, &id),
+                Ok(Cached::Complete(_))
+            )
+            .then_some(commit)
+        });
     match complete {
         Some(commit) => format!(
             "the cache holds commit {commit} of it, which {}@{commit} uses without the network \

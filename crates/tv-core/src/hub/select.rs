@@ -47,15 +47,30 @@ pub fn select(repo: &str, names: &[String]) -> Result<Selection> {
         .unwrap_or((None, Vec::new()));
     if has(ADAPTER_CONFIG) && (has(ADAPTER_ST) || has(ADAPTER_BIN)) {
         side.push(ADAPTER_CONFIG.to_string());
-        side.push(if has(ADAPTER_ST) { ADAPTER_ST } else { ADAPTER_BIN }.to_string());
+        side.push(
+            if has(ADAPTER_ST) {
+                ADAPTER_ST
+            } else {
+                ADAPTER_BIN
+            }
+            .to_string(),
+        );
     }
     if index.is_none() && weights.is_empty() && !side.iter().any(|n| is_adapter_file(n)) {
         let shown: Vec<&str> = names.iter().map(String::as_str).take(8).collect();
         return Err(Error::NotFound(format!(
             "{repo}: the repository holds no safetensors or PyTorch weights at its top level \
              (it lists {}{}); give the weights' folder or file instead",
-            if shown.is_empty() { "no files".to_string() } else { shown.join(", ") },
-            if names.len() > shown.len() { ", ..." } else { "" }
+            if shown.is_empty() {
+                "no files".to_string()
+            } else {
+                shown.join(", ")
+            },
+            if names.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
         )));
     }
     side.sort();
@@ -174,7 +189,10 @@ mod tests {
         assert_eq!(s.weights, names(&["a.safetensors", "b.safetensors"]));
         let s = select(
             "o/m",
-            &names(&["pytorch_model.bin.index.json", "pytorch_model-00001-of-00002.bin"]),
+            &names(&[
+                "pytorch_model.bin.index.json",
+                "pytorch_model-00001-of-00002.bin",
+            ]),
         )
         .unwrap();
         assert_eq!(s.index.as_deref(), Some("pytorch_model.bin.index.json"));
@@ -182,7 +200,11 @@ mod tests {
         assert_eq!(s.weights, names(&["pytorch_model.bin"]));
         let s = select(
             "o/m",
-            &names(&["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]),
+            &names(&[
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "adapter_model.bin",
+            ]),
         )
         .unwrap();
         assert_eq!(

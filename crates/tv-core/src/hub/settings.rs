@@ -163,6 +163,9 @@ mod tests {
             offline: false,
         };
         let shown = format!("{s:?}");
-        assert!(!shown.contains("hf_secret") && shown.contains("<set>"), "{shown}");
+        assert!(
+            !shown.contains("hf_secret") && shown.contains("<set>"),
+            "{shown}"
+        );
     }
 }
