@@ -331,6 +331,24 @@ fn an_interrupted_download_resumes_where_it_stopped() {
 }
 
 #[test]
+fn a_busy_hub_is_asked_again() {
+    let w = World::new();
+    w.hub().busy(SHARD1, 2);
+    ok(&w.merge_hub(&w.s("out"), &[]));
+    let asked = w
+        .hub()
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with(SHARD1))
+        .count();
+    assert_eq!(asked, 3, "two 503 answers, then the file");
+    w.hub().busy(SHARD1, 5);
+    let _ = std::fs::remove_dir_all(w.cache());
+    let o = w.merge_hub(&w.s("out2"), &[]);
+    assert_one_line_error(&o, &["acme/base", SHARD1, "503", "run the command again"]);
+}
+
+#[test]
 fn a_corrupted_file_is_detected_and_never_enters_the_cache() {
     let w = World::new();
     for (file, what) in [(SHARD1, "sha256"), ("tokenizer.json", "git blob sha1")] {

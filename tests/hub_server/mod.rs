@@ -45,6 +45,8 @@ struct State {
     cut_at: BTreeMap<String, u64>,
     /// File names whose bodies are served with one byte changed.
     corrupt: BTreeSet<String>,
+    /// File name -> how many more requests for it get a 503.
+    busy: BTreeMap<String, u32>,
     log: Vec<Request>,
 }
 
@@ -162,11 +164,17 @@ impl Hub {
         self.state.lock().unwrap().corrupt.insert(file.into());
     }
 
+    /// Answers the next `times` requests for `file` with 503.
+    pub fn busy(&self, file: &str, times: u32) {
+        self.state.lock().unwrap().busy.insert(file.into(), times);
+    }
+
     /// Removes every fault.
     pub fn heal(&self) {
         let mut st = self.state.lock().unwrap();
         st.cut_at.clear();
         st.corrupt.clear();
+        st.busy.clear();
     }
 
     /// Every request so far.
@@ -251,7 +259,14 @@ fn serve(conn: TcpStream, origin: &'static str, state: &Mutex<State>, cdn_port: 
     let answer = {
         let mut st = state.lock().unwrap();
         st.log.push(req.clone());
-        answer(&st, &req, cdn_port)
+        let file = path.rsplit('/').next().unwrap_or("").to_string();
+        match st.busy.get_mut(&file) {
+            Some(n) if *n > 0 && path.contains("/resolve/") => {
+                *n -= 1;
+                Answer::new(503, b"busy".to_vec())
+            }
+            _ => answer(&st, &req, cdn_port),
+        }
     };
     let _ = write(conn, &method, answer);
 }

@@ -328,6 +328,10 @@ impl Transfer<'_> {
             {
                 Ok(t) => t,
                 Err(HubError::Unreachable(cause)) => return Attempt::Retry(cause),
+                // Busy or failing for a moment, as the hub and CDNs sometimes are.
+                Err(HubError::Http(status, message)) if status == 429 || status >= 500 => {
+                    return Attempt::Retry(format!("{status} {message}"))
+                }
                 Err(e) => {
                     return Attempt::Fail(super::describe(
                         &Failure::new(&self.job.id, self.settings),
@@ -404,10 +408,12 @@ fn hash_prefix(file: &mut File, len: u64, hasher: &mut Hasher) -> std::io::Resul
     Ok(())
 }
 
-/// Free bytes on the file system holding `dir`, if it can be asked.
+/// Free bytes on the file system that holds (or will hold) `dir`: that of
+/// its nearest existing ancestor, if it can be asked.
 pub fn free_space(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let existing = dir.ancestors().find(|p| p.exists())?;
+    let path = std::ffi::CString::new(existing.as_os_str().as_bytes()).ok()?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a valid NUL-terminated string and `stat` a valid
     // out-pointer for the duration of the call.

@@ -158,10 +158,11 @@ pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
     match e {
         HubError::RepoNotFound => Error::NotFound(match token {
             Some(src) => format!(
-                "{who}: no model {repo} on the Hugging Face Hub at {ep} that the token from {src} can see"
+                "{who}: not a local path, and no model {repo} on the Hugging Face Hub at {ep} \
+                 that the token from {src} can see"
             ),
             None => format!(
-                "{who}: no model {repo} on the Hugging Face Hub at {ep} \
+                "{who}: not a local path, and no model {repo} on the Hugging Face Hub at {ep} \
                  (if it is private, give a token: {how})"
             ),
         }),
