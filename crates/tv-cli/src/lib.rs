@@ -120,10 +120,40 @@ pub fn fetch_models(specs: &[String], no_download: bool, quiet: bool) -> anyhow:
     } else {
         tv_core::hub::Access::Download
     };
-    let bar = Bar::new("downloading", quiet);
+    let bar = LazyBar {
+        message: "downloading",
+        quiet,
+        bar: std::sync::OnceLock::new(),
+    };
     let fetched = tv_core::hub::ensure(specs, access, &bar)?;
     notes(&fetched);
     Ok(())
+}
+
+/// A [`Bar`] drawn only once a pass begins, so a run that downloads
+/// nothing shows none.
+struct LazyBar {
+    message: &'static str,
+    quiet: bool,
+    bar: std::sync::OnceLock<Bar>,
+}
+
+impl Progress for LazyBar {
+    fn begin(&self, total: u64) {
+        self.bar
+            .get_or_init(|| Bar::new(self.message, self.quiet))
+            .begin(total);
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(bar) = self.bar.get() {
+            bar.advance(bytes);
+        }
+    }
+    fn finish(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish();
+        }
+    }
 }
 
 /// A name read from a file (tensor, shard, model), or any text holding
