@@ -32,6 +32,8 @@ pub struct Job {
     pub commit: String,
     /// The files to have in the snapshot, side files first, shards last.
     pub files: Vec<RemoteFile>,
+    /// How many of `files` come before the weights.
+    pub side_count: usize,
 }
 
 impl Job {
@@ -101,8 +103,13 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
         repo_dir: cache::repo_dir(&settings.cache, &id.repo),
         commit: info.commit.clone(),
         files: Vec::new(),
+        side_count: 0,
     };
-    for name in selection.side.iter().chain(&selection.weights) {
+    for name in &selection.side {
+        job.files.push(meta(name)?);
+    }
+    job.side_count = job.files.len();
+    for name in &selection.weights {
         job.files.push(meta(name)?);
     }
     if let Some(index) = &selection.index {
@@ -119,7 +126,8 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
         let mut shards: Vec<&String> = map.values().collect();
         shards.sort();
         shards.dedup();
-        job.files.push(index_file);
+        job.files.insert(job.side_count, index_file);
+        job.side_count += 1;
         for shard in shards {
             if !names.contains(shard) {
                 return Err(Error::Download(format!(
@@ -133,17 +141,58 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
     Ok(job)
 }
 
-/// Brings every file of `job` the snapshot lacks, then records the ref.
+/// Weight files fetched at once (each over its own connection), as
+/// `huggingface_hub` fetches several files at a time.
+const WORKERS: usize = 4;
+
+/// Brings every file of `jobs` their snapshots lack, then records the refs.
+/// Side files come first, one at a time, then the weight files, several at
+/// once: a snapshot that holds every weight file then holds its side files
+/// too, which is what [`cache::lookup`] takes for complete.
 pub fn fetch(
     client: &Client,
     settings: &HubSettings,
-    job: &Job,
+    jobs: &[Job],
     progress: &dyn Progress,
 ) -> Result<()> {
-    for file in job.missing() {
-        fetch_file(client, settings, job, file, progress)?;
+    let mut weights: Vec<(&Job, &RemoteFile)> = Vec::new();
+    for job in jobs {
+        let side = &job.files[..job.side_count];
+        for file in job.missing() {
+            if side.contains(file) {
+                fetch_file(client, settings, job, file, progress)?;
+            } else {
+                weights.push((job, file));
+            }
+        }
     }
-    cache::write_ref(&job.repo_dir, &job.id.revision, &job.commit)
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failure: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);
+    let failed = || failure.lock().map_or(true, |f| f.is_some());
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS.min(weights.len()) {
+            scope.spawn(|| {
+                while !failed() {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((job, file)) = weights.get(i) else {
+                        break;
+                    };
+                    if let Err(e) = fetch_file(client, settings, job, file, progress) {
+                        if let Ok(mut f) = failure.lock() {
+                            f.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().ok().flatten() {
+        return Err(e);
+    }
+    for job in jobs {
+        cache::write_ref(&job.repo_dir, &job.id.revision, &job.commit)?;
+    }
+    Ok(())
 }
 
 /// Puts one file in the snapshot: links an existing blob, or downloads,

@@ -92,9 +92,7 @@ pub fn ensure_with(
         }
     }
     progress.begin(jobs.iter().map(|j| j.bytes_total()).sum());
-    let fetched = jobs
-        .iter()
-        .try_for_each(|job| download::fetch(&client, settings, job, progress));
+    let fetched = download::fetch(&client, settings, &jobs, progress);
     progress.finish();
     fetched?;
     Ok(jobs
