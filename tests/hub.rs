@@ -220,6 +220,21 @@ fn first_run_downloads_and_merges_like_local_folders_then_works_offline() {
         assert_eq!(entries(&snap), want, "{id}");
         assert!(files_ending(&repo, ".incomplete").is_empty());
     }
+    // Downloaded models are inputs like any other: outputs stay apart.
+    let snap = w
+        .repo("acme/base")
+        .join("snapshots")
+        .join(&w.commits["acme/base"]);
+    for (out, needle) in [
+        (
+            w.repo("acme/base").join("blobs"),
+            "contains input base model",
+        ),
+        (snap.join("merged"), "inside input base model"),
+    ] {
+        let out = out.to_string_lossy().into_owned();
+        assert_one_line_error(&w.merge_hub(&out, &[]), &[&out, needle]);
+    }
     let asked: Vec<String> = w.hub().requests().iter().map(|r| r.path.clone()).collect();
     for unread in [
         "README.md",
