@@ -149,6 +149,10 @@ pub struct Args {
     #[arg(long = "skip-mismatched")]
     pub skip_mismatched: bool,
 
+    /// Match embedding and lm_head rows by token (needs tokenizer.json): base keeps the base's vocabulary, union appends the tokens the models add. Default: base, when a model's embedding has another number of rows.
+    #[arg(long, value_parser = ["base", "union"])]
+    pub vocab: Option<String>,
+
     /// Write merged values that are NaN or infinite instead of refusing.
     #[arg(long = "allow-nonfinite")]
     pub allow_nonfinite: bool,

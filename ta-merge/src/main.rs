@@ -19,6 +19,7 @@ use tv_core::recipe;
 use tv_core::report;
 use tv_core::sidecar::{self, MergeRecord, RecordModel};
 use tv_core::staging::{check_output_apart, Staging};
+use tv_core::vocab::{self, VocabMode};
 use tv_core::weights::{self, Granularity, Mode, WeightParams};
 
 fn main() -> ExitCode {
@@ -106,6 +107,10 @@ fn run(args: Args) -> Result<()> {
         skip_mismatched: args.skip_mismatched,
         allow_nonfinite: args.allow_nonfinite,
         untie_embeddings: args.untie_embeddings,
+        vocab: args
+            .vocab
+            .as_deref()
+            .map(|v| VocabMode::parse(v).expect("clap checked --vocab")),
     };
     let plan = MergePlan::with_recipe(&family, recipe, options)?;
 
@@ -150,6 +155,11 @@ fn run(args: Args) -> Result<()> {
         plan.untied_embeddings,
     )?;
     sidecar::copy_side_files(family.base.folder(), staging.path())?;
+    if let Some(a) = plan.alignment.as_deref() {
+        if a.mode == VocabMode::Union {
+            vocab::write_union_files(family.base.folder(), staging.path(), a)?;
+        }
+    }
     record(&args, &family, &plan, norms.as_deref()).write(staging.path())?;
     recipe::pin_settings(&mut config, &plan.recipe.settings)?;
     let config_path = staging.path().join("mergekit_config.yml");
@@ -326,6 +336,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
             lambda: plan.lambdas()[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
+            vocab: plan.alignment.as_ref().map(|a| a.counts[i]),
         })
         .collect();
     let weights_from = match (&args.l2_norms, &args.from_analysis) {
@@ -355,6 +366,8 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         total_size: plan.layout.total_bytes(),
         tied_embeddings: plan.tied_embeddings,
         untied_embeddings: plan.untied_embeddings,
+        vocab: plan.alignment.as_ref().map(|a| a.mode.name()),
+        vocab_size: plan.alignment.as_ref().map(|a| a.rows()),
     }
 }
 

@@ -38,6 +38,7 @@ pub mod staging;
 pub mod stats;
 pub mod testhooks;
 pub mod verify;
+pub mod vocab;
 pub mod weights;
 pub mod writer;
 

@@ -245,6 +245,10 @@ pub struct RecordModel {
     pub lambda: Option<f64>,
     pub missing_tensors: Vec<String>,
     pub extra_tensors: Vec<String>,
+    /// Tokens matched, added and missing against the base's vocabulary,
+    /// when embedding rows were matched by token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<crate::vocab::VocabCounts>,
 }
 
 /// The machine-readable record of a merge (`merge_record.json`).
@@ -270,6 +274,12 @@ pub struct MergeRecord {
     pub tied_embeddings: bool,
     /// The base's tied embeddings were written untied (`--untie-embeddings`).
     pub untied_embeddings: bool,
+    /// `base` or `union` when embedding rows were matched by token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<&'static str>,
+    /// Rows of the output's embedding, when matched by token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
 }
 
 impl MergeRecord {

@@ -2,6 +2,7 @@
 //! [`run`] produces them in one pass over the inputs.
 
 mod plan;
+mod rows;
 mod run;
 
-pub use plan::{human_bytes, parse_size, Action, MergeOptions, MergePlan, PlannedTensor};
+pub use plan::{human_bytes, parse_size, Action, MergeOptions, MergePlan, PlannedTensor, RowMerge};

@@ -6,15 +6,20 @@
 //! store them (with that tensor's parameters), everything else is copied
 //! from the base. With `--untie-embeddings` over a base that ties its
 //! embeddings, an `lm_head.weight` is planned right after the embedding,
-//! with the base's embedding as its base tensor. Nothing is read beyond
-//! headers; [`super::run`] executes the plan.
+//! with the base's embedding as its base tensor. When models' vocabularies
+//! differ (see [`crate::vocab`]), the embedding and lm_head are planned as
+//! [`Action::MergeRows`]: merged row by row, each output row from the rows
+//! of the models that hold its token. Nothing is read beyond headers and
+//! tokenizer files; [`super::run`] executes the plan.
 
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::family::{stores_own_lm_head, Family, LM_HEAD};
 use crate::methods::{MethodKind, Recipe, TensorParams};
+use crate::vocab::{is_vocab_tensor, Alignment, VocabMode};
 use crate::writer::{Layout, OutTensor};
+use std::sync::Arc;
 
 /// What happens to one tensor of the base.
 #[derive(Debug, Clone)]
@@ -23,6 +28,21 @@ pub enum Action {
     Merge(Vec<(usize, TensorRef)>),
     /// Copy (converting the float type if the output type differs).
     Copy,
+    /// Merge row by row, matching rows by token (embedding and lm_head of
+    /// models whose vocabularies differ).
+    MergeRows(RowMerge),
+}
+
+/// A tensor whose rows are tokens, merged by token: output row `r` takes
+/// the base's row `r` (or, past the base's rows, the mean of the base's
+/// rows) and, from each source model `m`, row `alignment.maps[m][r]`.
+#[derive(Debug, Clone)]
+pub struct RowMerge {
+    pub alignment: Arc<Alignment>,
+    /// The models that store the tensor (index into the family, tensor).
+    pub sources: Vec<(usize, TensorRef)>,
+    /// Elements per row.
+    pub row_len: usize,
 }
 
 /// One output tensor and how to produce it.
@@ -34,6 +54,16 @@ pub struct PlannedTensor {
     pub action: Action,
     /// The method's numbers for this tensor (merged tensors only).
     pub params: Option<TensorParams>,
+}
+
+impl PlannedTensor {
+    /// The output tensor's shape (the union's embedding has more rows).
+    pub fn out_shape(&self) -> Vec<usize> {
+        match &self.action {
+            Action::MergeRows(r) => vec![r.alignment.rows(), r.row_len],
+            _ => self.base.shape.clone(),
+        }
+    }
 }
 
 /// Choices that shape the output.
@@ -51,6 +81,10 @@ pub struct MergeOptions {
     /// When the base ties its embeddings, write an untied output whose
     /// `lm_head.weight` merges the models' own output layers.
     pub untie_embeddings: bool,
+    /// Match embedding rows by token: `None` does so with the base's
+    /// vocabulary when a model's embedding has another number of rows
+    /// (unless `skip_mismatched`).
+    pub vocab: Option<VocabMode>,
 }
 
 impl Default for MergeOptions {
@@ -61,6 +95,7 @@ impl Default for MergeOptions {
             skip_mismatched: false,
             allow_nonfinite: false,
             untie_embeddings: false,
+            vocab: None,
         }
     }
 }
@@ -85,6 +120,8 @@ pub struct MergePlan {
     /// The base's tied embeddings are written untied: an `lm_head.weight`
     /// merged from the base's embedding and the models' output layers.
     pub untied_embeddings: bool,
+    /// How embedding rows were matched by token, when they were.
+    pub alignment: Option<Arc<Alignment>>,
 }
 
 impl MergePlan {
@@ -107,6 +144,10 @@ impl MergePlan {
         family.refuse_low_precision("merged")?;
         let out_type = options.out_type;
         let untie = untied_lm_head(family, options.untie_embeddings)?;
+        let alignment = Alignment::plan(family, options.vocab, options.skip_mismatched)?
+            .filter(|a| options.vocab.is_some() || a.needed())
+            .map(Arc::new);
+        let row_merge = alignment.as_ref().filter(|a| a.needed());
         let mut tensors = Vec::with_capacity(family.base.len() + 1);
         let mut missing = vec![Vec::new(); family.models.len()];
         let mut mismatched = vec![Vec::new(); family.models.len()];
@@ -119,6 +160,7 @@ impl MergePlan {
                 name,
                 base,
                 &|i| family.models[i].get(name),
+                row_merge,
                 &mut missing,
                 &mut mismatched,
             )?);
@@ -140,6 +182,7 @@ impl MergePlan {
                             m.get(name)
                         }
                     },
+                    row_merge,
                     &mut missing,
                     &mut mismatched,
                 )?);
@@ -163,7 +206,7 @@ impl MergePlan {
                 .map(|t| OutTensor {
                     name: t.name.clone(),
                     dtype: t.out_type.map_or(t.base.dtype, FloatType::dtype),
-                    shape: t.base.shape.clone(),
+                    shape: t.out_shape(),
                 })
                 .collect(),
             options.max_shard_size,
@@ -180,6 +223,7 @@ impl MergePlan {
             main_type,
             tied_embeddings: family.base_ties_embeddings() && untie.is_none(),
             untied_embeddings: untie.is_some(),
+            alignment,
         })
     }
 
@@ -187,7 +231,7 @@ impl MergePlan {
     pub fn merged_count(&self) -> usize {
         self.tensors
             .iter()
-            .filter(|t| matches!(t.action, Action::Merge(_)))
+            .filter(|t| !matches!(t.action, Action::Copy))
             .count()
     }
 
@@ -221,6 +265,25 @@ impl MergePlan {
                 "      untied embeddings: lm_head.weight is written, merged from the base's \
                  embedding and each model's lm_head (or its embedding, where it ties them)\n",
             );
+        }
+        if let Some(a) = &self.alignment {
+            s.push_str(&format!(
+                "      vocabulary {}: embedding rows matched by token; {} rows out ({} of the base{})\n",
+                a.mode.name(),
+                a.rows(),
+                a.base_rows,
+                if a.added.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} tokens added", a.added.len())
+                }
+            ));
+            for (name, c) in names.iter().zip(&a.counts) {
+                s.push_str(&format!(
+                    "      model '{name}': {} tokens matched, {} added, {} missing (it contributes nothing to those)\n",
+                    c.matched, c.added, c.missing
+                ));
+            }
         }
         for (i, name) in names.iter().enumerate() {
             if !self.missing[i].is_empty() {
@@ -288,6 +351,7 @@ fn plan_tensor<'a>(
     name: &str,
     base: &TensorRef,
     source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    alignment: Option<&Arc<Alignment>>,
     missing: &mut [Vec<String>],
     mismatched: &mut [Vec<String>],
 ) -> Result<PlannedTensor> {
@@ -300,6 +364,11 @@ fn plan_tensor<'a>(
             params: None,
         });
     };
+    if let Some(alignment) = alignment.filter(|_| is_vocab_tensor(name)) {
+        return plan_rows(
+            family, recipe, options, name, base, source, alignment, missing,
+        );
+    }
     let mut sources = Vec::new();
     for (i, model_name) in family.names.iter().enumerate() {
         let Some(t) = source(i) else {
@@ -351,6 +420,73 @@ fn plan_tensor<'a>(
     })
 }
 
+/// Plans a tensor whose rows are tokens as a row-by-row merge by token.
+/// Every model's tensor must have as many rows as its embedding (the rows
+/// its tokenizer was matched against) and the base's row length. Only
+/// methods without a pass over the whole tensor merge by row.
+#[allow(clippy::too_many_arguments)]
+fn plan_rows<'a>(
+    family: &'a Family,
+    recipe: &Recipe,
+    options: &MergeOptions,
+    name: &str,
+    base: &TensorRef,
+    source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    alignment: &Arc<Alignment>,
+    missing: &mut [Vec<String>],
+) -> Result<PlannedTensor> {
+    let kind = recipe.settings.kind;
+    let flag = format!("--vocab {}", alignment.mode.name());
+    if !matches!(kind, MethodKind::TaskArithmetic | MethodKind::Linear) {
+        return Err(Error::Incompatible(format!(
+            "tensor '{name}': the models' vocabularies differ, and merging rows by token \
+             ({flag}) supports task_arithmetic and linear, not {kind}; pass --skip-mismatched \
+             to leave resized models out of this tensor"
+        )));
+    }
+    let (Some(base_type), &[base_rows, row_len]) = (base.float_type(), &base.shape[..]) else {
+        return Err(Error::Incompatible(format!(
+            "tensor '{name}': {flag} needs a float matrix in the base, which stores {:?} {:?}",
+            base.dtype, base.shape
+        )));
+    };
+    if base_rows != alignment.base_rows {
+        return Err(Error::Incompatible(format!(
+            "tensor '{name}': the base stores {base_rows} rows but its embedding {};              {flag} cannot match them",
+            alignment.base_rows
+        )));
+    }
+    let mut sources = Vec::new();
+    for (i, model_name) in family.names.iter().enumerate() {
+        let Some(t) = source(i) else {
+            missing[i].push(name.to_string());
+            continue;
+        };
+        let rows = alignment.model_rows[i];
+        if t.float_type().is_none() || t.shape != [rows, row_len] {
+            return Err(Error::Incompatible(format!(
+                "tensor '{name}': model '{model_name}' stores {:?} {:?}; {flag} expects a float \
+                 matrix of {rows} rows (its embedding's) of {row_len} values",
+                t.dtype, t.shape
+            )));
+        }
+        sources.push((i, t.clone()));
+    }
+    let params = recipe.params.tensor_params(name)?;
+    check_params(name, &params, family)?;
+    Ok(PlannedTensor {
+        name: name.to_string(),
+        base: base.clone(),
+        out_type: Some(options.out_type.unwrap_or(base_type)),
+        action: Action::MergeRows(RowMerge {
+            alignment: alignment.clone(),
+            sources,
+            row_len,
+        }),
+        params: Some(params),
+    })
+}
+
 /// Refuses a family the method cannot merge.
 fn check_model_count(kind: MethodKind, models: usize) -> Result<()> {
     match kind {
@@ -391,9 +527,10 @@ fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn read_bytes(t: &PlannedTensor) -> usize {
+pub(super) fn read_bytes(t: &PlannedTensor) -> usize {
     let sources: usize = match &t.action {
         Action::Merge(s) => s.iter().map(|(_, r)| r.nbytes()).sum(),
+        Action::MergeRows(r) => r.sources.iter().map(|(_, t)| t.nbytes()).sum(),
         Action::Copy => 0,
     };
     t.base.nbytes() + sources
@@ -405,8 +542,8 @@ fn main_float_type(tensors: &[PlannedTensor]) -> Option<FloatType> {
     for t in tensors {
         if let Some(ty) = t.out_type {
             match counts.iter_mut().find(|(c, _)| *c == ty) {
-                Some((_, n)) => *n += t.base.numel(),
-                None => counts.push((ty, t.base.numel())),
+                Some((_, n)) => *n += t.out_shape().iter().product::<usize>(),
+                None => counts.push((ty, t.out_shape().iter().product())),
             }
         }
     }

@@ -33,14 +33,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// Elements per parallel task within a segment.
-const TASK: usize = 1 << 16;
+pub(super) const TASK: usize = 1 << 16;
 
 /// Where a tensor's bytes go: the shard being written, the reused segment
 /// buffer, and the progress report.
-struct Out<'a> {
-    writer: &'a mut ShardWriter,
-    buffer: &'a mut Vec<u8>,
-    progress: &'a dyn Progress,
+pub(super) struct Out<'a> {
+    pub writer: &'a mut ShardWriter,
+    pub buffer: &'a mut Vec<u8>,
+    pub progress: &'a dyn Progress,
 }
 
 /// Fills the output bytes of elements `start..end`; returns how many of the
@@ -131,7 +131,10 @@ impl MergePlan {
                     buffer: &mut buffer,
                     progress,
                 };
-                write(planned, &mut out)?;
+                match &planned.action {
+                    Action::MergeRows(rows) => self.write_rows(family, planned, rows, &mut out)?,
+                    _ => write(planned, &mut out)?,
+                }
             }
             writer.finish()?;
         }
@@ -148,7 +151,7 @@ impl MergePlan {
     fn inputs<'a>(&self, family: &'a Family, planned: &'a PlannedTensor) -> TensorInputs<'a> {
         let sources: &[(usize, TensorRef)] = match &planned.action {
             Action::Merge(s) => s,
-            Action::Copy => &[],
+            Action::Copy | Action::MergeRows(_) => &[],
         };
         let input = |ckpt, tensor: &'a TensorRef| Input {
             ckpt,

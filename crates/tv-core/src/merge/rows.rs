@@ -1,0 +1,190 @@
+//! Writing a tensor merged by token ([`super::Action::MergeRows`]).
+//!
+//! Output row `r` of an embedding or lm_head whose models' vocabularies
+//! differ is combined in f64 from the base's row `r` and, for each model
+//! that holds row `r`'s token, that model's row; it is rounded once into
+//! the output type. A model that lacks the token contributes nothing.
+//! Task Arithmetic: `b + λ Σ w_i (m_i − b)` over the models holding the
+//! token. Linear: `Σ w_i m_i / Σ w_i` over them (without normalisation the
+//! divisor is 1 for the base's tokens). A row no model holds keeps the
+//! base's values. A row the union appends (a token the base lacks) takes
+//! the mean of all the base's rows of that matrix as its base value and
+//! weights renormalised over the models holding it (`w_i / Σ w_j`), so that
+//! with λ = 1 it is their weighted average. Rows are written in order,
+//! segment by segment, parallel over rows within a segment; the model rows
+//! are gathered by index, so the same-vocabulary path is untouched.
+
+use super::plan::{MergePlan, PlannedTensor, RowMerge};
+use super::run::{Out, TASK};
+use crate::dtype::{count_nonfinite, decode_f64, encode_f64, FloatType};
+use crate::error::{Error, Result};
+use crate::family::Family;
+use crate::interrupt;
+use crate::methods::inputs::SEGMENT;
+use crate::methods::MethodKind;
+use rayon::prelude::*;
+
+impl MergePlan {
+    /// Writes `planned`, merged row by row by token.
+    pub(super) fn write_rows(
+        &self,
+        family: &Family,
+        planned: &PlannedTensor,
+        rows: &RowMerge,
+        out: &mut Out<'_>,
+    ) -> Result<()> {
+        let params = planned
+            .params
+            .as_ref()
+            .expect("merged tensors have parameters");
+        let out_type = planned.out_type.expect("float tensor");
+        let base_type = planned.base.float_type().expect("float tensor");
+        let alignment = &rows.alignment;
+        let (n, len) = (alignment.rows(), rows.row_len);
+        let linear = self.recipe.settings.kind == MethodKind::Linear;
+        let base = family.base.bytes(&planned.base);
+        let mean = if alignment.added.is_empty() || linear {
+            Vec::new()
+        } else {
+            mean_row(base_type, base, len)
+        };
+        let sources: Vec<(usize, FloatType, &[u8])> = rows
+            .sources
+            .iter()
+            .map(|(m, t)| {
+                let ty = t.float_type().expect("float tensor");
+                (*m, ty, family.models[*m].bytes(t))
+            })
+            .collect();
+        let row = |r: usize, merged: &mut [f64], scratch: &mut Vec<f64>| -> Result<()> {
+            let added = r >= alignment.base_rows;
+            let b: &[f64] = if added {
+                &mean
+            } else {
+                scratch.resize(len, 0.0);
+                decode_f64(
+                    base_type,
+                    &base[base_type.byte_range(r * len, (r + 1) * len)],
+                    scratch,
+                );
+                scratch
+            };
+            let held = || {
+                sources.iter().filter_map(|&(m, ty, bytes)| {
+                    let j = alignment.maps[m][r]? as usize;
+                    Some((m, ty, &bytes[ty.byte_range(j * len, (j + 1) * len)]))
+                })
+            };
+            let total: f64 = held().map(|(m, _, _)| params.weight[m]).sum();
+            if held().next().is_none() {
+                merged.copy_from_slice(b);
+                return Ok(());
+            }
+            if (added || (linear && self.recipe.settings.normalize)) && total == 0.0 {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor '{}': the weights of the models holding the token of row {r} sum \
+                     to 0, and its row is their weighted average; change the weights",
+                    planned.name
+                )));
+            }
+            let mut m_row = vec![0f64; len];
+            merged.fill(0.0);
+            for (m, ty, bytes) in held() {
+                decode_f64(ty, bytes, &mut m_row);
+                let w = params.weight[m];
+                if linear {
+                    for (o, &x) in merged.iter_mut().zip(&m_row) {
+                        *o += w * x;
+                    }
+                } else {
+                    let lambda = params.scale * if added { w / total } else { w };
+                    for ((o, &x), &b) in merged.iter_mut().zip(&m_row).zip(b) {
+                        *o += lambda * (x - b);
+                    }
+                }
+            }
+            if linear {
+                let divisor = if added || self.recipe.settings.normalize {
+                    total
+                } else {
+                    1.0
+                };
+                for o in merged.iter_mut() {
+                    *o /= divisor;
+                }
+            } else {
+                for (o, &b) in merged.iter_mut().zip(b) {
+                    *o += b;
+                }
+            }
+            Ok(())
+        };
+
+        let per_task = (TASK / len).max(1);
+        let per_segment = (SEGMENT / len).max(per_task) / per_task * per_task;
+        let os = out_type.size();
+        let total_read = super::plan::read_bytes(planned) as u64;
+        let mut advanced = 0;
+        let mut start = 0;
+        while start < n {
+            crate::testhooks::before_segment();
+            if interrupt::requested() {
+                return Err(Error::Interrupted);
+            }
+            let end = (start + per_segment).min(n);
+            out.buffer.resize((end - start) * len * os, 0);
+            let nonfinite = out
+                .buffer
+                .par_chunks_mut(per_task * len * os)
+                .enumerate()
+                .map(|(k, bytes)| -> Result<usize> {
+                    let first = start + k * per_task;
+                    let mut merged = vec![0f64; len];
+                    let mut scratch = Vec::new();
+                    for (i, out_row) in bytes.chunks_mut(len * os).enumerate() {
+                        row(first + i, &mut merged, &mut scratch)?;
+                        encode_f64(out_type, &merged, out_row);
+                    }
+                    Ok(count_nonfinite(out_type, bytes))
+                })
+                .try_reduce(|| 0, |a, b| Ok(a + b))?;
+            crate::guard::check()?;
+            if nonfinite > 0 && !self.options.allow_nonfinite {
+                return Err(Error::Incompatible(format!(
+                    "tensor '{}': merged rows {start}..{end} hold NaN or infinite values \
+                     (from an input, or an overflow of {out_type}); pass --allow-nonfinite \
+                     to write them anyway",
+                    planned.name
+                )));
+            }
+            let full = std::mem::take(out.buffer);
+            *out.buffer = out.writer.write_owned(full)?;
+            let done = total_read * end as u64 / n as u64;
+            out.progress.advance(done - advanced);
+            advanced = done;
+            start = end;
+        }
+        family.base.release(&planned.base, 0, base.len());
+        for (m, t) in &rows.sources {
+            family.models[*m].release(t, 0, t.nbytes());
+        }
+        Ok(())
+    }
+}
+
+/// The mean of a matrix's rows, in f64 (rows summed in order).
+fn mean_row(ty: FloatType, bytes: &[u8], len: usize) -> Vec<f64> {
+    let n = bytes.len() / ty.size() / len.max(1);
+    let mut sum = vec![0f64; len];
+    let mut row = vec![0f64; len];
+    for r in 0..n {
+        decode_f64(ty, &bytes[ty.byte_range(r * len, (r + 1) * len)], &mut row);
+        for (s, &x) in sum.iter_mut().zip(&row) {
+            *s += x;
+        }
+    }
+    for s in sum.iter_mut() {
+        *s /= n.max(1) as f64;
+    }
+    sum
+}
