@@ -280,7 +280,7 @@ impl MergePlan {
             ));
             for (name, c) in names.iter().zip(&a.counts) {
                 s.push_str(&format!(
-                    "      model '{name}': {} tokens matched, {} added, {} missing (it contributes nothing to those)\n",
+                    "      model '{name}': {} tokens matched, {} added, {} missing (it contributes nothing to their rows)\n",
                     c.matched, c.added, c.missing
                 ));
             }
