@@ -526,3 +526,63 @@ fn missing_or_unreadable_tokenizers_and_other_methods_are_refused() {
     assert!(!Path::new(&f.path("out")).exists());
     assert_eq!(snapshot(Path::new(&f.path("base"))), base_before);
 }
+
+#[test]
+fn analysis_compares_embedding_rows_by_token() {
+    let f = Fam::new(false, &["chat", "lang", "perm"]);
+    let stats = f.path("stats");
+    let mut args = vec!["--base".to_string(), f.path("base"), "--models".into()];
+    args.extend((0..3).map(|k| f.path(&format!("m{k}"))));
+    args.extend(["--outdir".into(), stats.clone(), "--quiet".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (k, model) in f.models.iter().enumerate() {
+        let dir = format!("{stats}/m{k}");
+        let mut r = csv::Reader::from_path(format!("{dir}/per_param_stats.csv")).unwrap();
+        let headers = r.headers().unwrap().clone();
+        let col = |h: &str| headers.iter().position(|x| x == h).unwrap();
+        let rows: Vec<csv::StringRecord> = r.records().map(|x| x.unwrap()).collect();
+        for name in [EMBED, HEAD] {
+            let row = rows
+                .iter()
+                .find(|x| &x[col("param")] == name)
+                .unwrap_or_else(|| panic!("m{k}: {name} not analysed"));
+            // Over the base's rows: the model's row of the same token, a
+            // zero delta where it lacks the token.
+            let (mut sum_sq, mut l1) = (0.0, 0.0);
+            for r in 0..BASE_ROWS {
+                let (b, src) = f.sources(name, r, &[]);
+                let Some(j) = src[k] else { continue };
+                let m_row = &model.get(name).values[j * HIDDEN..(j + 1) * HIDDEN];
+                for (m, b) in m_row.iter().zip(&b) {
+                    let d = m - b;
+                    sum_sq += d * d;
+                    l1 += d.abs();
+                }
+            }
+            let got: f64 = row[col("l2")].parse().unwrap();
+            assert!(
+                (got - sum_sq.sqrt()).abs() <= 1e-9 * got,
+                "m{k} {name}: l2 {got} vs {}",
+                sum_sq.sqrt()
+            );
+            let got: f64 = row[col("l1")].parse().unwrap();
+            assert!(
+                (got - l1).abs() <= 1e-9 * got,
+                "m{k} {name}: l1 {got} vs {l1}"
+            );
+        }
+        let summary = read_json(&format!("{dir}/summary.json"));
+        let added = model
+            .tokens
+            .iter()
+            .flatten()
+            .filter(|t| f.base.row_of(t).is_none())
+            .count();
+        assert_eq!(summary["vocab"]["added"], added, "m{k}");
+    }
+    let summary = read_json(&format!("{stats}/m1/summary.json"));
+    assert_eq!(summary["vocab"]["missing"], 1);
+    assert_eq!(summary["vocab"]["matched"], 35);
+}

@@ -136,6 +136,16 @@ fn run(args: Args) -> Result<()> {
                 s.skipped_params
             );
         }
+        if let Some(v) = &s.vocab {
+            tv_cli::sayln!(
+                "{:<width$}  (embedding rows matched by token: {} matched, {} added rows not \
+                 compared, {} base tokens missing)",
+                "",
+                v.matched,
+                v.added,
+                v.missing
+            );
+        }
     }
     tv_cli::sayln!(
         "wrote {} in {:.1} s; merge with: ta-merge --from-analysis {} ...",

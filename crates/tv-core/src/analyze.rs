@@ -7,6 +7,15 @@
 //! the delta is written into one reusable buffer (f32 when exact, else f64)
 //! for exact quantiles. Inputs are read in bounded segments whose pages are
 //! released after use, so memory stays near the largest tensor's buffer.
+//!
+//! When a fine-tune's embedding or lm_head has another number of rows than
+//! the base's and both have a readable `tokenizer.json`, its task vector
+//! there is taken over the base's tokens ([`crate::vocab::Alignment`]):
+//! each segment of the base's rows is compared with the model's rows of the
+//! same tokens, gathered into a segment buffer; a base token the model
+//! lacks counts as an unchanged row (its delta is zero), and the rows of
+//! tokens the base lacks are counted in the summary's `vocab`, not compared
+//! with unrelated base rows.
 
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
@@ -17,10 +26,12 @@ use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats,
 use crate::progress::Progress;
 use crate::quantile::{quantiles, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
+use crate::vocab::{is_vocab_tensor, Alignment, VocabCounts};
 use crate::weights::{lambdas_from_norms, Mode, WeightParams};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 const SEGMENT: usize = 1 << 22;
 const TASK: usize = 1 << 16;
@@ -67,6 +78,10 @@ pub struct Summary {
     pub nonfinite_elements: u64,
     pub tied_embeddings: bool,
     pub lm_head_counted_twice: bool,
+    /// Tokens matched, added and missing, when the embedding rows were
+    /// matched by token (the model's vocabulary differs from the base's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vocab: Option<VocabCounts>,
 }
 
 /// One model's results.
@@ -122,20 +137,32 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let tied = family.base_ties_embeddings();
     let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
 
+    // Rows matched by token when vocabularies differ and can be read; else
+    // resized tensors are skipped as before.
+    let alignment = Alignment::plan(family, None, false)
+        .ok()
+        .flatten()
+        .filter(Alignment::needed);
     let work: Vec<TensorWork> = family
         .base
         .names()
         .iter()
         .map(|name| {
             let base = family.base.get(name).expect("listed");
+            let aligned = alignment.as_ref().filter(|_| is_vocab_tensor(name));
             let mut sources = Vec::new();
             for (i, m) in family.models.iter().enumerate() {
-                match skip_reason(base, m.get(name)) {
+                let rows = aligned.map(|a| a.model_rows[i]);
+                match skip_reason(base, m.get(name), rows) {
                     Some(reason) => skipped[i].push(Skipped {
                         param: name.clone(),
                         reason,
                     }),
-                    None => sources.push((i, m.get(name).expect("present"))),
+                    None => sources.push(Source {
+                        model: i,
+                        tensor: m.get(name).expect("present"),
+                        rows: aligned.map(|a| a.maps[i].as_slice()),
+                    }),
                 }
             }
             TensorWork {
@@ -166,14 +193,13 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             continue;
         }
         let acc = fused_pass(family, base, sources, progress)?;
-        let indices: Vec<usize> = sources.iter().map(|&(i, _)| i).collect();
+        let indices: Vec<usize> = sources.iter().map(|s| s.model).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
         let ks = sources.len();
-        for (slot, &(i, tref)) in sources.iter().enumerate() {
-            let q = buffers.quantiles(
-                &Pair::new(family, base, i, tref),
-                acc.models[slot].unchanged,
-            )?;
+        for (slot, source) in sources.iter().enumerate() {
+            let i = source.model;
+            let q =
+                buffers.quantiles(&Pair::new(family, base, source), acc.models[slot].unchanged)?;
             let s = &acc.models[slot];
             rows[i].push(TensorRow {
                 param: name.to_string(),
@@ -225,6 +251,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 base_sum_sq[i],
                 tied,
                 counted_twice,
+                alignment.as_ref().map(|a| a.counts[i]),
             );
             ModelAnalysis {
                 name: family.names[i].clone(),
@@ -273,8 +300,80 @@ fn add_family_sums(dots: &mut [f64], base_sum_sq: &mut [f64], indices: &[usize],
 struct TensorWork<'a> {
     name: &'a str,
     base: &'a TensorRef,
-    /// (model index, the model's tensor)
-    sources: Vec<(usize, &'a TensorRef)>,
+    sources: Vec<Source<'a>>,
+}
+
+/// One model's tensor as the analysis reads it.
+#[derive(Clone, Copy)]
+struct Source<'a> {
+    model: usize,
+    tensor: &'a TensorRef,
+    /// For a tensor matched by token: the model's row of each base row.
+    rows: Option<&'a [Option<u32>]>,
+}
+
+impl<'a> Source<'a> {
+    /// The model's values of base elements `start..end`, in the model's
+    /// type: its stored bytes, or, matched by token, its rows of the same
+    /// tokens gathered in the base's order (a token the model lacks takes
+    /// the base's values, a zero delta).
+    fn segment(
+        &self,
+        family: &'a Family,
+        base: &TensorRef,
+        start: usize,
+        end: usize,
+    ) -> Cow<'a, [u8]> {
+        let ty = self.tensor.float_type().expect("float");
+        let bytes = family.models[self.model].bytes(self.tensor);
+        let Some(map) = self.rows else {
+            return Cow::Borrowed(&bytes[ty.byte_range(start, end)]);
+        };
+        let base_ty = base.float_type().expect("float");
+        let base_bytes = family.base.bytes(base);
+        let len = base.shape.last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0u8; (end - start) * ty.size()];
+        let mut values = Vec::new();
+        let mut e = start;
+        while e < end {
+            let r = e / len;
+            let hi = ((r + 1) * len).min(end);
+            let dst = &mut out[ty.byte_range(e - start, hi - start)];
+            match map[r] {
+                Some(j) => {
+                    let j = j as usize * len + (e - r * len);
+                    dst.copy_from_slice(&bytes[ty.byte_range(j, j + hi - e)]);
+                }
+                None if base_ty == ty => {
+                    dst.copy_from_slice(&base_bytes[ty.byte_range(e, hi)]);
+                }
+                None => {
+                    values.resize(hi - e, 0.0);
+                    crate::dtype::decode_f64(
+                        base_ty,
+                        &base_bytes[base_ty.byte_range(e, hi)],
+                        &mut values,
+                    );
+                    crate::dtype::encode_f64(ty, &values, dst);
+                }
+            }
+            e = hi;
+        }
+        Cow::Owned(out)
+    }
+
+    /// Drops the pages of the model's elements `start..end` (a tensor
+    /// matched by token, read out of order, is dropped whole at `end`).
+    fn release(&self, family: &Family, start: usize, end: usize, numel: usize) {
+        let ty = self.tensor.float_type().expect("float");
+        let (start, end) = match self.rows {
+            None => (start, end),
+            Some(_) if end == numel => (0, self.tensor.numel()),
+            Some(_) => return,
+        };
+        let r = ty.byte_range(start, end);
+        family.models[self.model].release(self.tensor, r.start, r.end);
+    }
 }
 
 impl TensorWork<'_> {
@@ -283,20 +382,25 @@ impl TensorWork<'_> {
         if self.sources.is_empty() {
             return 0;
         }
-        let models: usize = self.sources.iter().map(|(_, t)| t.nbytes()).sum();
+        let models: usize = self.sources.iter().map(|s| s.tensor.nbytes()).sum();
         (self.base.nbytes() + models) as u64
     }
 }
 
-/// Why a model's tensor cannot be compared with the base's, if it cannot.
-fn skip_reason(base: &TensorRef, model: Option<&TensorRef>) -> Option<String> {
+/// Why a model's tensor cannot be compared with the base's, if it cannot;
+/// `rows`, for a tensor matched by token, is the model's embedding rows.
+fn skip_reason(base: &TensorRef, model: Option<&TensorRef>, rows: Option<usize>) -> Option<String> {
     if base.float_type().is_none() {
         return Some(format!("not a float tensor ({:?})", base.dtype));
     }
     let Some(m) = model else {
         return Some("missing from the model".into());
     };
-    if m.shape != base.shape {
+    let expected = match (rows, &base.shape[..]) {
+        (Some(rows), &[_, len]) => vec![rows, len],
+        _ => base.shape.clone(),
+    };
+    if m.shape != expected {
         return Some(format!(
             "shape {:?} differs from the base's {:?}",
             m.shape, base.shape
@@ -312,15 +416,11 @@ fn skip_reason(base: &TensorRef, model: Option<&TensorRef>) -> Option<String> {
 fn fused_pass(
     family: &Family,
     base: &TensorRef,
-    sources: &[(usize, &TensorRef)],
+    sources: &[Source<'_>],
     progress: &dyn Progress,
 ) -> Result<DeltaAcc> {
     let base_ty = base.float_type().expect("float");
     let base_bytes = family.base.bytes(base);
-    let models: Vec<(FloatType, &[u8])> = sources
-        .iter()
-        .map(|&(i, t)| (t.float_type().expect("float"), family.models[i].bytes(t)))
-        .collect();
     let numel = base.numel();
     let mut acc = DeltaAcc::new(sources.len());
     let mut start = 0;
@@ -330,6 +430,13 @@ fn fused_pass(
         }
         crate::guard::check()?;
         let end = (start + SEGMENT).min(numel);
+        let models: Vec<(FloatType, Cow<'_, [u8]>)> = sources
+            .iter()
+            .map(|s| {
+                let ty = s.tensor.float_type().expect("float");
+                (ty, s.segment(family, base, start, end))
+            })
+            .collect();
         let parts: Vec<DeltaAcc> = (start..end)
             .step_by(TASK)
             .collect::<Vec<_>>()
@@ -338,22 +445,18 @@ fn fused_pass(
                 let e = (s + TASK).min(end);
                 let ms: Vec<(FloatType, &[u8])> = models
                     .iter()
-                    .map(|&(ty, b)| (ty, &b[ty.byte_range(s, e)]))
+                    .map(|(ty, b)| (*ty, &b[ty.byte_range(s - start, e - start)]))
                     .collect();
                 delta_stats(base_ty, &base_bytes[base_ty.byte_range(s, e)], &ms)
             })
             .collect();
         acc = parts.iter().fold(acc, |a, p| a.combine(p));
-        let mut done = 0;
-        for (ty, release) in std::iter::once((base_ty, (&family.base, base))).chain(
-            sources
-                .iter()
-                .zip(&models)
-                .map(|(&(i, t), &(ty, _))| (ty, (&family.models[i], t))),
-        ) {
-            let bytes = ty.byte_range(start, end);
-            done += bytes.len() as u64;
-            release.0.release(release.1, bytes.start, bytes.end);
+        let based = base_ty.byte_range(start, end);
+        family.base.release(base, based.start, based.end);
+        let mut done = based.len() as u64;
+        for (source, (ty, _)) in sources.iter().zip(&models) {
+            done += ty.byte_range(start, end).len() as u64;
+            source.release(family, start, end, numel);
         }
         progress.advance(done);
         start = end;
@@ -399,20 +502,18 @@ struct Pair<'a> {
     family: &'a Family,
     base: &'a TensorRef,
     base_ty: FloatType,
-    model: usize,
-    tensor: &'a TensorRef,
+    source: Source<'a>,
     model_ty: FloatType,
 }
 
 impl<'a> Pair<'a> {
-    fn new(family: &'a Family, base: &'a TensorRef, model: usize, tensor: &'a TensorRef) -> Self {
+    fn new(family: &'a Family, base: &'a TensorRef, source: &Source<'a>) -> Self {
         Self {
             family,
             base,
             base_ty: base.float_type().expect("float"),
-            model,
-            tensor,
-            model_ty: tensor.float_type().expect("float"),
+            source: *source,
+            model_ty: source.tensor.float_type().expect("float"),
         }
     }
 
@@ -428,8 +529,6 @@ impl<'a> Pair<'a> {
     ) -> Result<(usize, Vec<f64>)> {
         let (bt, mt) = (self.base_ty, self.model_ty);
         let base_bytes = self.family.base.bytes(self.base);
-        let model = &self.family.models[self.model];
-        let model_bytes = model.bytes(self.tensor);
         let numel = out.len();
         let mut kept = 0;
         let mut inexact = Vec::new();
@@ -439,6 +538,7 @@ impl<'a> Pair<'a> {
                 return Err(Error::Interrupted);
             }
             let s1 = (s0 + SEGMENT).min(numel);
+            let model_bytes = self.source.segment(self.family, self.base, s0, s1);
             let parts: Vec<(usize, Vec<f64>)> = out[s0..s1]
                 .par_chunks_mut(TASK)
                 .enumerate()
@@ -447,7 +547,7 @@ impl<'a> Pair<'a> {
                     let e1 = e0 + part.len();
                     let (b, m) = (
                         &base_bytes[bt.byte_range(e0, e1)],
-                        &model_bytes[mt.byte_range(e0, e1)],
+                        &model_bytes[mt.byte_range(e0 - s0, e1 - s0)],
                     );
                     let mut odd = Vec::new();
                     let count = if compact {
@@ -468,9 +568,9 @@ impl<'a> Pair<'a> {
                 kept += count;
                 inexact.extend(odd);
             }
-            let (b, m) = (bt.byte_range(s0, s1), mt.byte_range(s0, s1));
+            let b = bt.byte_range(s0, s1);
             self.family.base.release(self.base, b.start, b.end);
-            model.release(self.tensor, m.start, m.end);
+            self.source.release(self.family, s0, s1, numel);
             s0 = s1;
         }
         Ok((kept, inexact))
@@ -484,6 +584,7 @@ fn summarise(
     base_sum_sq: f64,
     tied: bool,
     counted_twice: bool,
+    vocab: Option<VocabCounts>,
 ) -> Summary {
     let sum_sq: f64 = rows.iter().map(|r| r.sum_sq).sum();
     let global_l1: f64 = rows.iter().map(|r| r.l1).sum();
@@ -515,6 +616,7 @@ fn summarise(
         nonfinite_elements: nonfinite,
         tied_embeddings: tied,
         lm_head_counted_twice: counted_twice,
+        vocab,
     }
 }
 
