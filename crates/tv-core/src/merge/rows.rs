@@ -56,7 +56,11 @@ impl MergePlan {
                 (*m, ty, family.models[*m].bytes(t))
             })
             .collect();
-        let row = |r: usize, merged: &mut [f64], scratch: &mut Vec<f64>| -> Result<()> {
+        let row = |r: usize,
+                   merged: &mut [f64],
+                   scratch: &mut Vec<f64>,
+                   m_row: &mut Vec<f64>|
+         -> Result<()> {
             let added = r >= alignment.base_rows;
             let b: &[f64] = if added {
                 &mean
@@ -87,18 +91,18 @@ impl MergePlan {
                     planned.name
                 )));
             }
-            let mut m_row = vec![0f64; len];
+            m_row.resize(len, 0.0);
             merged.fill(0.0);
             for (m, ty, bytes) in held() {
-                decode_f64(ty, bytes, &mut m_row);
+                decode_f64(ty, bytes, m_row);
                 let w = params.weight[m];
                 if linear {
-                    for (o, &x) in merged.iter_mut().zip(&m_row) {
+                    for (o, &x) in merged.iter_mut().zip(m_row.iter()) {
                         *o += w * x;
                     }
                 } else {
                     let lambda = params.scale * if added { w / total } else { w };
-                    for ((o, &x), &b) in merged.iter_mut().zip(&m_row).zip(b) {
+                    for ((o, &x), &b) in merged.iter_mut().zip(m_row.iter()).zip(b) {
                         *o += lambda * (x - b);
                     }
                 }
@@ -140,9 +144,9 @@ impl MergePlan {
                 .map(|(k, bytes)| -> Result<usize> {
                     let first = start + k * per_task;
                     let mut merged = vec![0f64; len];
-                    let mut scratch = Vec::new();
+                    let (mut scratch, mut m_row) = (Vec::new(), Vec::new());
                     for (i, out_row) in bytes.chunks_mut(len * os).enumerate() {
-                        row(first + i, &mut merged, &mut scratch)?;
+                        row(first + i, &mut merged, &mut scratch, &mut m_row)?;
                         encode_f64(out_type, &merged, out_row);
                     }
                     Ok(count_nonfinite(out_type, bytes))
