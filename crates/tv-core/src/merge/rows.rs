@@ -46,7 +46,9 @@ impl MergePlan {
         let mean = if alignment.added.is_empty() || linear {
             Vec::new()
         } else {
-            mean_row(base_type, base, len)
+            let mean = mean_row(base_type, base, len);
+            family.base.release(&planned.base, 0, base.len());
+            mean
         };
         let sources: Vec<(usize, FloatType, &[u8])> = rows
             .sources
@@ -163,16 +165,41 @@ impl MergePlan {
             }
             let full = std::mem::take(out.buffer);
             *out.buffer = out.writer.write_owned(full)?;
+            release_segment(family, planned, rows, start, end);
             let done = total_read * end as u64 / n as u64;
             out.progress.advance(done - advanced);
             advanced = done;
             start = end;
         }
-        family.base.release(&planned.base, 0, base.len());
-        for (m, t) in &rows.sources {
-            family.models[*m].release(t, 0, t.nbytes());
-        }
         Ok(())
+    }
+}
+
+/// Drops the pages of the rows that output rows `start..end` read: the
+/// base's rows, and the span of each model's rows they map to (rows are
+/// mostly in order; a row read again later is simply paged in again).
+fn release_segment(
+    family: &Family,
+    planned: &PlannedTensor,
+    rows: &RowMerge,
+    start: usize,
+    end: usize,
+) {
+    let len = rows.row_len;
+    let base_end = end.min(rows.alignment.base_rows);
+    if start < base_end {
+        let ty = planned.base.float_type().expect("float tensor");
+        let r = ty.byte_range(start * len, base_end * len);
+        family.base.release(&planned.base, r.start, r.end);
+    }
+    for (m, t) in &rows.sources {
+        let held = rows.alignment.maps[*m][start..end].iter().flatten();
+        let (Some(lo), Some(hi)) = (held.clone().min(), held.max()) else {
+            continue;
+        };
+        let ty = t.float_type().expect("float tensor");
+        let r = ty.byte_range(*lo as usize * len, (*hi as usize + 1) * len);
+        family.models[*m].release(t, r.start, r.end);
     }
 }
 
