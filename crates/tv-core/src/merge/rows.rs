@@ -46,9 +46,9 @@ impl MergePlan {
         let mean = if alignment.added.is_empty() || linear {
             Vec::new()
         } else {
-            let mean = mean_row(base_type, base, len);
-            family.base.release(&planned.base, 0, base.len());
-            mean
+            mean_row(base_type, base, len, &|from, to| {
+                family.base.release(&planned.base, from, to)
+            })
         };
         let sources: Vec<(usize, FloatType, &[u8])> = rows
             .sources
@@ -203,8 +203,9 @@ fn release_segment(
     }
 }
 
-/// The mean of a matrix's rows, in f64 (rows summed in order).
-fn mean_row(ty: FloatType, bytes: &[u8], len: usize) -> Vec<f64> {
+/// The mean of a matrix's rows, in f64 (rows summed in order); the pages
+/// of each segment read are handed to `release` (byte offsets).
+fn mean_row(ty: FloatType, bytes: &[u8], len: usize, release: &dyn Fn(usize, usize)) -> Vec<f64> {
     let n = bytes.len() / ty.size() / len.max(1);
     let mut sum = vec![0f64; len];
     let mut row = vec![0f64; len];
@@ -212,6 +213,10 @@ fn mean_row(ty: FloatType, bytes: &[u8], len: usize) -> Vec<f64> {
         decode_f64(ty, &bytes[ty.byte_range(r * len, (r + 1) * len)], &mut row);
         for (s, &x) in sum.iter_mut().zip(&row) {
             *s += x;
+        }
+        if (r + 1) % (SEGMENT / len).max(1) == 0 || r + 1 == n {
+            let done = ty.byte_range(0, (r + 1) * len).end;
+            release(0, done);
         }
     }
     for s in sum.iter_mut() {
