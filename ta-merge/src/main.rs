@@ -317,11 +317,12 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         .enumerate()
         .map(|(i, m)| RecordModel {
             name: family.names[i].clone(),
-            path: m.located.spec.clone(),
+            path: m.checkpoint().located.spec.clone(),
             l2_norm: norms.map(|n| n[i]),
             lambda: plan.lambdas()[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
+            adapter: m.adapter().map(|a| a.summary()),
         })
         .collect();
     let weights_from = match (&args.l2_norms, &args.from_analysis) {
