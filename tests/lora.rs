@@ -612,3 +612,85 @@ fn bad_adapters_are_refused_by_name() {
     );
     refused(&fam, "vocab", &["model.embed_tokens.weight", "vocabulary"]);
 }
+
+#[test]
+fn pickled_adapters_with_adapter_names_and_base_layers() {
+    let fam = Family::new();
+    let base = fam.setup.base.clone();
+    let w = |m: &str| shape_of(&base, &format!("{m}.weight"));
+    let q = lora(Q0, &w(Q0), 3, 1.5, false, 70);
+    let emb = lora(EMBED, &w(EMBED), 2, 4.0, true, 71);
+    let embed_base = base
+        .iter()
+        .find(|t| t.name == "model.embed_tokens.weight")
+        .unwrap();
+    // The embedding's own weight, saved by PEFT as base_layer (trained).
+    let saved = T::new(
+        "base_model.model.model.embed_tokens.base_layer.weight",
+        Ty::BF16,
+        &embed_base.shape,
+        embed_base
+            .values
+            .iter()
+            .zip(noise(72, embed_base.values.len(), 0.02))
+            .map(|(b, d)| b + d)
+            .collect(),
+    );
+    let named = |t: &T, name: String| T { name, ..t.clone() };
+    let p = "base_model.model";
+    let tensors = vec![
+        named(&q.a, format!("{p}.{Q0}.lora_A.default.weight")),
+        named(&q.b, format!("{p}.{Q0}.lora_B.default.weight")),
+        named(&emb.a, format!("{p}.{EMBED}.lora_embedding_A.default")),
+        named(&emb.b, format!("{p}.{EMBED}.lora_embedding_B.default")),
+        saved.clone(),
+    ];
+    let dir = fam.setup.path("pickled");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_pth(&dir.join("adapter_model.bin"), &tensors, &[]);
+    let mut config = lora_config(3, 4.5, &["q_proj", "embed_tokens"]);
+    config["rank_pattern"] = serde_json::json!({"embed_tokens": 2});
+    config["alpha_pattern"] = serde_json::json!({"embed_tokens": 8});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+
+    let o = merge(
+        &fam,
+        "out",
+        &["pickled"],
+        &["--lambdas", "1", "--dtype", "f64"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(fam.setup.path("out").join("model.safetensors")).unwrap();
+    let merged = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let q_delta = q.delta();
+    let emb_delta = emb.delta();
+    for b in base.iter().filter(|b| b.ty != Ty::I64) {
+        let got: Vec<f64> = merged
+            .tensor(&b.name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let want: Vec<f64> = match b.name.as_str() {
+            n if n == format!("{Q0}.weight") => {
+                b.values.iter().zip(&q_delta).map(|(b, d)| b + d).collect()
+            }
+            // PEFT's merge: the saved base layer plus the LoRA product.
+            "model.embed_tokens.weight" => saved
+                .values
+                .iter()
+                .zip(&emb_delta)
+                .map(|(s, d)| s + d)
+                .collect(),
+            _ => b.values.clone(),
+        };
+        for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-14 * w.abs().max(1e-3),
+                "{}[{j}]: {g} vs {w}",
+                b.name
+            );
+        }
+    }
+}

@@ -117,3 +117,111 @@ fn lora_rows(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::dtype::encode_f64;
+    use safetensors::tensor::TensorView;
+
+    /// Values exactly representable in `ty`.
+    fn values(ty: FloatType, n: usize, seed: usize) -> (Vec<f64>, Vec<u8>) {
+        let v: Vec<f64> = (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 1000) as f64 - 500.0) / 997.0)
+            .collect();
+        let mut bytes = vec![0u8; n * ty.size()];
+        encode_f64(ty, &v, &mut bytes);
+        let mut exact = vec![0f64; n];
+        decode_f64(ty, &bytes, &mut exact);
+        (exact, bytes)
+    }
+
+    #[test]
+    fn any_element_range_is_its_part_of_the_product() {
+        let (rank, rows, cols) = (5, 9, 7);
+        for layout in [FactorLayout::Plain, FactorLayout::Transposed] {
+            // Plain: B [rows, r], A [r, cols]; transposed: A [r, rows], B [cols, r].
+            let (a_shape, b_shape) = match layout {
+                FactorLayout::Plain => ([rank, cols], [rows, rank]),
+                FactorLayout::Transposed => ([rank, rows], [cols, rank]),
+            };
+            let (a, a_bytes) = values(FloatType::BF16, rank * a_shape[1], 1);
+            let (b, b_bytes) = values(FloatType::F32, b_shape[0] * rank, 2);
+            let (saved, saved_bytes) = values(FloatType::BF16, rows * cols, 3);
+            let (base, base_bytes) = values(FloatType::BF16, rows * cols, 4);
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("adapter_model.safetensors");
+            safetensors::serialize_to_file(
+                [
+                    (
+                        "a",
+                        TensorView::new(safetensors::Dtype::BF16, a_shape.to_vec(), &a_bytes)
+                            .unwrap(),
+                    ),
+                    (
+                        "b",
+                        TensorView::new(safetensors::Dtype::F32, b_shape.to_vec(), &b_bytes)
+                            .unwrap(),
+                    ),
+                    (
+                        "w",
+                        TensorView::new(safetensors::Dtype::BF16, vec![rows, cols], &saved_bytes)
+                            .unwrap(),
+                    ),
+                ],
+                None,
+                &path,
+            )
+            .unwrap();
+            let file = Checkpoint::open(path.to_str().unwrap()).unwrap();
+            let scale = 0.75;
+            let tensor = AdapterTensor {
+                lora: Some(LoraFactors {
+                    a: file.get("a").unwrap().clone(),
+                    b: file.get("b").unwrap().clone(),
+                    scale,
+                    rank,
+                    layout,
+                }),
+                full: Some(file.get("w").unwrap().clone()),
+            };
+            // The definition, element by element.
+            let want: Vec<f64> = (0..rows * cols)
+                .map(|e| {
+                    let (i, j) = (e / cols, e % cols);
+                    let dot: f64 = (0..rank)
+                        .map(|k| match layout {
+                            FactorLayout::Plain => b[i * rank + k] * a[k * cols + j],
+                            FactorLayout::Transposed => a[k * rows + i] * b[j * rank + k],
+                        })
+                        .sum();
+                    scale * dot + (saved[e] - base[e])
+                })
+                .collect();
+            let mut out = Vec::new();
+            for (start, end) in [(0, rows * cols), (3, 4), (5, 20), (13, 14), (20, 63)] {
+                let bt = FloatType::BF16;
+                delta_range(
+                    &file,
+                    &tensor,
+                    &[rows, cols],
+                    BaseRange {
+                        ty: bt,
+                        bytes: &base_bytes[bt.byte_range(start, end)],
+                    },
+                    &Device::Cpu,
+                    start..end,
+                    &mut out,
+                )
+                .unwrap();
+                for (k, (&got, &w)) in out.iter().zip(&want[start..end]).enumerate() {
+                    assert!(
+                        (got - w).abs() <= 1e-14 * w.abs().max(1.0),
+                        "{layout:?} {start}..{end} [{k}]: {got} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+}
