@@ -109,11 +109,23 @@ fn lora_rows(
             )
         }
     };
-    let product = left.matmul(&right)?.flatten_all()?.to_vec1::<f64>()?;
+    let product = left.matmul(&right)?;
     let first = start - r0 * cols;
-    let n = out.len();
-    for (o, &p) in out.iter_mut().zip(&product[first..first + n]) {
-        *o += f.scale * p;
+    let mut add = |p: &[f64]| {
+        for (o, &p) in out.iter_mut().zip(&p[first..]) {
+            *o += f.scale * p;
+        }
+    };
+    // On the CPU the product is read where candle wrote it (no copy).
+    let (storage, layout) = product.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((from, to))) => {
+            add(&cpu.as_slice::<f64>()?[from..to])
+        }
+        _ => {
+            drop(storage);
+            add(&product.flatten_all()?.to_vec1::<f64>()?)
+        }
     }
     Ok(())
 }

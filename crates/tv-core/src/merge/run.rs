@@ -39,10 +39,12 @@ use std::sync::Arc;
 const TASK: usize = 1 << 16;
 
 /// Where a tensor's bytes go: the shard being written, the reused segment
-/// buffer, and the progress report.
+/// buffer, the reused buffers of adapters' task vectors, and the progress
+/// report.
 struct Out<'a> {
     writer: &'a mut ShardWriter,
     buffer: &'a mut Vec<u8>,
+    expanded: &'a mut Expanded,
     progress: &'a dyn Progress,
 }
 
@@ -122,6 +124,7 @@ impl MergePlan {
     ) -> Result<()> {
         progress.begin(self.input_bytes());
         let mut buffer = Vec::new();
+        let mut expanded = Expanded::default();
         for (k, shard) in self.layout.shards.iter().enumerate() {
             let mut writer = ShardWriter::create(dir, &self.layout, k)?;
             for planned in &self.tensors[shard.tensors.clone()] {
@@ -136,6 +139,7 @@ impl MergePlan {
                 let mut out = Out {
                     writer: &mut writer,
                     buffer: &mut buffer,
+                    expanded: &mut expanded,
                     progress,
                 };
                 write(planned, &mut out)?;
@@ -209,10 +213,10 @@ impl MergePlan {
         compute: &ComputeSegment<'_>,
     ) -> Result<()> {
         let (writer, buffer, progress) = (&mut *out.writer, &mut *out.buffer, out.progress);
+        let expanded = &mut *out.expanded;
         let out_type = planned.out_type.expect("float tensor");
         let numel = planned.base.numel();
         let segment = (SEGMENT / unit).max(1) * unit;
-        let mut expanded = Expanded::default();
         let mut start = 0;
         while start < numel {
             crate::testhooks::before_segment();
@@ -220,13 +224,13 @@ impl MergePlan {
                 return Err(Error::Interrupted);
             }
             let end = (start + segment).min(numel);
-            inputs.expand(start, end, &mut expanded)?;
+            inputs.expand(start, end, expanded)?;
             buffer.resize((end - start) * out_type.size(), 0);
-            let nonfinite = compute(start, end, &expanded, buffer)?;
+            let nonfinite = compute(start, end, expanded, buffer)?;
             crate::guard::check()?;
             if nonfinite > 0 && !self.options.allow_nonfinite {
                 return Err(nonfinite_error(
-                    family, inputs, &expanded, planned, start, end,
+                    family, inputs, expanded, planned, start, end,
                 ));
             }
             let full = std::mem::take(buffer);
