@@ -611,6 +611,26 @@ fn bad_adapters_are_refused_by_name() {
         true,
     );
     refused(&fam, "vocab", &["model.embed_tokens.weight", "vocabulary"]);
+    // An adapter given as the base.
+    let (r1, good, out) = (
+        fam.setup.s("r1"),
+        fam.setup.s("good"),
+        fam.setup.s("refused"),
+    );
+    let o = run(
+        "ta-merge",
+        &[
+            "--base-model-path",
+            &r1,
+            "--other-model-paths",
+            &good,
+            "--lambdas",
+            "1",
+            "--output-path",
+            &out,
+        ],
+    );
+    assert_one_line_error(&o, &["LoRA adapter", "base"]);
 }
 
 #[test]

@@ -114,6 +114,7 @@ fn run(args: Args) -> Result<()> {
         ));
     }
     tv_cli::say(plan.describe(&shown));
+    tv_cli::say(family.adapter_notes(&shown));
 
     let mut inputs = family.input_paths();
     if let Some(dir) = &args.from_analysis {

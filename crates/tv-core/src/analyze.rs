@@ -139,7 +139,9 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let mut dots = vec![0f64; k * k];
     let mut buffers = Buffers::default();
     let tied = family.base_ties_embeddings();
-    let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
+    // The tied embedding: its name, the models that change it, those that
+    // leave it alone (adapters), and its sums.
+    let mut tied_extra: Option<(String, Vec<usize>, Vec<usize>, DeltaAcc)> = None;
 
     let work: Vec<TensorWork> = family
         .base
@@ -242,16 +244,24 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             && is_input_embedding(name)
             && !family.base.contains("lm_head.weight")
         {
-            tied_extra = Some((name.to_string(), indices, acc));
+            let untouched = sources
+                .iter()
+                .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
+                .map(|&(i, _)| i)
+                .collect();
+            tied_extra = Some((name.to_string(), indices, untouched, acc));
         }
     }
     progress.finish();
 
     // The original counted a tied embedding twice, once as lm_head.weight.
     let counted_twice = tied_extra.is_some();
-    if let Some((embed, idx, acc)) = tied_extra {
+    if let Some((embed, idx, untouched, acc)) = tied_extra {
         add_family_sums(&mut dots, &mut base_sum_sq, &idx, &acc);
-        for &i in &idx {
+        for &i in &untouched {
+            base_sum_sq[i] += acc.base_sum_sq;
+        }
+        for &i in idx.iter().chain(&untouched) {
             if let Some(row) = rows[i].iter().find(|r| r.param == embed).cloned() {
                 rows[i].push(TensorRow {
                     param: "lm_head.weight".into(),

@@ -91,6 +91,13 @@ impl Family {
             return Err(Error::InvalidArgument("no fine-tuned models given".into()));
         }
         let names = resolve_names(models, names)?;
+        if let Some(folder) = crate::lora::adapter_folder(base) {
+            return Err(Error::InvalidArgument(format!(
+                "base model {}: this is a LoRA adapter folder (it has adapter_config.json); give \
+                 the model it adapts as the base and the adapter among the models",
+                folder.display()
+            )));
+        }
         let base = Checkpoint::open(base).map_err(|e| context("base model", e))?;
         if base.is_empty() {
             return Err(Error::bad_file(
@@ -120,6 +127,27 @@ impl Family {
             models,
             names,
         })
+    }
+
+    /// One line per adapter among the models (`shown`: their display
+    /// names): rank, alpha and how many base tensors it changes.
+    pub fn adapter_notes(&self, shown: &[String]) -> String {
+        let mut s = String::new();
+        for (m, name) in self.models.iter().zip(shown) {
+            if let Some(a) = m.adapter() {
+                let sum = a.summary();
+                s.push_str(&format!(
+                    "      model '{name}' is a LoRA adapter (rank {}, alpha {}{}): it changes {} \
+                     tensor(s), {} of them with full weights; the others keep the base's values\n",
+                    sum.rank,
+                    sum.alpha,
+                    if sum.use_rslora { ", rsLoRA" } else { "" },
+                    sum.changed_tensors,
+                    sum.full_tensors
+                ));
+            }
+        }
+        s
     }
 
     /// Every input location, labelled, for

@@ -59,6 +59,8 @@ pub struct AdapterSummary {
     pub use_rslora: bool,
     pub target_modules: serde_json::Value,
     pub modules_to_save: Vec<String>,
+    /// Base tensors the adapter changes.
+    pub changed_tensors: usize,
     /// Base tensors with LoRA factors.
     pub lora_tensors: usize,
     /// Base tensors the adapter replaces with full weights.
@@ -200,6 +202,7 @@ impl Adapter {
             use_rslora: self.config.use_rslora,
             target_modules: self.config.target_modules.clone(),
             modules_to_save: self.config.modules_to_save.clone(),
+            changed_tensors: self.tensors.len(),
             lora_tensors: self.tensors.values().filter(|t| t.lora.is_some()).count(),
             full_tensors: self.tensors.values().filter(|t| t.full.is_some()).count(),
         }
