@@ -188,7 +188,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             continue;
         }
         let inputs = tensor_inputs(family, name, base, sources, &opts.device);
-        let acc = fused_pass(&inputs, progress)?;
+        let acc = fused_pass(&inputs, &mut buffers.expanded, progress)?;
         let indices: Vec<usize> = inputs.models.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
         let ks = inputs.models.len();
@@ -410,11 +410,14 @@ fn tensor_inputs<'a>(
 }
 
 /// The fused statistics pass over one tensor of the base and its models.
-fn fused_pass(inputs: &TensorInputs<'_>, progress: &dyn Progress) -> Result<DeltaAcc> {
+fn fused_pass(
+    inputs: &TensorInputs<'_>,
+    expanded: &mut Expanded,
+    progress: &dyn Progress,
+) -> Result<DeltaAcc> {
     let base_ty = inputs.base.ty;
     let numel = inputs.numel();
     let mut acc = DeltaAcc::new(inputs.models.len());
-    let mut expanded = Expanded::default();
     let mut start = 0;
     while start < numel {
         if interrupt::requested() {
@@ -422,8 +425,8 @@ fn fused_pass(inputs: &TensorInputs<'_>, progress: &dyn Progress) -> Result<Delt
         }
         crate::guard::check()?;
         let end = (start + SEGMENT).min(numel);
-        inputs.expand(start, end, &mut expanded)?;
-        let expanded = &expanded;
+        inputs.expand(start, end, expanded)?;
+        let expanded = &*expanded;
         let parts: Vec<DeltaAcc> = (start..end)
             .step_by(TASK)
             .collect::<Vec<_>>()
@@ -453,11 +456,12 @@ fn fused_pass(inputs: &TensorInputs<'_>, progress: &dyn Progress) -> Result<Delt
     Ok(acc)
 }
 
-/// The reusable delta buffers for quantiles.
+/// The reusable delta buffers for quantiles, and for adapters' task vectors.
 #[derive(Default)]
 struct Buffers {
     f32s: Vec<f32>,
     f64s: Vec<f64>,
+    expanded: Expanded,
 }
 
 impl Buffers {
@@ -474,7 +478,7 @@ impl Buffers {
         let compact = zeros as usize * 4 > numel;
         let ModelInput::Stored(model) = one.models[0].1 else {
             self.f64s.resize(numel, 0.0);
-            let kept = fill_expanded(one, &mut self.f64s, compact)?;
+            let kept = fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)?;
             return Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []));
         };
         let pair = Pair {
@@ -499,9 +503,13 @@ impl Buffers {
 /// Writes the one adapter's task vector of `one` into `out`, segment by
 /// segment; with `compact`, only the non-zero entries, at the front.
 /// Returns how many were kept.
-fn fill_expanded(one: &TensorInputs<'_>, out: &mut [f64], compact: bool) -> Result<usize> {
+fn fill_expanded(
+    one: &TensorInputs<'_>,
+    expanded: &mut Expanded,
+    out: &mut [f64],
+    compact: bool,
+) -> Result<usize> {
     let numel = out.len();
-    let mut expanded = Expanded::default();
     let mut kept = 0;
     let mut s0 = 0;
     while s0 < numel {
@@ -509,7 +517,7 @@ fn fill_expanded(one: &TensorInputs<'_>, out: &mut [f64], compact: bool) -> Resu
             return Err(Error::Interrupted);
         }
         let s1 = (s0 + SEGMENT).min(numel);
-        one.expand(s0, s1, &mut expanded)?;
+        one.expand(s0, s1, expanded)?;
         for &d in expanded.delta(0, s0, s1) {
             out[kept] = d;
             kept += usize::from(!compact || d != 0.0);

@@ -236,11 +236,9 @@ fn map_tensors(
             )));
         }
         match role {
-            Role::LoraA { module, embedding } | Role::LoraB { module, embedding }
-                if !config.transforms(&module) =>
-            {
-                let _ = embedding;
-            }
+            // Layers outside layers_to_transform: PEFT leaves them alone.
+            Role::LoraA { module, .. } | Role::LoraB { module, .. }
+                if !config.transforms(&module) => {}
             Role::LoraA { module, embedding } => {
                 let e = factors.entry(module).or_default();
                 e.0 = Some(tref.clone());
