@@ -258,11 +258,17 @@ pub(crate) fn select_tuned(
             .collect();
         let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
         for t in tensors {
-            let sources: Vec<(usize, usize)> = open
-                .iter()
-                .enumerate()
-                .filter_map(|(o, &k)| source_of(t, targets[k].model).map(|i| (i, o)))
-                .collect();
+            // The open targets of each of the tensor's models.
+            let mut sources: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (o, &k) in open.iter().enumerate() {
+                let Some(i) = source_of(t, targets[k].model) else {
+                    continue;
+                };
+                match sources.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, of_model)) => of_model.push(o),
+                    None => sources.push((i, vec![o])),
+                }
+            }
             t.scan(
                 false,
                 &mut accs,

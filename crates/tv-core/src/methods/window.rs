@@ -258,6 +258,8 @@ type Candidate = (u64, u32, u32);
 pub(crate) struct WindowAcc {
     above: u64,
     equal: u64,
+    /// Keys equal to `pred` in the block being counted.
+    equal_here: u64,
     /// (tensor ordinal, block index, keys equal to `pred` in the block).
     equal_blocks: Vec<(usize, usize, u64)>,
     /// The keys inside the window other than `pred`, while there are at
@@ -275,6 +277,7 @@ impl WindowAcc {
         Self {
             above: 0,
             equal: 0,
+            equal_here: 0,
             equal_blocks: Vec::new(),
             candidates: Vec::new(),
             overflow: false,
@@ -336,12 +339,15 @@ fn partition(v: &mut [Candidate], first: impl Fn(&Candidate) -> bool) -> usize {
 
 /// The window pass over one tensor, for every open target.
 pub(crate) struct WindowPass<'a> {
-    /// (position among the tensor's models, open target).
-    pub sources: Vec<(usize, usize)>,
+    /// (position among the tensor's models, its open targets).
+    pub sources: Vec<(usize, Vec<usize>)>,
     pub windows: &'a [Window],
     pub ordinal: usize,
     pub tuning: Tuning,
 }
+
+/// Entries whose keys are computed at once, then tested per target.
+const CHUNK: usize = 64;
 
 impl Visit for WindowPass<'_> {
     type Acc = Vec<WindowAcc>;
@@ -349,40 +355,59 @@ impl Visit for WindowPass<'_> {
     #[inline(always)]
     fn visit(&self, accs: &mut Vec<WindowAcc>, block: &Block<'_>) {
         let here = block.first / BLOCK;
-        for &(i, o) in &self.sources {
-            let w = &self.windows[o];
-            let acc = &mut accs[o];
-            let (m, b) = (block.model(i), block.base);
-            let (mut above, mut equal) = (0u64, 0u64);
-            let gathering = w.upper.is_some() || w.lower.is_some();
-            let span = w.hi - w.lo;
+        let mut keys = [0u64; CHUNK];
+        for (i, of_model) in &self.sources {
+            let (m, b) = (block.model(*i), block.base);
             let mut start = 0;
             while start < m.len() {
-                let end = (start + 64).min(m.len());
-                // Branch-free, so that it vectorises: the counts, and a bit
-                // for each key inside the window other than `pred`.
-                let mut inside = 0u64;
-                for j in start..end {
-                    let k = key(m[j] - b[j]);
-                    above += u64::from(k > w.hi);
-                    let is_pred = k == w.pred;
-                    equal += u64::from(is_pred);
-                    let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
-                    inside |= u64::from(held) << (j - start);
+                let end = (start + CHUNK).min(m.len());
+                let keys = &mut keys[..end - start];
+                for ((k, &m), &b) in keys.iter_mut().zip(&m[start..end]).zip(&b[start..end]) {
+                    *k = key(m - b);
                 }
-                while gathering && inside != 0 {
-                    let j = start + inside.trailing_zeros() as usize;
-                    inside &= inside - 1;
-                    let k = key(m[j] - b[j]);
-                    acc.gather(w, k, self.ordinal, here, &self.tuning);
+                for &o in of_model {
+                    self.count(&mut accs[o], &self.windows[o], keys, here);
                 }
                 start = end;
             }
-            acc.above += above;
-            if equal > 0 {
-                acc.equal += equal;
-                acc.equal_blocks.push((self.ordinal, here, equal));
+            for &o in of_model {
+                let acc = &mut accs[o];
+                if acc.equal_here > 0 {
+                    acc.equal += acc.equal_here;
+                    acc.equal_blocks.push((self.ordinal, here, acc.equal_here));
+                    acc.equal_here = 0;
+                }
             }
+        }
+    }
+}
+
+impl WindowPass<'_> {
+    /// Counts one chunk of keys for one target, and gathers those inside
+    /// its window.
+    #[inline(always)]
+    fn count(&self, acc: &mut WindowAcc, w: &Window, keys: &[u64], block: usize) {
+        let (mut above, mut equal) = (0u64, 0u64);
+        // Branch-free, so that it vectorises: the counts, and a bit for each
+        // key inside the window other than `pred`.
+        let span = w.hi - w.lo;
+        let mut inside = 0u64;
+        for (j, &k) in keys.iter().enumerate() {
+            above += u64::from(k > w.hi);
+            let is_pred = k == w.pred;
+            equal += u64::from(is_pred);
+            let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
+            inside |= u64::from(held) << j;
+        }
+        acc.above += above;
+        acc.equal_here += equal;
+        if w.upper.is_none() && w.lower.is_none() {
+            return;
+        }
+        while inside != 0 {
+            let j = inside.trailing_zeros() as usize;
+            inside &= inside - 1;
+            acc.gather(w, keys[j], self.ordinal, block, &self.tuning);
         }
     }
 }
