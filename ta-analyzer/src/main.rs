@@ -19,7 +19,8 @@ use tv_core::weights::Mode;
 #[derive(Debug, Parser)]
 #[command(name = "ta-analyze", version, about, long_about = None)]
 struct Args {
-    /// The base checkpoint: a folder, a .safetensors file, an index json, or a cached hub id.
+    /// The base checkpoint: a folder, a .safetensors file, an index json, or a Hugging Face id
+    /// (org/name or org/name@revision; downloaded into the cache when missing).
     #[arg(long, value_name = "PATH")]
     base: String,
 
@@ -53,6 +54,10 @@ struct Args {
     #[arg(long)]
     force: bool,
 
+    /// Use models named by Hugging Face id only from the local cache; never download.
+    #[arg(long = "no-download")]
+    no_download: bool,
+
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -69,6 +74,10 @@ fn run(args: Args) -> Result<()> {
     // device computes adapters' products.
     let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
+    let specs: Vec<String> = std::iter::once(args.base.clone())
+        .chain(args.models.iter().cloned())
+        .collect();
+    tv_cli::fetch_models(&specs, args.no_download, args.quiet)?;
     let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
     check_output_apart(&args.outdir, &family.input_paths())?;
     report::check_outdir(&args.outdir, &family.names, args.force)?;

@@ -70,6 +70,10 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or(&config.models()[0].model)
         .to_string();
     let specs: Vec<String> = config.models().iter().map(|m| m.model.clone()).collect();
+    let model_args: Vec<String> = std::iter::once(base.clone())
+        .chain(specs.iter().cloned())
+        .collect();
+    tv_cli::fetch_models(&model_args, args.no_download, args.quiet)?;
     let family = Family::open(&base, &specs, args.names.as_deref())?;
     let norms = match (&args.l2_norms, &args.from_analysis) {
         (Some(n), _) => Some(n.clone()),
