@@ -714,3 +714,98 @@ fn pickled_adapters_with_adapter_names_and_base_layers() {
         }
     }
 }
+
+/// Tensor names of a single-file model in storage order (by data offset).
+fn storage_order(dir: &Path) -> Vec<String> {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut t: Vec<(usize, String)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (v.data().as_ptr() as usize, n))
+        .collect();
+    t.sort();
+    t.into_iter().map(|(_, n)| n).collect()
+}
+
+#[test]
+fn whole_model_ties_selects_over_an_adapters_task_vector() {
+    let fam = Family::new();
+    let full = fine_tune(&fam.setup.base, 5, 0.01, Ty::BF16);
+    let o = merge(
+        &fam,
+        "ties",
+        &["good", "r8"],
+        &[
+            "--method",
+            "ties",
+            "--density",
+            "0.3",
+            "--density-scope",
+            "model",
+            "--lambdas",
+            "1",
+            "2",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let order = storage_order(&fam.setup.path("base"));
+    let w = [1.0, 2.0];
+    let delta = |i: usize, name: &str| match i {
+        0 => fam.delta("good", name, Some(&full)),
+        _ => fam.delta("r8", name, None),
+    };
+    // Each model keeps its max(1, ⌊0.3 N⌋) largest |d| over its whole task
+    // vector (zeros of untouched tensors included), earlier entries first
+    // among equal magnitudes.
+    let keep: Vec<BTreeMap<String, Vec<bool>>> = (0..2)
+        .map(|i| {
+            let all: Vec<f64> = order.iter().flat_map(|n| delta(i, n)).collect();
+            let k = ((0.3 * all.len() as f64).floor() as usize).max(1);
+            let mut idx: Vec<usize> = (0..all.len()).collect();
+            idx.sort_by(|&a, &b| all[b].abs().total_cmp(&all[a].abs()).then(a.cmp(&b)));
+            let mut mask = vec![false; all.len()];
+            for &j in &idx[..k] {
+                mask[j] = true;
+            }
+            let mut at = 0;
+            order
+                .iter()
+                .map(|n| {
+                    let len = delta(i, n).len();
+                    at += len;
+                    (n.clone(), mask[at - len..at].to_vec())
+                })
+                .collect()
+        })
+        .collect();
+    let merged = read_model(&fam.setup.path("ties"));
+    for b in &fam.setup.base {
+        // Sign election over the trimmed, weighted deltas; normalised by
+        // the agreeing weights.
+        let v: Vec<Vec<f64>> = (0..2)
+            .map(|i| {
+                let d = delta(i, &b.name);
+                let k = &keep[i][&b.name];
+                d.iter()
+                    .zip(k)
+                    .map(|(d, &k)| if k { w[i] * d } else { 0.0 })
+                    .collect()
+            })
+            .collect();
+        let exact: Vec<f64> = (0..b.values.len())
+            .map(|j| {
+                let s: f64 = v.iter().map(|v| v[j]).sum();
+                let (mut sum, mut div) = (0.0, 0.0);
+                for (vi, wi) in v.iter().zip(w) {
+                    if (s >= 0.0 && vi[j] > 0.0) || (s < 0.0 && vi[j] < 0.0) {
+                        sum += vi[j];
+                        div += wi;
+                    }
+                }
+                b.values[j] + sum / if div == 0.0 { 1.0 } else { div }
+            })
+            .collect();
+        assert_rounded(&b.name, b.ty, &merged[&b.name].bytes, &exact);
+    }
+}
