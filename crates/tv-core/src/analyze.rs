@@ -220,7 +220,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 models: vec![(i, m)],
                 ..inputs.clone()
             };
-            let q = buffers.quantiles(&single, acc.models[slot].unchanged)?;
+            let q = buffers.quantiles(&single, slot, acc.models[slot].unchanged)?;
             let s = &acc.models[slot];
             rows[i].push(TensorRow {
                 param: name.to_string(),
@@ -469,8 +469,10 @@ impl Buffers {
     /// that model only): in the f32 buffer for 16-bit checkpoints (with the
     /// rare deltas f32 cannot hold listed exactly beside it), else in the
     /// f64 buffer (an adapter's f64 task vector always). Zero deltas are
-    /// counted, not stored, when they are many.
-    fn quantiles(&mut self, one: &TensorInputs<'_>, zeros: u64) -> Result<[f64; 11]> {
+    /// counted, not stored, when they are many. `slot` is the model's place
+    /// in the fused pass, whose expansion is reused when the tensor was one
+    /// segment.
+    fn quantiles(&mut self, one: &TensorInputs<'_>, slot: usize, zeros: u64) -> Result<[f64; 11]> {
         let numel = one.numel();
         if zeros as usize == numel {
             return Ok([0.0; 11]);
@@ -478,7 +480,17 @@ impl Buffers {
         let compact = zeros as usize * 4 > numel;
         let ModelInput::Stored(model) = one.models[0].1 else {
             self.f64s.resize(numel, 0.0);
-            let kept = fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)?;
+            let kept = if numel <= SEGMENT {
+                // Still expanded by the fused pass (its only segment).
+                let mut kept = 0;
+                for &d in self.expanded.delta(slot, 0, numel) {
+                    self.f64s[kept] = d;
+                    kept += usize::from(!compact || d != 0.0);
+                }
+                kept
+            } else {
+                fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)?
+            };
             return Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []));
         };
         let pair = Pair {
