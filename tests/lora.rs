@@ -611,6 +611,21 @@ fn bad_adapters_are_refused_by_name() {
         true,
     );
     refused(&fam, "vocab", &["model.embed_tokens.weight", "vocabulary"]);
+    // A factor holding NaN: refused naming the adapter, as for a checkpoint.
+    let mut l = lora(UP0, &w(UP0), 2, 1.0, false, 65);
+    l.a.values[3] = f64::NAN;
+    write_adapter(
+        &fam.setup.path("nan"),
+        lora_config(2, 2.0, &["up_proj"]),
+        &[&l],
+        &[],
+        false,
+    );
+    refused(
+        &fam,
+        "nan",
+        &["model.layers.0.mlp.up_proj.weight", "model 'nan'", "NaN"],
+    );
     // An adapter given as the base.
     let (r1, good, out) = (
         fam.setup.s("r1"),
