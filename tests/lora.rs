@@ -824,3 +824,60 @@ fn whole_model_ties_selects_over_an_adapters_task_vector() {
         assert_rounded(&b.name, b.ty, &merged[&b.name].bytes, &exact);
     }
 }
+
+#[test]
+fn an_adapter_in_the_hub_cache_is_found_by_id() {
+    let fam = Family::new();
+    let o = merge(&fam, "by-path", &["r8"], &["--lambdas", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The adapter laid out as huggingface_hub caches it: blobs, a snapshot
+    // of relative links, refs/main.
+    let cache = fam.setup.path("hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let repo = cache.join("models--acme--r8-lora");
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for (i, name) in ["adapter_config.json", "adapter_model.safetensors"]
+        .iter()
+        .enumerate()
+    {
+        let blob = format!("{:064x}", i + 1);
+        std::fs::copy(
+            fam.setup.path("r8").join(name),
+            repo.join("blobs").join(&blob),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(name)).unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let (base, out) = (fam.setup.s("base"), fam.setup.s("by-id"));
+    let o = run_env(
+        "ta-merge",
+        &[
+            "--quiet",
+            "--base-model-path",
+            &base,
+            "--other-model-paths",
+            "acme/r8-lora",
+            "--lambdas",
+            "1",
+            "--output-path",
+            &out,
+        ],
+        &[("HF_HUB_CACHE", &cache), ("HF_HUB_OFFLINE", Path::new("1"))],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let read = |dir: &str| std::fs::read(fam.setup.path(dir).join("model.safetensors")).unwrap();
+    assert!(
+        read("by-id") == read("by-path"),
+        "the cached adapter merges differently"
+    );
+    let record =
+        std::fs::read_to_string(fam.setup.path("by-id").join("merge_record.json")).unwrap();
+    assert!(
+        record.contains("\"name\": \"r8-lora\"") && record.contains("\"rank\": 8"),
+        "{record}"
+    );
+}
