@@ -394,16 +394,8 @@ fn tensor_inputs<'a>(
         base: input(&family.base, base),
         models: sources
             .iter()
-            .filter_map(|(i, held)| {
-                let file = family.models[*i].checkpoint();
-                match held {
-                    ModelTensor::Stored(t) => Some((*i, ModelInput::Stored(input(file, t)))),
-                    ModelTensor::Adapter(tensor) => {
-                        Some((*i, ModelInput::Adapter { file, tensor }))
-                    }
-                    ModelTensor::Untouched => None,
-                }
-            })
+            .filter(|(_, held)| !matches!(held, ModelTensor::Untouched))
+            .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
             .collect(),
         device: device.candle(),
     }

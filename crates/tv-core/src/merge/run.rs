@@ -14,8 +14,7 @@ use crate::checkpoint::TensorRef;
 use crate::device::Device;
 use crate::dtype::{count_nonfinite, encode_f64, FloatType};
 use crate::error::{Error, Result};
-use crate::family::Family;
-use crate::family::ModelTensor;
+use crate::family::{Family, ModelTensor};
 use crate::interrupt;
 use crate::kernels::{convert_range, merge_range, Addend};
 use crate::methods::gta::Gta;
@@ -178,15 +177,7 @@ impl MergePlan {
             base: input(&family.base, &planned.base),
             models: sources
                 .iter()
-                .map(|(i, held)| {
-                    let file = family.models[*i].checkpoint();
-                    let m = match held {
-                        ModelTensor::Stored(t) => ModelInput::Stored(input(file, t)),
-                        ModelTensor::Adapter(tensor) => ModelInput::Adapter { file, tensor },
-                        ModelTensor::Untouched => ModelInput::Untouched,
-                    };
-                    (*i, m)
-                })
+                .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
                 .collect(),
             device: device.candle(),
         }

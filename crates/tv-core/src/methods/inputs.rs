@@ -12,6 +12,7 @@
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::dtype::{decode_f64, FloatType};
 use crate::error::{Error, Result};
+use crate::family::ModelTensor;
 use crate::interrupt;
 use crate::kernels::Operand;
 use crate::lora::expand::{delta_range, BaseRange};
@@ -59,7 +60,21 @@ pub(crate) enum ModelInput<'a> {
     Untouched,
 }
 
-impl ModelInput<'_> {
+impl<'a> ModelInput<'a> {
+    /// The input for what a model holds for a tensor (`file`: the model's
+    /// weight file, [`crate::family::Model::checkpoint`]).
+    pub fn new(file: &'a Checkpoint, held: &'a ModelTensor) -> Self {
+        match held {
+            ModelTensor::Stored(tensor) => Self::Stored(Input {
+                ckpt: file,
+                tensor,
+                ty: tensor.float_type().expect("a float tensor"),
+            }),
+            ModelTensor::Adapter(tensor) => Self::Adapter { file, tensor },
+            ModelTensor::Untouched => Self::Untouched,
+        }
+    }
+
     /// Bytes of the model's files that elements `start..end` read.
     pub fn read_len(&self, start: usize, end: usize) -> usize {
         match self {
