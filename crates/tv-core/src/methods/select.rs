@@ -257,6 +257,8 @@ pub(crate) fn select_tuned(
             })
             .collect();
         let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
+        // Each thread part may gather its share of the candidates.
+        let part_candidates = tuning.candidates.div_ceil(accs.len());
         for t in tensors {
             // The open targets of each of the tensor's models.
             let mut sources: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -276,7 +278,7 @@ pub(crate) fn select_tuned(
                     sources,
                     windows: &windows,
                     ordinal: t.ordinal,
-                    tuning,
+                    part_candidates,
                 },
             )?;
         }

@@ -28,7 +28,8 @@ const FAULT_AROUND: usize = 1 << 16;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tuning {
     /// Most keys inside one target's window gathered as candidates
-    /// (16 bytes each); beyond this the window's histograms take over.
+    /// (16 bytes each, shared out among the threads); beyond this the
+    /// window's histograms take over.
     pub candidates: usize,
     /// Moves the estimated threshold by this many sampled keys (tests make
     /// the sample mislead with it).
@@ -343,7 +344,8 @@ pub(crate) struct WindowPass<'a> {
     pub sources: Vec<(usize, Vec<usize>)>,
     pub windows: &'a [Window],
     pub ordinal: usize,
-    pub tuning: Tuning,
+    /// Most candidates one thread part gathers per target.
+    pub part_candidates: usize,
 }
 
 /// Entries whose keys are computed at once, then tested per target.
@@ -407,7 +409,7 @@ impl WindowPass<'_> {
         while inside != 0 {
             let j = inside.trailing_zeros() as usize;
             inside &= inside - 1;
-            acc.gather(w, keys[j], self.ordinal, block, &self.tuning);
+            acc.gather(w, keys[j], self.ordinal, block, self.part_candidates);
         }
     }
 }
@@ -415,9 +417,9 @@ impl WindowPass<'_> {
 impl WindowAcc {
     /// Records key `k`, inside window `w` and not its `pred`.
     #[inline(always)]
-    fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, tuning: &Tuning) {
+    fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, most: usize) {
         if !self.overflow {
-            if self.candidates.len() < tuning.candidates {
+            if self.candidates.len() < most {
                 self.candidates.push((k, ordinal as u32, block as u32));
             } else {
                 self.overflow = true;
