@@ -167,9 +167,15 @@ impl Fam {
     }
 
     fn merge(&self, out: &str, extra: &[&str]) -> std::process::Output {
+        self.merge_with(out, &[], extra)
+    }
+
+    /// Merges the fine-tunes and, after them, the folders `more` (adapters).
+    fn merge_with(&self, out: &str, more: &[&str], extra: &[&str]) -> std::process::Output {
         let mut args = vec!["--base_model_path".to_string(), self.path("base")];
         args.push("--other_model_paths".into());
         args.extend((0..self.models.len()).map(|k| self.path(&format!("m{k}"))));
+        args.extend(more.iter().map(|m| self.path(m)));
         args.extend(["--output_path".into(), self.path(out), "--quiet".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -585,4 +591,127 @@ fn analysis_compares_embedding_rows_by_token() {
     let summary = read_json(&format!("{stats}/m1/summary.json"));
     assert_eq!(summary["vocab"]["missing"], 1);
     assert_eq!(summary["vocab"]["matched"], 35);
+}
+
+/// Writes a LoRA adapter of rank 2 on the base's `[rows, cols]` matrix
+/// `module` (PEFT's names and config).
+fn write_lora(dir: &Path, module: &str, rows: usize, cols: usize, seed: u64) {
+    use safetensors::tensor::TensorView;
+    std::fs::create_dir_all(dir).unwrap();
+    let target = module.rsplit('.').next().unwrap();
+    let config = json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4.0,
+        "target_modules": [target], "base_model_name_or_path": "base"});
+    std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
+    let a = Ty::F32.encode(&noise(seed, 2 * cols, 0.3));
+    let b = Ty::F32.encode(&noise(seed + 1, rows * 2, 0.05));
+    let views = vec![
+        (
+            format!("base_model.model.{module}.lora_A.weight"),
+            TensorView::new(Ty::F32.dtype(), vec![2, cols], &a).unwrap(),
+        ),
+        (
+            format!("base_model.model.{module}.lora_B.weight"),
+            TensorView::new(Ty::F32.dtype(), vec![rows, 2], &b).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+}
+
+#[test]
+fn adapters_beside_a_resized_fine_tune() {
+    let f = Fam::new(false, &["chat"]);
+    write_lora(
+        &f.dir.path().join("qa"),
+        "model.layers.0.self_attn.q_proj",
+        HIDDEN,
+        HIDDEN,
+        5,
+    );
+    write_lora(&f.dir.path().join("ha"), "lm_head", BASE_ROWS, HIDDEN, 7);
+
+    // An adapter that leaves the embedding and lm_head alone adds a zero
+    // task vector to their rows: they are those of the fine-tune alone.
+    let o = f.merge_with("with_q", &["qa"], &["--lambdas", "0.7", "0.4"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = f.merge("alone", &["--lambdas", "0.7"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    f.check_task_arithmetic("alone", EMBED, &[0.7], 1.0, false);
+    let with_q = read_model(Path::new(&f.path("with_q")));
+    let alone = read_model(Path::new(&f.path("alone")));
+    for name in [EMBED, HEAD] {
+        assert_eq!(with_q[name].shape, alone[name].shape, "{name}");
+        assert_eq!(with_q[name].bytes, alone[name].bytes, "{name}");
+    }
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    assert_ne!(
+        with_q[q].bytes, alone[q].bytes,
+        "the adapter's q_proj merged"
+    );
+    let record = read_json(&format!("{}/merge_record.json", f.path("with_q")));
+    assert_eq!(record["models"][1]["vocab"]["missing"], 0);
+    assert_eq!(record["models"][1]["adapter"]["rank"], 2, "{record}");
+
+    // Linear counts the untouched adapter's weight over the base's row.
+    let o = f.merge_with(
+        "linear",
+        &["qa"],
+        &["--method", "linear", "--lambdas", "0.7", "0.4"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let linear = read_model(Path::new(&f.path("linear")));
+    let got = Ty::BF16.decode(&linear[EMBED].bytes);
+    for r in 0..BASE_ROWS {
+        let (b, src) = f.sources(EMBED, r, &[]);
+        for c in 0..HIDDEN {
+            let exact = match src[0] {
+                Some(j) => (0.7 * f.models[0].get(EMBED).values[j * HIDDEN + c] + 0.4 * b[c]) / 1.1,
+                None => b[c],
+            };
+            assert_rounded(got[r * HIDDEN + c], exact, &format!("linear [{r}][{c}]"));
+        }
+    }
+
+    // An adapter that changes a tensor matched by token is refused, naming
+    // it and the way out; --skip-mismatched leaves the resized model out.
+    let o = f.merge_with("with_head", &["ha"], &["--lambdas", "0.7", "0.4"]);
+    assert_one_line_error(&o, &["'ha'", HEAD, "--skip-mismatched"]);
+    assert!(!Path::new(&f.path("with_head")).join("config.json").exists());
+    let o = f.merge_with(
+        "skipped",
+        &["ha"],
+        &["--lambdas", "0.7", "0.4", "--skip-mismatched"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let skipped = read_model(Path::new(&f.path("skipped")));
+    assert_eq!(skipped[HEAD].shape, [BASE_ROWS, HIDDEN]);
+
+    // The analysis: the fine-tune's rows by token, the adapters' as theirs.
+    let stats = f.path("stats");
+    let args = [
+        "--base",
+        &f.path("base"),
+        "--models",
+        &f.path("m0"),
+        &f.path("qa"),
+        &f.path("ha"),
+        "--outdir",
+        &stats,
+        "--quiet",
+    ];
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = read_json(&format!("{stats}/m0/summary.json"));
+    assert_eq!(summary["vocab"]["added"], 2, "{summary}");
+    assert_eq!(summary["skipped_params"], 0, "{summary}");
+    let summary = read_json(&format!("{stats}/ha/summary.json"));
+    assert_eq!(summary["skipped_params"], 0, "{summary}");
+    let mut r = csv::Reader::from_path(format!("{stats}/ha/per_param_stats.csv")).unwrap();
+    let headers = r.headers().unwrap().clone();
+    let col = |h: &str| headers.iter().position(|x| x == h).unwrap();
+    let head = r
+        .records()
+        .map(|x| x.unwrap())
+        .find(|x| &x[col("param")] == HEAD)
+        .expect("lm_head analysed");
+    assert!(head[col("l2")].parse::<f64>().unwrap() > 0.0);
 }

@@ -70,9 +70,9 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<()> {
     tv_core::interrupt::install().context("cannot install signal handlers")?;
     let started = Instant::now();
-    // The device is checked for the same errors as ta-merge's; the analysis
-    // itself is memory-bound and runs on the CPU kernels.
-    Device::resolve(DeviceRequest::parse(&args.device)?)?;
+    // The analysis itself is memory-bound and runs on the CPU kernels; the
+    // device computes adapters' products.
+    let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
     let specs: Vec<String> = std::iter::once(args.base.clone())
         .chain(args.models.iter().cloned())
@@ -85,6 +85,7 @@ fn run(args: Args) -> Result<()> {
     let bar = tv_cli::Bar::new("analysing", args.quiet);
     let options = AnalyzeOptions {
         count_tied_lm_head: args.count_tied_lm_head,
+        device,
     };
     let analysis = analyze(&family, options, &bar)?;
 

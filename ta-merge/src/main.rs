@@ -123,6 +123,7 @@ fn run(args: Args) -> Result<()> {
         ));
     }
     tv_cli::say(plan.describe(&shown));
+    tv_cli::say(family.adapter_notes(&shown));
 
     let mut inputs = family.input_paths();
     if let Some(dir) = &args.from_analysis {
@@ -331,12 +332,13 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         .enumerate()
         .map(|(i, m)| RecordModel {
             name: family.names[i].clone(),
-            path: m.located.spec.clone(),
+            path: m.checkpoint().located.spec.clone(),
             l2_norm: norms.map(|n| n[i]),
             lambda: plan.lambdas()[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
             vocab: plan.alignment.as_ref().map(|a| a.counts[i]),
+            adapter: m.adapter().map(|a| a.summary()),
         })
         .collect();
     let weights_from = match (&args.l2_norms, &args.from_analysis) {

@@ -7,6 +7,10 @@
 //! the delta is written into one reusable buffer (f32 when exact, else f64)
 //! for exact quantiles. Inputs are read in bounded segments whose pages are
 //! released after use, so memory stays near the largest tensor's buffer.
+//! An adapter's task vector is expanded segment by segment (s·B·A in f64,
+//! on the chosen device) and enters the same kernels as a delta; a tensor
+//! an adapter leaves alone is a zero task vector, counted as unchanged
+//! without reading anything of the adapter.
 //!
 //! When a fine-tune's embedding or lm_head has another number of rows than
 //! the base's and both have a readable `tokenizer.json`, its task vector
@@ -15,14 +19,19 @@
 //! same tokens, gathered into a segment buffer; a base token the model
 //! lacks counts as an unchanged row (its delta is zero), and the rows of
 //! tokens the base lacks are counted in the summary's `vocab`, not compared
-//! with unrelated base rows.
+//! with unrelated base rows. Only stored checkpoints are gathered: an
+//! adapter's tensors have the base's shape, so its rows are the base's.
 
 use crate::checkpoint::TensorRef;
+use crate::device::Device;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::{is_input_embedding, Family};
+use crate::family::{is_input_embedding, Family, Model, ModelTensor};
 use crate::interrupt;
-use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc};
+use crate::kernels::{
+    delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc, Operand,
+};
+use crate::methods::inputs::{Expanded, Input, ModelInput, TensorInputs};
 use crate::progress::Progress;
 use crate::quantile::{quantiles, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
@@ -37,11 +46,22 @@ const SEGMENT: usize = 1 << 22;
 const TASK: usize = 1 << 16;
 
 /// Options of the analysis.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     /// Count a tied embedding a second time as `lm_head.weight`, as the
     /// original tool did for tied models loaded from shards.
     pub count_tied_lm_head: bool,
+    /// Where adapters' products are computed.
+    pub device: Device,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        Self {
+            count_tied_lm_head: false,
+            device: Device::Cpu,
+        }
+    }
 }
 
 /// A tensor left out of one model's analysis, and why.
@@ -135,7 +155,9 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let mut dots = vec![0f64; k * k];
     let mut buffers = Buffers::default();
     let tied = family.base_ties_embeddings();
-    let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
+    // The tied embedding: its name, the models that change it, those that
+    // leave it alone (adapters), and its sums.
+    let mut tied_extra: Option<(String, Vec<usize>, Vec<usize>, DeltaAcc)> = None;
 
     // Rows matched by token when vocabularies differ and can be read; else
     // resized tensors are skipped as before.
@@ -152,28 +174,26 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             let aligned = alignment.as_ref().filter(|_| is_vocab_tensor(name));
             let mut sources = Vec::new();
             for (i, m) in family.models.iter().enumerate() {
+                let held = m.tensor(name);
                 let rows = aligned.map(|a| a.model_rows[i]);
-                match skip_reason(base, m.get(name), rows) {
+                match skip_reason(base, held.as_ref(), rows) {
                     Some(reason) => skipped[i].push(Skipped {
                         param: name.clone(),
                         reason,
                     }),
-                    None => sources.push(Source {
-                        model: i,
-                        tensor: m.get(name).expect("present"),
-                        rows: aligned.map(|a| a.maps[i].as_slice()),
-                    }),
+                    None => sources.push((i, held.expect("present"))),
                 }
             }
             TensorWork {
                 name,
                 base,
                 sources,
+                aligned,
             }
         })
         .collect();
     for (i, m) in family.models.iter().enumerate() {
-        for name in m.names().iter().filter(|n| !family.base.contains(n)) {
+        for name in m.extra_names(&family.base) {
             skipped[i].push(Skipped {
                 param: name.clone(),
                 reason: "not in the base".into(),
@@ -187,19 +207,47 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         name,
         base,
         sources,
+        aligned,
     } in &work
     {
         if sources.is_empty() {
             continue;
         }
-        let acc = fused_pass(family, base, sources, progress)?;
-        let indices: Vec<usize> = sources.iter().map(|s| s.model).collect();
+        let inputs = tensor_inputs(family, name, base, sources, &opts.device);
+        let maps = row_maps(family, &inputs, *aligned);
+        let acc = fused_pass(&inputs, &maps, &mut buffers.expanded, progress)?;
+        let indices: Vec<usize> = inputs.models.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
-        let ks = sources.len();
-        for (slot, source) in sources.iter().enumerate() {
-            let i = source.model;
-            let q =
-                buffers.quantiles(&Pair::new(family, base, source), acc.models[slot].unchanged)?;
+        let ks = inputs.models.len();
+        // Adapters that leave the tensor alone: a zero task vector.
+        for &(i, _) in sources
+            .iter()
+            .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
+        {
+            base_sum_sq[i] += acc.base_sum_sq;
+            rows[i].push(TensorRow {
+                param: name.to_string(),
+                shape: base.shape.clone(),
+                l2: 0.0,
+                l1: 0.0,
+                maxabs: 0.0,
+                mean: 0.0,
+                std: 0.0,
+                skew: 0.0,
+                kurtosis_excess: 0.0,
+                quantiles: [0.0; 11],
+                numel: base.numel() as u64,
+                nonfinite: 0,
+                unchanged: base.numel() as u64,
+                sum_sq: 0.0,
+            });
+        }
+        for (slot, &(i, m)) in inputs.models.iter().enumerate() {
+            let single = TensorInputs {
+                models: vec![(i, m)],
+                ..inputs.clone()
+            };
+            let q = buffers.quantiles(&single, slot, maps[slot], acc.models[slot].unchanged)?;
             let s = &acc.models[slot];
             rows[i].push(TensorRow {
                 param: name.to_string(),
@@ -223,16 +271,24 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             && is_input_embedding(name)
             && !family.base.contains("lm_head.weight")
         {
-            tied_extra = Some((name.to_string(), indices, acc));
+            let untouched = sources
+                .iter()
+                .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
+                .map(|&(i, _)| i)
+                .collect();
+            tied_extra = Some((name.to_string(), indices, untouched, acc));
         }
     }
     progress.finish();
 
     // The original counted a tied embedding twice, once as lm_head.weight.
     let counted_twice = tied_extra.is_some();
-    if let Some((embed, idx, acc)) = tied_extra {
+    if let Some((embed, idx, untouched, acc)) = tied_extra {
         add_family_sums(&mut dots, &mut base_sum_sq, &idx, &acc);
-        for &i in &idx {
+        for &i in &untouched {
+            base_sum_sq[i] += acc.base_sum_sq;
+        }
+        for &i in idx.iter().chain(&untouched) {
             if let Some(row) = rows[i].iter().find(|r| r.param == embed).cloned() {
                 rows[i].push(TensorRow {
                     param: "lm_head.weight".into(),
@@ -255,7 +311,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             );
             ModelAnalysis {
                 name: family.names[i].clone(),
-                spec: family.models[i].located.spec.clone(),
+                spec: family.models[i].checkpoint().located.spec.clone(),
                 rows,
                 summary,
             }
@@ -300,79 +356,87 @@ fn add_family_sums(dots: &mut [f64], base_sum_sq: &mut [f64], indices: &[usize],
 struct TensorWork<'a> {
     name: &'a str,
     base: &'a TensorRef,
-    sources: Vec<Source<'a>>,
+    /// (model index, what the model holds for it)
+    sources: Vec<(usize, ModelTensor)>,
+    /// The rows' tokens, for a tensor matched by token.
+    aligned: Option<&'a Alignment>,
 }
 
-/// One model's tensor as the analysis reads it.
-#[derive(Clone, Copy)]
-struct Source<'a> {
-    model: usize,
-    tensor: &'a TensorRef,
-    /// For a tensor matched by token: the model's row of each base row.
-    rows: Option<&'a [Option<u32>]>,
+/// For each model slot of a tensor's inputs: the model's row of each base
+/// row, when its stored tensor is matched by token (stored checkpoints
+/// only: an adapter's tensors have the base's rows).
+type RowMaps<'a> = Vec<Option<&'a [Option<u32>]>>;
+
+fn row_maps<'a>(
+    family: &Family,
+    inputs: &TensorInputs<'_>,
+    aligned: Option<&'a Alignment>,
+) -> RowMaps<'a> {
+    inputs
+        .models
+        .iter()
+        .map(|&(i, m)| match (aligned, m, &family.models[i]) {
+            (Some(a), ModelInput::Stored(_), Model::Checkpoint(_)) => Some(a.maps[i].as_slice()),
+            _ => None,
+        })
+        .collect()
 }
 
-impl<'a> Source<'a> {
-    /// The model's values of base elements `start..end`, in the model's
-    /// type: its stored bytes, or, matched by token, its rows of the same
-    /// tokens gathered in the base's order (a token the model lacks takes
-    /// the base's values, a zero delta).
-    fn segment(
-        &self,
-        family: &'a Family,
-        base: &TensorRef,
-        start: usize,
-        end: usize,
-    ) -> Cow<'a, [u8]> {
-        let ty = self.tensor.float_type().expect("float");
-        let bytes = family.models[self.model].bytes(self.tensor);
-        let Some(map) = self.rows else {
-            return Cow::Borrowed(&bytes[ty.byte_range(start, end)]);
-        };
-        let base_ty = base.float_type().expect("float");
-        let base_bytes = family.base.bytes(base);
-        let len = base.shape.last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0u8; (end - start) * ty.size()];
-        let mut values = Vec::new();
-        let mut e = start;
-        while e < end {
-            let r = e / len;
-            let hi = ((r + 1) * len).min(end);
-            let dst = &mut out[ty.byte_range(e - start, hi - start)];
-            match map[r] {
-                Some(j) => {
-                    let j = j as usize * len + (e - r * len);
-                    dst.copy_from_slice(&bytes[ty.byte_range(j, j + hi - e)]);
-                }
-                None if base_ty == ty => {
-                    dst.copy_from_slice(&base_bytes[ty.byte_range(e, hi)]);
-                }
-                None => {
-                    values.resize(hi - e, 0.0);
-                    crate::dtype::decode_f64(
-                        base_ty,
-                        &base_bytes[base_ty.byte_range(e, hi)],
-                        &mut values,
-                    );
-                    crate::dtype::encode_f64(ty, &values, dst);
-                }
+/// A stored model's values of base elements `start..end`, in the model's
+/// type: its stored bytes, or, matched by token (`rows`), its rows of the
+/// same tokens gathered in the base's order (a token the model lacks takes
+/// the base's values, a zero delta).
+fn model_segment<'b>(
+    base: &Input<'b>,
+    model: &Input<'b>,
+    rows: Option<&[Option<u32>]>,
+    start: usize,
+    end: usize,
+) -> Cow<'b, [u8]> {
+    let ty = model.ty;
+    let bytes = model.ckpt.bytes(model.tensor);
+    let Some(map) = rows else {
+        return Cow::Borrowed(&bytes[ty.byte_range(start, end)]);
+    };
+    let base_ty = base.ty;
+    let len = base.tensor.shape.last().copied().unwrap_or(1).max(1);
+    let mut out = vec![0u8; (end - start) * ty.size()];
+    let mut values = Vec::new();
+    let mut e = start;
+    while e < end {
+        let r = e / len;
+        let hi = ((r + 1) * len).min(end);
+        let dst = &mut out[ty.byte_range(e - start, hi - start)];
+        match map[r] {
+            Some(j) => {
+                let j = j as usize * len + (e - r * len);
+                dst.copy_from_slice(&bytes[ty.byte_range(j, j + hi - e)]);
             }
-            e = hi;
+            None if base_ty == ty => dst.copy_from_slice(base.range(e, hi)),
+            None => {
+                values.resize(hi - e, 0.0);
+                crate::dtype::decode_f64(base_ty, base.range(e, hi), &mut values);
+                crate::dtype::encode_f64(ty, &values, dst);
+            }
         }
-        Cow::Owned(out)
+        e = hi;
     }
+    Cow::Owned(out)
+}
 
-    /// Drops the pages of the model's elements `start..end` (a tensor
-    /// matched by token, read out of order, is dropped whole at `end`).
-    fn release(&self, family: &Family, start: usize, end: usize, numel: usize) {
-        let ty = self.tensor.float_type().expect("float");
-        let (start, end) = match self.rows {
-            None => (start, end),
-            Some(_) if end == numel => (0, self.tensor.numel()),
-            Some(_) => return,
-        };
-        let r = ty.byte_range(start, end);
-        family.models[self.model].release(self.tensor, r.start, r.end);
+/// Drops the pages of a stored model's elements `start..end` (a tensor
+/// matched by token, read out of order, is dropped whole at `end`).
+fn release_model(
+    model: &Input<'_>,
+    rows: Option<&[Option<u32>]>,
+    start: usize,
+    end: usize,
+    numel: usize,
+) {
+    match rows {
+        None => model.release(start, end),
+        Some(_) if end == numel => model.release(0, model.tensor.numel()),
+        Some(_) => {}
     }
 }
 
@@ -382,19 +446,33 @@ impl TensorWork<'_> {
         if self.sources.is_empty() {
             return 0;
         }
-        let models: usize = self.sources.iter().map(|s| s.tensor.nbytes()).sum();
+        let models: usize = self
+            .sources
+            .iter()
+            .map(|(_, held)| match held {
+                ModelTensor::Stored(t) => t.nbytes(),
+                _ => 0,
+            })
+            .sum();
         (self.base.nbytes() + models) as u64
     }
 }
 
 /// Why a model's tensor cannot be compared with the base's, if it cannot;
 /// `rows`, for a tensor matched by token, is the model's embedding rows.
-fn skip_reason(base: &TensorRef, model: Option<&TensorRef>, rows: Option<usize>) -> Option<String> {
+fn skip_reason(
+    base: &TensorRef,
+    model: Option<&ModelTensor>,
+    rows: Option<usize>,
+) -> Option<String> {
     if base.float_type().is_none() {
         return Some(format!("not a float tensor ({:?})", base.dtype));
     }
-    let Some(m) = model else {
-        return Some("missing from the model".into());
+    let m = match model {
+        None => return Some("missing from the model".into()),
+        // Adapters are checked against the base when opened.
+        Some(ModelTensor::Adapter(_) | ModelTensor::Untouched) => return None,
+        Some(ModelTensor::Stored(m)) => m,
     };
     let expected = match (rows, &base.shape[..]) {
         (Some(rows), &[_, len]) => vec![rows, len],
@@ -412,17 +490,45 @@ fn skip_reason(base: &TensorRef, model: Option<&TensorRef>, rows: Option<usize>)
     None
 }
 
+/// The inputs of one tensor's analysis: the base and every model that
+/// stores it or adapts it (untouched tensors of adapters are left out).
+fn tensor_inputs<'a>(
+    family: &'a Family,
+    name: &'a str,
+    base: &'a TensorRef,
+    sources: &'a [(usize, ModelTensor)],
+    device: &Device,
+) -> TensorInputs<'a> {
+    let input = |ckpt, tensor: &'a TensorRef| Input {
+        ckpt,
+        tensor,
+        ty: tensor.float_type().expect("float"),
+    };
+    TensorInputs {
+        name,
+        shape: &base.shape,
+        ordinal: 0,
+        base: input(&family.base, base),
+        models: sources
+            .iter()
+            .filter(|(_, held)| !matches!(held, ModelTensor::Untouched))
+            .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
+            .collect(),
+        device: device.candle(),
+    }
+}
+
 /// The fused statistics pass over one tensor of the base and its models.
+/// `maps`: per model slot, its rows matched by token ([`row_maps`]).
 fn fused_pass(
-    family: &Family,
-    base: &TensorRef,
-    sources: &[Source<'_>],
+    inputs: &TensorInputs<'_>,
+    maps: &[Option<&[Option<u32>]>],
+    expanded: &mut Expanded,
     progress: &dyn Progress,
 ) -> Result<DeltaAcc> {
-    let base_ty = base.float_type().expect("float");
-    let base_bytes = family.base.bytes(base);
-    let numel = base.numel();
-    let mut acc = DeltaAcc::new(sources.len());
+    let base_ty = inputs.base.ty;
+    let numel = inputs.numel();
+    let mut acc = DeltaAcc::new(inputs.models.len());
     let mut start = 0;
     while start < numel {
         if interrupt::requested() {
@@ -430,11 +536,19 @@ fn fused_pass(
         }
         crate::guard::check()?;
         let end = (start + SEGMENT).min(numel);
-        let models: Vec<(FloatType, Cow<'_, [u8]>)> = sources
+        inputs.expand(start, end, expanded)?;
+        let expanded = &*expanded;
+        // Stored models matched by token: their rows gathered in the
+        // base's order for this segment.
+        let gathered: Vec<Option<Cow<'_, [u8]>>> = inputs
+            .models
             .iter()
-            .map(|s| {
-                let ty = s.tensor.float_type().expect("float");
-                (ty, s.segment(family, base, start, end))
+            .zip(maps)
+            .map(|((_, m), map)| match (m, map) {
+                (ModelInput::Stored(s), Some(_)) => {
+                    Some(model_segment(&inputs.base, s, *map, start, end))
+                }
+                _ => None,
             })
             .collect();
         let parts: Vec<DeltaAcc> = (start..end)
@@ -443,46 +557,91 @@ fn fused_pass(
             .into_par_iter()
             .map(|s| {
                 let e = (s + TASK).min(end);
-                let ms: Vec<(FloatType, &[u8])> = models
+                let ms: Vec<Operand<'_>> = inputs
+                    .models
                     .iter()
-                    .map(|(ty, b)| (*ty, &b[ty.byte_range(s - start, e - start)]))
+                    .enumerate()
+                    .map(|(slot, (_, m))| match (m, &gathered[slot]) {
+                        (ModelInput::Stored(model), Some(rows)) => Operand {
+                            ty: model.ty,
+                            bytes: &rows[model.ty.byte_range(s - start, e - start)],
+                            is_delta: false,
+                        },
+                        _ => m.operand(slot, s, e, expanded).expect("touched"),
+                    })
                     .collect();
-                delta_stats(base_ty, &base_bytes[base_ty.byte_range(s, e)], &ms)
+                delta_stats(base_ty, inputs.base.range(s, e), &ms)
             })
             .collect();
         acc = parts.iter().fold(acc, |a, p| a.combine(p));
-        let based = base_ty.byte_range(start, end);
-        family.base.release(base, based.start, based.end);
-        let mut done = based.len() as u64;
-        for (source, (ty, _)) in sources.iter().zip(&models) {
-            done += ty.byte_range(start, end).len() as u64;
-            source.release(family, start, end, numel);
+        inputs.base.release(start, end);
+        for ((_, m), map) in inputs.models.iter().zip(maps) {
+            if let ModelInput::Stored(model) = m {
+                release_model(model, *map, start, end, numel);
+            }
         }
-        progress.advance(done);
+        let done = base_ty.byte_range(start, end).len()
+            + inputs
+                .models
+                .iter()
+                .map(|(_, m)| m.read_len(start, end))
+                .sum::<usize>();
+        progress.advance(done as u64);
         start = end;
     }
     Ok(acc)
 }
 
-/// The reusable delta buffers for quantiles.
+/// The reusable delta buffers for quantiles, and for adapters' task vectors.
 #[derive(Default)]
 struct Buffers {
     f32s: Vec<f32>,
     f64s: Vec<f64>,
+    expanded: Expanded,
 }
 
 impl Buffers {
-    /// Exact quantiles of one model's delta for one tensor: in the f32
-    /// buffer for 16-bit checkpoints (with the rare deltas f32 cannot hold
-    /// listed exactly beside it), else in the f64 buffer. Zero deltas are
-    /// counted, not stored, when they are many.
-    fn quantiles(&mut self, pair: &Pair, zeros: u64) -> Result<[f64; 11]> {
-        let numel = pair.base.numel();
+    /// Exact quantiles of one model's delta for one tensor (`one` holds
+    /// that model only): in the f32 buffer for 16-bit checkpoints (with the
+    /// rare deltas f32 cannot hold listed exactly beside it), else in the
+    /// f64 buffer (an adapter's f64 task vector always). Zero deltas are
+    /// counted, not stored, when they are many. `slot` is the model's place
+    /// in the fused pass, whose expansion is reused when the tensor was one
+    /// segment.
+    /// `rows`: the model's rows matched by token, if they are.
+    fn quantiles(
+        &mut self,
+        one: &TensorInputs<'_>,
+        slot: usize,
+        rows: Option<&[Option<u32>]>,
+        zeros: u64,
+    ) -> Result<[f64; 11]> {
+        let numel = one.numel();
         if zeros as usize == numel {
             return Ok([0.0; 11]);
         }
         let compact = zeros as usize * 4 > numel;
-        if pair.base_ty.size() == 2 && pair.model_ty.size() == 2 {
+        let ModelInput::Stored(model) = one.models[0].1 else {
+            self.f64s.resize(numel, 0.0);
+            let kept = if numel <= SEGMENT {
+                // Still expanded by the fused pass (its only segment).
+                let mut kept = 0;
+                for &d in self.expanded.delta(slot, 0, numel) {
+                    self.f64s[kept] = d;
+                    kept += usize::from(!compact || d != 0.0);
+                }
+                kept
+            } else {
+                fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)?
+            };
+            return Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []));
+        };
+        let pair = Pair {
+            base: one.base,
+            model,
+            rows,
+        };
+        if pair.base.ty.size() == 2 && pair.model.ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
             let (kept, mut inexact) = pair.fill(&mut self.f32s, compact, delta_into_f32)?;
             return Ok(quantiles(
@@ -497,26 +656,42 @@ impl Buffers {
     }
 }
 
-/// One tensor of the base and of one model, as mmapped bytes.
-struct Pair<'a> {
-    family: &'a Family,
-    base: &'a TensorRef,
-    base_ty: FloatType,
-    source: Source<'a>,
-    model_ty: FloatType,
+/// Writes the one adapter's task vector of `one` into `out`, segment by
+/// segment; with `compact`, only the non-zero entries, at the front.
+/// Returns how many were kept.
+fn fill_expanded(
+    one: &TensorInputs<'_>,
+    expanded: &mut Expanded,
+    out: &mut [f64],
+    compact: bool,
+) -> Result<usize> {
+    let numel = out.len();
+    let mut kept = 0;
+    let mut s0 = 0;
+    while s0 < numel {
+        if interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
+        let s1 = (s0 + SEGMENT).min(numel);
+        one.expand(s0, s1, expanded)?;
+        for &d in expanded.delta(0, s0, s1) {
+            out[kept] = d;
+            kept += usize::from(!compact || d != 0.0);
+        }
+        s0 = s1;
+    }
+    Ok(kept)
 }
 
-impl<'a> Pair<'a> {
-    fn new(family: &'a Family, base: &'a TensorRef, source: &Source<'a>) -> Self {
-        Self {
-            family,
-            base,
-            base_ty: base.float_type().expect("float"),
-            source: *source,
-            model_ty: source.tensor.float_type().expect("float"),
-        }
-    }
+/// One tensor of the base and of one model, as mmapped bytes.
+struct Pair<'a> {
+    base: Input<'a>,
+    model: Input<'a>,
+    /// The model's row of each base row, when matched by token.
+    rows: Option<&'a [Option<u32>]>,
+}
 
+impl Pair<'_> {
     /// Writes the deltas into `out` in parallel segments, releasing the input
     /// pages as it goes; with `compact`, only the non-zero ones, at the
     /// front. Returns how many were kept and the true values of those `T`
@@ -527,8 +702,8 @@ impl<'a> Pair<'a> {
         compact: bool,
         write: impl Fn(FloatType, &[u8], FloatType, &[u8], &mut [T], &mut Vec<f64>) + Sync,
     ) -> Result<(usize, Vec<f64>)> {
-        let (bt, mt) = (self.base_ty, self.model_ty);
-        let base_bytes = self.family.base.bytes(self.base);
+        let (bt, mt) = (self.base.ty, self.model.ty);
+        let base_bytes = self.base.ckpt.bytes(self.base.tensor);
         let numel = out.len();
         let mut kept = 0;
         let mut inexact = Vec::new();
@@ -538,7 +713,7 @@ impl<'a> Pair<'a> {
                 return Err(Error::Interrupted);
             }
             let s1 = (s0 + SEGMENT).min(numel);
-            let model_bytes = self.source.segment(self.family, self.base, s0, s1);
+            let model_bytes = model_segment(&self.base, &self.model, self.rows, s0, s1);
             let parts: Vec<(usize, Vec<f64>)> = out[s0..s1]
                 .par_chunks_mut(TASK)
                 .enumerate()
@@ -568,9 +743,8 @@ impl<'a> Pair<'a> {
                 kept += count;
                 inexact.extend(odd);
             }
-            let b = bt.byte_range(s0, s1);
-            self.family.base.release(self.base, b.start, b.end);
-            self.source.release(self.family, s0, s1, numel);
+            self.base.release(s0, s1);
+            release_model(&self.model, self.rows, s0, s1, numel);
             s0 = s1;
         }
         Ok((kept, inexact))

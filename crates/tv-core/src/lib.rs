@@ -23,6 +23,7 @@ pub mod interrupt;
 pub mod kernels;
 pub mod lanes;
 pub mod locate;
+pub mod lora;
 pub mod merge;
 pub mod methods;
 pub mod params;

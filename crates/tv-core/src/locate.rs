@@ -52,6 +52,19 @@ pub fn locate(spec: &str) -> Result<Located> {
     Err(Error::NotFound(format!("{spec}: no such file or folder")))
 }
 
+/// The folder `spec` names: a folder path, or a cached hub id's snapshot
+/// folder; `None` for files and for what cannot be found.
+pub(crate) fn folder_of(spec: &str) -> Option<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return path.is_dir().then(|| path.to_path_buf());
+    }
+    match HubId::parse(spec) {
+        Ok(Some(id)) => hub_snapshot(spec, &id).ok(),
+        _ => None,
+    }
+}
+
 fn locate_path(spec: &str, path: &Path) -> Result<Located> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot read", path, e))?;
     if !meta.is_dir() {

@@ -249,6 +249,9 @@ pub struct RecordModel {
     /// when embedding rows were matched by token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vocab: Option<crate::vocab::VocabCounts>,
+    /// For a LoRA adapter: its rank, alpha and targets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::lora::AdapterSummary>,
 }
 
 /// The machine-readable record of a merge (`merge_record.json`).

@@ -248,6 +248,7 @@ mod tests {
                     lambda,
                     ty: *ty,
                     bytes,
+                    is_delta: false,
                 })
                 .collect();
             // Whole, and split where the merge splits: at the segment size.
@@ -292,8 +293,14 @@ mod tests {
             );
         }
 
-        let refs: Vec<(FloatType, &[u8])> =
-            models.iter().map(|(t, b)| (*t, b.as_slice())).collect();
+        let refs: Vec<crate::kernels::Operand<'_>> = models
+            .iter()
+            .map(|(t, b)| crate::kernels::Operand {
+                ty: *t,
+                bytes: b.as_slice(),
+                is_delta: false,
+            })
+            .collect();
         same_everywhere("delta_stats", || {
             let acc = delta_stats(FloatType::BF16, &base, &refs);
             format!("{acc:?}")

@@ -15,7 +15,7 @@
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
-use crate::family::{is_input_embedding, Family, LM_HEAD};
+use crate::family::{is_input_embedding, Family, Model, LM_HEAD};
 use crate::sidecar::read_side_text_if_present;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
@@ -226,7 +226,11 @@ impl Alignment {
                 None => Ok(None),
             };
         };
-        let rows: Vec<Option<(&str, usize)>> = family.models.iter().map(vocab_rows).collect();
+        let rows: Vec<Option<(&str, usize)>> = family
+            .models
+            .iter()
+            .map(|m| stored(m).and_then(vocab_rows))
+            .collect();
         let differs = rows.iter().any(|r| r.is_some_and(|(_, r)| r != base_rows));
         let mode = match mode {
             Some(m) => m,
@@ -238,6 +242,7 @@ impl Alignment {
         let has_tokenizer = |c: &Checkpoint| c.folder().join("tokenizer.json").exists();
         // Missing tokenizers first: they say the most about what is wrong.
         for (i, m) in family.models.iter().enumerate() {
+            let Some(m) = stored(m) else { continue };
             if let Some((name, model_rows)) = rows[i] {
                 if model_rows != base_rows && !has_tokenizer(m) {
                     return Err(Error::Incompatible(format!(
@@ -276,7 +281,11 @@ impl Alignment {
         let mut models = Vec::new();
         for (i, m) in family.models.iter().enumerate() {
             let model_rows = rows[i].map_or(base_rows, |(_, r)| r);
-            models.push((read(m)?, model_rows));
+            let vocab = match stored(m) {
+                Some(c) => read(c)?,
+                None => None,
+            };
+            models.push((vocab, model_rows));
         }
         Ok(Some(Self::build(mode, &base_vocab, base_rows, &models)))
     }
@@ -355,6 +364,16 @@ impl Alignment {
             added,
             counts,
         }
+    }
+}
+
+/// A model's stored checkpoint; `None` for an adapter, whose tensors have
+/// the base's shape (checked when it is opened): it shares the base's rows
+/// and tokens.
+fn stored(m: &Model) -> Option<&Checkpoint> {
+    match m {
+        Model::Checkpoint(c) => Some(c),
+        Model::Adapter(_) => None,
     }
 }
 

@@ -15,7 +15,7 @@
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::{stores_own_lm_head, Family, LM_HEAD};
+use crate::family::{stores_own_lm_head, Family, ModelTensor, LM_HEAD};
 use crate::methods::{MethodKind, Recipe, TensorParams};
 use crate::vocab::{is_vocab_tensor, Alignment, VocabMode};
 use crate::writer::{Layout, OutTensor};
@@ -24,8 +24,8 @@ use std::sync::Arc;
 /// What happens to one tensor of the base.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Merge with the listed models (index into the family, their tensor).
-    Merge(Vec<(usize, TensorRef)>),
+    /// Merge with the listed models (index into the family, what they hold).
+    Merge(Vec<(usize, ModelTensor)>),
     /// Copy (converting the float type if the output type differs).
     Copy,
     /// Merge row by row, matching rows by token (embedding and lm_head of
@@ -39,10 +39,22 @@ pub enum Action {
 #[derive(Debug, Clone)]
 pub struct RowMerge {
     pub alignment: Arc<Alignment>,
-    /// The models that store the tensor (index into the family, tensor).
-    pub sources: Vec<(usize, TensorRef)>,
+    /// The models that take part in the tensor.
+    pub sources: Vec<RowSource>,
     /// Elements per row.
     pub row_len: usize,
+}
+
+/// One model's tensor in a [`RowMerge`].
+#[derive(Debug, Clone)]
+pub struct RowSource {
+    /// Index into the family.
+    pub model: usize,
+    pub tensor: TensorRef,
+    /// The tensor is the base's: an adapter that leaves it alone (its rows
+    /// are the base's, a zero task vector that still counts in a linear
+    /// merge's weights).
+    pub from_base: bool,
 }
 
 /// One output tensor and how to produce it.
@@ -159,7 +171,7 @@ impl MergePlan {
                 &options,
                 name,
                 base,
-                &|i| family.models[i].get(name),
+                &|i| family.models[i].tensor(name),
                 row_merge,
                 &mut missing,
                 &mut mismatched,
@@ -177,9 +189,9 @@ impl MergePlan {
                     &|i| {
                         let m = &family.models[i];
                         if stores_own_lm_head(m) {
-                            m.get(LM_HEAD)
+                            m.tensor(LM_HEAD)
                         } else {
-                            m.get(name)
+                            m.tensor(name)
                         }
                     },
                     row_merge,
@@ -192,9 +204,8 @@ impl MergePlan {
             .models
             .iter()
             .map(|m| {
-                m.names()
-                    .iter()
-                    .filter(|n| !family.base.contains(n))
+                m.extra_names(&family.base)
+                    .into_iter()
                     .filter(|n| untie.is_none() || n.as_str() != LM_HEAD)
                     .cloned()
                     .collect()
@@ -344,13 +355,13 @@ fn untied_lm_head(family: &Family, untie: bool) -> Result<Option<&str>> {
 /// each model `i`, `source(i)`: merged from the models that store a float
 /// tensor of the base's shape, copied from the base otherwise.
 #[allow(clippy::too_many_arguments)]
-fn plan_tensor<'a>(
-    family: &'a Family,
+fn plan_tensor(
+    family: &Family,
     recipe: &Recipe,
     options: &MergeOptions,
     name: &str,
     base: &TensorRef,
-    source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    source: &dyn Fn(usize) -> Option<ModelTensor>,
     alignment: Option<&Arc<Alignment>>,
     missing: &mut [Vec<String>],
     mismatched: &mut [Vec<String>],
@@ -371,9 +382,17 @@ fn plan_tensor<'a>(
     }
     let mut sources = Vec::new();
     for (i, model_name) in family.names.iter().enumerate() {
-        let Some(t) = source(i) else {
-            missing[i].push(name.to_string());
-            continue;
+        let t = match source(i) {
+            None => {
+                missing[i].push(name.to_string());
+                continue;
+            }
+            // Checked against the base when the adapter was opened.
+            Some(held @ (ModelTensor::Adapter(_) | ModelTensor::Untouched)) => {
+                sources.push((i, held));
+                continue;
+            }
+            Some(ModelTensor::Stored(t)) => t,
         };
         if t.shape != base.shape {
             if options.skip_mismatched {
@@ -398,13 +417,18 @@ fn plan_tensor<'a>(
                 t.dtype, base.dtype
             )));
         }
-        sources.push((i, t.clone()));
+        sources.push((i, ModelTensor::Stored(t)));
     }
     let out = options.out_type.unwrap_or(base_type);
     // Model Stock needs two task vectors to measure an angle; with
     // fewer the tensor keeps the base's values (as in mergekit).
     let too_few = recipe.settings.kind == MethodKind::ModelStock && sources.len() < 2;
-    let (action, params) = if sources.is_empty() || too_few {
+    // Adapters that do not touch a tensor leave it as the base's for every
+    // method, so a tensor only such adapters hold is copied.
+    let untouched = sources
+        .iter()
+        .all(|(_, held)| matches!(held, ModelTensor::Untouched));
+    let (action, params) = if sources.is_empty() || too_few || untouched {
         (Action::Copy, None)
     } else {
         let params = recipe.params.tensor_params(name)?;
@@ -425,13 +449,13 @@ fn plan_tensor<'a>(
 /// its tokenizer was matched against) and the base's row length. Only
 /// methods without a pass over the whole tensor merge by row.
 #[allow(clippy::too_many_arguments)]
-fn plan_rows<'a>(
-    family: &'a Family,
+fn plan_rows(
+    family: &Family,
     recipe: &Recipe,
     options: &MergeOptions,
     name: &str,
     base: &TensorRef,
-    source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    source: &dyn Fn(usize) -> Option<ModelTensor>,
     alignment: &Arc<Alignment>,
     missing: &mut [Vec<String>],
 ) -> Result<PlannedTensor> {
@@ -458,9 +482,30 @@ fn plan_rows<'a>(
     }
     let mut sources = Vec::new();
     for (i, model_name) in family.names.iter().enumerate() {
-        let Some(t) = source(i) else {
-            missing[i].push(name.to_string());
-            continue;
+        let t = match source(i) {
+            None => {
+                missing[i].push(name.to_string());
+                continue;
+            }
+            // An adapter's tensors have the base's shape (a resized
+            // embedding is refused when the adapter is opened), so one
+            // that leaves the tensor alone holds the base's rows.
+            Some(ModelTensor::Untouched) => {
+                sources.push(RowSource {
+                    model: i,
+                    tensor: base.clone(),
+                    from_base: true,
+                });
+                continue;
+            }
+            Some(ModelTensor::Adapter(_)) => {
+                return Err(Error::Incompatible(format!(
+                    "tensor '{name}': adapter '{model_name}' changes it, and another model's \
+                     vocabulary differs ({flag} merges rows by token, which adapters do not \
+                     support); pass --skip-mismatched to leave resized models out of this tensor"
+                )));
+            }
+            Some(ModelTensor::Stored(t)) => t,
         };
         let rows = alignment.model_rows[i];
         if t.float_type().is_none() || t.shape != [rows, row_len] {
@@ -470,7 +515,11 @@ fn plan_rows<'a>(
                 t.dtype, t.shape
             )));
         }
-        sources.push((i, t.clone()));
+        sources.push(RowSource {
+            model: i,
+            tensor: t,
+            from_base: false,
+        });
     }
     let params = recipe.params.tensor_params(name)?;
     check_params(name, &params, family)?;
@@ -529,8 +578,14 @@ fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
 
 pub(super) fn read_bytes(t: &PlannedTensor) -> usize {
     let sources: usize = match &t.action {
-        Action::Merge(s) => s.iter().map(|(_, r)| r.nbytes()).sum(),
-        Action::MergeRows(r) => r.sources.iter().map(|(_, t)| t.nbytes()).sum(),
+        Action::Merge(s) => s
+            .iter()
+            .map(|(_, held)| match held {
+                ModelTensor::Stored(r) => r.nbytes(),
+                _ => 0,
+            })
+            .sum(),
+        Action::MergeRows(r) => r.sources.iter().map(|s| s.tensor.nbytes()).sum(),
         Action::Copy => 0,
     };
     t.base.nbytes() + sources

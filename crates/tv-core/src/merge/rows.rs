@@ -13,9 +13,13 @@
 //! with λ = 1 it is their weighted average. Rows are written in order,
 //! segment by segment, parallel over rows within a segment; the model rows
 //! are gathered by index, so the same-vocabulary path is untouched.
+//! An adapter has the base's rows: one that leaves the tensor alone reads
+//! the base's (a zero task vector), and a stored full weight of one is read
+//! row for row; one whose factors change the tensor is refused when planned.
 
-use super::plan::{MergePlan, PlannedTensor, RowMerge};
+use super::plan::{MergePlan, PlannedTensor, RowMerge, RowSource};
 use super::run::{Out, TASK};
+use crate::checkpoint::Checkpoint;
 use crate::dtype::{count_nonfinite, decode_f64, encode_f64, FloatType};
 use crate::error::{Error, Result};
 use crate::family::Family;
@@ -53,9 +57,9 @@ impl MergePlan {
         let sources: Vec<(usize, FloatType, &[u8])> = rows
             .sources
             .iter()
-            .map(|(m, t)| {
-                let ty = t.float_type().expect("float tensor");
-                (*m, ty, family.models[*m].bytes(t))
+            .map(|s| {
+                let ty = s.tensor.float_type().expect("float tensor");
+                (s.model, ty, source_file(family, s).bytes(&s.tensor))
             })
             .collect();
         let row = |r: usize,
@@ -192,14 +196,26 @@ fn release_segment(
         let r = ty.byte_range(start * len, base_end * len);
         family.base.release(&planned.base, r.start, r.end);
     }
-    for (m, t) in &rows.sources {
-        let held = rows.alignment.maps[*m][start..end].iter().flatten();
+    for s in &rows.sources {
+        let t = &s.tensor;
+        let held = rows.alignment.maps[s.model][start..end].iter().flatten();
         let (Some(lo), Some(hi)) = (held.clone().min(), held.max()) else {
             continue;
         };
         let ty = t.float_type().expect("float tensor");
         let r = ty.byte_range(*lo as usize * len, (*hi as usize + 1) * len);
-        family.models[*m].release(t, r.start, r.end);
+        source_file(family, s).release(t, r.start, r.end);
+    }
+}
+
+/// The file a row source's tensor lives in: the model's (a checkpoint's
+/// shards, an adapter's file), or the base's for an adapter that leaves
+/// the tensor alone.
+fn source_file<'a>(family: &'a Family, s: &RowSource) -> &'a Checkpoint {
+    if s.from_base {
+        &family.base
+    } else {
+        family.models[s.model].checkpoint()
     }
 }
 

@@ -6,7 +6,7 @@
 //! selection on the bits of |d| as an f64 (for non-negative floats the bit
 //! pattern orders like the value). A sample of the blocks places a narrow
 //! window of keys around the threshold; one pass counts the keys above it
-//! and histograms the few inside it (see [`select`]); further passes narrow
+//! and gathers the few inside it (see [`super::window`]); further passes narrow
 //! the bucket holding the k-th largest only when the sample misled. Equal
 //! magnitudes at the threshold are kept in storage order (the lower flat
 //! index first; over a model, the earlier tensor first): their counts per
@@ -257,12 +257,20 @@ pub(crate) fn select_tuned(
             })
             .collect();
         let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
+        // Each thread part may gather its share of the candidates.
+        let part_candidates = tuning.candidates.div_ceil(accs.len());
         for t in tensors {
-            let sources: Vec<(usize, usize)> = open
-                .iter()
-                .enumerate()
-                .filter_map(|(o, &k)| source_of(t, targets[k].model).map(|i| (i, o)))
-                .collect();
+            // The open targets of each of the tensor's models.
+            let mut sources: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (o, &k) in open.iter().enumerate() {
+                let Some(i) = source_of(t, targets[k].model) else {
+                    continue;
+                };
+                match sources.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, of_model)) => of_model.push(o),
+                    None => sources.push((i, vec![o])),
+                }
+            }
             t.scan(
                 false,
                 &mut accs,
@@ -270,7 +278,7 @@ pub(crate) fn select_tuned(
                     sources,
                     windows: &windows,
                     ordinal: t.ordinal,
-                    tuning,
+                    part_candidates,
                 },
             )?;
         }
@@ -595,7 +603,7 @@ mod tests {
 
     use super::*;
     use crate::checkpoint::Checkpoint;
-    use crate::methods::inputs::Input;
+    use crate::methods::inputs::{Input, ModelInput};
     use safetensors::tensor::TensorView;
 
     /// Deterministic pseudo-random numbers in [0, 1).
@@ -694,14 +702,16 @@ mod tests {
                 models: models
                     .iter()
                     .enumerate()
-                    .map(|(m, ckpt)| (m, input(ckpt, name)))
+                    .map(|(m, ckpt)| (m, ModelInput::Stored(input(ckpt, name))))
                     .collect(),
+                device: candle_core::Device::Cpu,
             })
             .collect()
     }
 
-    /// The deltas of `model` over `tensors`, in storage order, in f64.
-    fn deltas(tensors: &[TensorInputs<'_>], model: usize) -> Vec<Vec<f64>> {
+    /// The deltas of `model` over `tensors` (`None` for a tensor it does
+    /// not store), in f64.
+    fn deltas(tensors: &[TensorInputs<'_>], model: usize) -> Vec<Option<Vec<f64>>> {
         let decode = |input: &Input<'_>, n| {
             let mut v = vec![0.0; n];
             crate::dtype::decode_f64(input.ty, input.range(0, n), &mut v);
@@ -710,74 +720,78 @@ mod tests {
         tensors
             .iter()
             .map(|t| {
-                let b = decode(&t.base, t.numel());
-                let m = decode(&t.models[model].1, t.numel());
-                m.iter().zip(&b).map(|(m, b)| m - b).collect()
+                let (_, m) = t.models.iter().find(|(m, _)| *m == model)?;
+                let ModelInput::Stored(m) = m else {
+                    unreachable!("stored models only")
+                };
+                let (b, m) = (decode(&t.base, t.numel()), decode(m, t.numel()));
+                Some(m.iter().zip(&b).map(|(m, b)| m - b).collect())
             })
             .collect()
     }
 
-    /// The entries of `deltas` by decreasing |d|, equal ones in storage
-    /// order: a full sort.
-    fn by_magnitude(deltas: &[Vec<f64>]) -> Vec<(usize, usize)> {
-        let mut order: Vec<(usize, usize)> = deltas
-            .iter()
-            .enumerate()
-            .flat_map(|(t, d)| (0..d.len()).map(move |i| (t, i)))
-            .collect();
-        order.sort_by(|&(t, i), &(u, j)| {
-            let (a, b) = (deltas[t][i].abs(), deltas[u][j].abs());
-            b.partial_cmp(&a).unwrap().then((t, i).cmp(&(u, j)))
-        });
-        order
-    }
-
-    /// What keeping the `rank` first entries of `order` leaves of `deltas`.
-    fn reference(deltas: &[Vec<f64>], order: &[(usize, usize)], rank: u64) -> Vec<Vec<f64>> {
-        let mut out: Vec<Vec<f64>> = deltas.iter().map(|d| vec![0.0; d.len()]).collect();
-        for &(t, i) in order.iter().take(rank as usize) {
-            out[t][i] = deltas[t][i];
-        }
-        out
-    }
-
-    /// What `cut` leaves of `deltas` (of `tensors`), block by block as the
-    /// merge applies it.
-    fn applied(cut: &Cut, tensors: &[TensorInputs<'_>], deltas: &[Vec<f64>]) -> Vec<Vec<f64>> {
-        tensors
-            .iter()
-            .zip(deltas)
-            .map(|(t, d)| {
-                let mut out = d.clone();
-                for (b, block) in out.chunks_mut(BLOCK).enumerate() {
-                    cut.apply(t.ordinal, b * BLOCK, block);
+    /// Checks, bit for bit against a full sort by |d| (equal magnitudes in
+    /// storage order), the cuts of `models` for several ranks over
+    /// `tensors`, with each tuning.
+    fn check(tensors: &[TensorInputs<'_>], models: &[usize], tunings: &[(Tuning, &str)]) {
+        for &model in models {
+            let d = deltas(tensors, model);
+            let mut order: Vec<(u64, usize, usize)> = d
+                .iter()
+                .enumerate()
+                .filter_map(|(t, d)| d.as_ref().map(|d| (t, d)))
+                .flat_map(|(t, d)| d.iter().enumerate().map(move |(i, &x)| (key(x), t, i)))
+                .collect();
+            order.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+            let n = order.len() as u64;
+            let mut ranks = vec![1, 2, 7, n / 50, n / 5, n / 3, n / 2, n - 1];
+            ranks.retain(|&r| r > 0 && r < n);
+            let targets: Vec<Target> = ranks.iter().map(|&rank| Target { model, rank }).collect();
+            for &(tuning, what) in tunings {
+                let cuts = select_tuned(tensors, &targets, tuning).unwrap();
+                for (target, cut) in targets.iter().zip(&cuts) {
+                    let mut want: Vec<Option<Vec<u64>>> = d
+                        .iter()
+                        .map(|d| d.as_ref().map(|d| vec![0u64; d.len()]))
+                        .collect();
+                    for &(_, t, i) in order.iter().take(target.rank as usize) {
+                        want[t].as_mut().unwrap()[i] = d[t].as_ref().unwrap()[i].to_bits();
+                    }
+                    for (t, (tensor, dt)) in tensors.iter().zip(&d).enumerate() {
+                        let Some(dt) = dt else { continue };
+                        let mut out = dt.clone();
+                        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+                            cut.apply(tensor.ordinal, b * BLOCK, block);
+                        }
+                        let got: Vec<u64> = out.iter().map(|x| x.to_bits()).collect();
+                        assert!(
+                            got == *want[t].as_ref().unwrap(),
+                            "{what}: model {model} rank {} of {n}, tensor {t}",
+                            target.rank
+                        );
+                    }
                 }
-                out
-            })
-            .collect()
-    }
-
-    /// Checks every target's cut over `tensors` with each tuning.
-    fn check(tensors: &[TensorInputs<'_>], tunings: &[(Tuning, &str)]) {
-        let n: u64 = tensors.iter().map(|t| t.numel() as u64).sum();
-        let ranks = [1, 7, n / 50, n / 5, n / 2, n - 1];
-        let targets: Vec<Target> = (0..3)
-            .flat_map(|model| ranks.iter().map(move |&rank| Target { model, rank }))
-            .collect();
-        let deltas: Vec<Vec<Vec<f64>>> = (0..3).map(|m| deltas(tensors, m)).collect();
-        let orders: Vec<Vec<(usize, usize)>> = deltas.iter().map(|d| by_magnitude(d)).collect();
-        for &(tuning, what) in tunings {
-            let cuts = select_tuned(tensors, &targets, tuning).unwrap();
-            for (target, cut) in targets.iter().zip(&cuts) {
-                let (d, order) = (&deltas[target.model], &orders[target.model]);
-                assert!(
-                    applied(cut, tensors, d) == reference(d, order, target.rank),
-                    "{what}: model {} rank {} of {n}",
-                    target.model,
-                    target.rank
-                );
             }
         }
+    }
+
+    /// Tunings that reach every path: the big tensor is sampled one block
+    /// in 24, the small one completely, both together one in 25.
+    fn tunings() -> Vec<(Tuning, &'static str)> {
+        let tuned = |candidates, skew| Tuning {
+            candidates,
+            skew,
+            min_sampled_blocks: 4,
+        };
+        vec![
+            (tuned(1 << 20, 0), "window from the sample"),
+            (tuned(16, 0), "histograms of the window"),
+            (tuned(16, 300), "sample misleading low, histograms"),
+            (tuned(1 << 20, -300), "sample misleading high"),
+            (tuned(16, -300), "sample misleading high, histograms"),
+            (tuned(1 << 20, 3), "sample slightly off"),
+            (tuned(1 << 20, -3), "sample slightly off the other way"),
+        ]
     }
 
     #[test]
@@ -785,23 +799,63 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (base, models) = family(dir.path());
         let all = inputs(&base, &models);
-        // The large tensor is sampled one block in 24, the small one and
-        // both together completely.
-        let tuned = |candidates, skew| Tuning {
-            candidates,
-            skew,
-            sampled_blocks: 4,
-        };
-        let tunings = [
-            (tuned(1 << 20, 0), "window from the sample"),
-            (tuned(16, 0), "histograms of the window"),
-            (tuned(16, 300), "sample misleading low, histograms"),
-            (tuned(1 << 20, -300), "sample misleading high"),
-            (tuned(1 << 20, 3), "sample slightly off"),
-        ];
         for t in &all {
-            check(std::slice::from_ref(t), &tunings);
+            check(std::slice::from_ref(t), &[0, 1, 2], &tunings());
         }
-        check(&all, &tunings);
+        check(&all, &[0, 1, 2], &tunings());
+    }
+
+    /// Model 0 lacks "small", model 1 lacks "big" (so its sample, one block
+    /// in 25 of both, may hold none of its keys).
+    #[test]
+    fn models_missing_tensors_are_selected_over_what_they_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let mut all = inputs(&base, &models);
+        all[0].models.retain(|(m, _)| *m != 1);
+        all[1].models.retain(|(m, _)| *m != 0);
+        check(&all, &[0, 1, 2], &tunings());
+    }
+
+    /// NaN, ±infinity, zeros and repeated magnitudes.
+    #[test]
+    fn nonfinite_zero_and_repeated_magnitudes_are_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 50_000;
+        let base: Vec<f32> = uniform(7, n).iter().map(|u| (*u - 0.5) as f32).collect();
+        let u = uniform(8, n);
+        let m: Vec<f32> = base
+            .iter()
+            .zip(&u)
+            .enumerate()
+            .map(|(i, (&b, &u))| match i % 97 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3..=40 => b,
+                41..=60 => b + 0.5,
+                _ => b + ((u - 0.5) * 0.01) as f32,
+            })
+            .collect();
+        write(&dir.path().join("base.safetensors"), &[("w", base)]);
+        write(&dir.path().join("m.safetensors"), &[("w", m)]);
+        let open = |name: &str| Checkpoint::open(dir.path().join(name).to_str().unwrap()).unwrap();
+        let (base, models) = (open("base.safetensors"), vec![open("m.safetensors")]);
+        check(&inputs(&base, &models), &[0], &tunings());
+    }
+
+    /// Thread parts are merged whatever the machine's core count.
+    #[test]
+    fn the_cuts_do_not_depend_on_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let all = inputs(&base, &models);
+        for threads in [1, 3] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| check(&all, &[0, 1, 2], &tunings()));
+        }
     }
 }

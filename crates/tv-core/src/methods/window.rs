@@ -2,7 +2,7 @@
 //!
 //! A sample of the task vector's blocks estimates where the k-th largest
 //! |d| lies; [`Window::place`] puts a narrow window of keys around that
-//! estimate (four standard deviations of the sample's rank on each side),
+//! estimate (five standard deviations of the sample's rank on each side),
 //! with the estimated threshold key itself, `pred`, apart. One pass over
 //! the tensors ([`WindowPass`]) then counts the keys above the window,
 //! counts the keys equal to `pred` block by block, and gathers every other
@@ -17,8 +17,13 @@ use super::inputs::{Block, TensorInputs, Visit, BLOCK};
 use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
 use crate::error::{Error, Result};
 
-/// One block in this many is sampled.
+/// At least one block in this many is sampled.
 const SAMPLE_EVERY: usize = 64;
+/// At most about this many keys are sampled per model (32 MB): larger
+/// inputs are sampled more sparsely.
+const MOST_SAMPLED: usize = 1 << 22;
+/// The largest key: |d| clears the sign bit (NaN sorts above infinity).
+pub(crate) const MAX_KEY: u64 = i64::MAX as u64;
 /// Elements past a sampled block that the kernel may have mapped with it
 /// (its fault-around is 64 KiB; this covers it for every element size).
 const FAULT_AROUND: usize = 1 << 16;
@@ -28,14 +33,15 @@ const FAULT_AROUND: usize = 1 << 16;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tuning {
     /// Most keys inside one target's window gathered as candidates
-    /// (16 bytes each); beyond this the window's histograms take over.
+    /// (16 bytes each, shared out among the threads); beyond this the
+    /// window's histograms take over.
     pub candidates: usize,
     /// Moves the estimated threshold by this many sampled keys (tests make
     /// the sample mislead with it).
     pub skew: isize,
-    /// Fewer blocks than this many times [`SAMPLE_EVERY`] are sampled more
-    /// densely (down to every block).
-    pub sampled_blocks: usize,
+    /// At least this many blocks are sampled (all of them, when there are
+    /// fewer).
+    pub min_sampled_blocks: usize,
 }
 
 impl Default for Tuning {
@@ -43,23 +49,34 @@ impl Default for Tuning {
         Self {
             candidates: 1 << 20,
             skew: 0,
-            sampled_blocks: 8,
+            min_sampled_blocks: 8,
         }
     }
 }
 
-/// The keys of one block in every [`SAMPLE_EVERY`] of `tensors` (every
-/// block when they are small), per model slot of `models`, and whether
-/// every block was taken.
+/// The keys of one block in every [`SAMPLE_EVERY`] of `tensors` (or fewer,
+/// to at most about [`MOST_SAMPLED`] keys; every block when there are few),
+/// per model slot of `models`, and whether every block was taken.
+///
+/// The sampled block of each stride of `every` blocks is chosen by a hash
+/// of the stride's index, so that the sample does not follow rows or
+/// columns (a fixed offset would see the same columns of every matrix).
 pub(crate) fn sample(
     tensors: &[TensorInputs<'_>],
     models: &[usize],
     tuning: &Tuning,
 ) -> Result<(Vec<Vec<u64>>, bool)> {
     let blocks: usize = tensors.iter().map(|t| t.numel().div_ceil(BLOCK)).sum();
-    let every = (blocks / tuning.sampled_blocks.max(1)).clamp(1, SAMPLE_EVERY);
-    let mut keys = vec![Vec::with_capacity(blocks.div_ceil(every) * BLOCK); models.len()];
+    let every = (blocks / tuning.min_sampled_blocks.max(1))
+        .clamp(1, SAMPLE_EVERY.max(blocks * BLOCK / MOST_SAMPLED));
+    let mut keys: Vec<Vec<u64>> = (0..models.len()).map(|_| Vec::new()).collect();
+    for t in tensors {
+        for (_, s) in sources_of(t, models) {
+            keys[s].reserve(t.numel().div_ceil(every) + BLOCK);
+        }
+    }
     let mut scratch = super::inputs::Scratch::default();
+    let mut expanded = super::inputs::Expanded::default();
     let mut global = 0;
     for t in tensors {
         if crate::interrupt::requested() {
@@ -68,27 +85,42 @@ pub(crate) fn sample(
         let sources = sources_of(t, models);
         let n = t.numel();
         let count = n.div_ceil(BLOCK);
-        // The blocks whose index over all tensors is `every / 2` modulo
-        // `every`.
-        let offset = (every / 2 + every - global % every) % every;
         let mut released = 0;
-        for b in (offset..count).step_by(every) {
-            let first = b * BLOCK;
-            let block = t.decode(first, (first + BLOCK).min(n), &mut scratch);
+        for stride in global / every..(global + count).div_ceil(every) {
+            let Some(b) = (stride * every + pick(stride, every)).checked_sub(global) else {
+                continue;
+            };
+            if b >= count {
+                continue;
+            }
+            let (first, last) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+            // Adapters' task vectors of the sampled block only.
+            t.expand(first, last, &mut expanded)?;
+            let block = t.decode(first, last, &expanded, &mut scratch);
             for &(i, s) in &sources {
                 let deltas = block.model(i).iter().zip(block.base);
                 keys[s].extend(deltas.map(|(&m, &b)| key(m - b)));
             }
-            // The kernel maps the pages around a fault too: drop them, so a
-            // sampled tensor is not left resident.
+            // The kernel maps an aligned 64 KiB around a fault too, before
+            // and after it: drop what was mapped, so that a sampled tensor
+            // is not left resident.
             let end = (first + BLOCK + FAULT_AROUND).min(n);
-            t.release(released, end);
+            t.release(released.min(first), end);
             released = end;
         }
         global += count;
     }
     crate::guard::check()?;
     Ok((keys, every == 1))
+}
+
+/// The block sampled in stride `stride` of `every` blocks: SplitMix64's
+/// output for the stride's index, modulo `every`.
+fn pick(stride: usize, every: usize) -> usize {
+    let mut z = (stride as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % every as u64) as usize
 }
 
 /// Where a target's threshold is expected: keys above `hi` are kept, keys
@@ -112,7 +144,7 @@ impl Window {
     pub fn place(sample: &mut [u64], total: u64, rank: u64, complete: bool, skew: isize) -> Self {
         let s = sample.len();
         if s == 0 {
-            return Self::new(0, u64::MAX, 0);
+            return Self::new(0, MAX_KEY, 0);
         }
         let desc = |a: &u64, b: &u64| b.cmp(a);
         let estimate = if complete {
@@ -122,18 +154,18 @@ impl Window {
             ((q * s as f64).ceil() as usize).max(1) - 1
         };
         let r = estimate.saturating_add_signed(skew).min(s - 1);
-        // Four standard deviations of the sample's rank, and a little more
-        // because a sample of whole blocks is not one of independent keys.
+        // Five standard deviations of the sample's rank (rather than four:
+        // a sample of whole blocks is not one of independent keys).
         let margin = if complete {
             0
         } else {
             let q = rank as f64 / total as f64;
-            (4.0 * (s as f64 * q * (1.0 - q)).sqrt() + 0.002 * s as f64) as usize + 2
+            (5.0 * (s as f64 * q * (1.0 - q)).sqrt()) as usize + 8
         };
         sample.select_nth_unstable_by(r, desc);
         let pred = sample[r];
         let hi = if r < margin {
-            u64::MAX
+            MAX_KEY
         } else if margin == 0 {
             pred
         } else {
@@ -167,7 +199,7 @@ impl Window {
         if acc.above >= rank {
             return Search::Narrowing {
                 from: self.hi + 1,
-                to: u64::MAX,
+                to: MAX_KEY,
                 need: rank,
             };
         }
@@ -258,6 +290,8 @@ type Candidate = (u64, u32, u32);
 pub(crate) struct WindowAcc {
     above: u64,
     equal: u64,
+    /// Keys equal to `pred` in the block being counted.
+    equal_here: u64,
     /// (tensor ordinal, block index, keys equal to `pred` in the block).
     equal_blocks: Vec<(usize, usize, u64)>,
     /// The keys inside the window other than `pred`, while there are at
@@ -275,6 +309,7 @@ impl WindowAcc {
         Self {
             above: 0,
             equal: 0,
+            equal_here: 0,
             equal_blocks: Vec::new(),
             candidates: Vec::new(),
             overflow: false,
@@ -336,12 +371,16 @@ fn partition(v: &mut [Candidate], first: impl Fn(&Candidate) -> bool) -> usize {
 
 /// The window pass over one tensor, for every open target.
 pub(crate) struct WindowPass<'a> {
-    /// (position among the tensor's models, open target).
-    pub sources: Vec<(usize, usize)>,
+    /// (position among the tensor's models, its open targets).
+    pub sources: Vec<(usize, Vec<usize>)>,
     pub windows: &'a [Window],
     pub ordinal: usize,
-    pub tuning: Tuning,
+    /// Most candidates one thread part gathers per target.
+    pub part_candidates: usize,
 }
+
+/// Entries whose keys are computed at once, then tested per target.
+const CHUNK: usize = 64;
 
 impl Visit for WindowPass<'_> {
     type Acc = Vec<WindowAcc>;
@@ -349,40 +388,59 @@ impl Visit for WindowPass<'_> {
     #[inline(always)]
     fn visit(&self, accs: &mut Vec<WindowAcc>, block: &Block<'_>) {
         let here = block.first / BLOCK;
-        for &(i, o) in &self.sources {
-            let w = &self.windows[o];
-            let acc = &mut accs[o];
-            let (m, b) = (block.model(i), block.base);
-            let (mut above, mut equal) = (0u64, 0u64);
-            let gathering = w.upper.is_some() || w.lower.is_some();
-            let span = w.hi - w.lo;
+        let mut keys = [0u64; CHUNK];
+        for (i, of_model) in &self.sources {
+            let (m, b) = (block.model(*i), block.base);
             let mut start = 0;
             while start < m.len() {
-                let end = (start + 64).min(m.len());
-                // Branch-free, so that it vectorises: the counts, and a bit
-                // for each key inside the window other than `pred`.
-                let mut inside = 0u64;
-                for j in start..end {
-                    let k = key(m[j] - b[j]);
-                    above += u64::from(k > w.hi);
-                    let is_pred = k == w.pred;
-                    equal += u64::from(is_pred);
-                    let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
-                    inside |= u64::from(held) << (j - start);
+                let end = (start + CHUNK).min(m.len());
+                let keys = &mut keys[..end - start];
+                for ((k, &m), &b) in keys.iter_mut().zip(&m[start..end]).zip(&b[start..end]) {
+                    *k = key(m - b);
                 }
-                while gathering && inside != 0 {
-                    let j = start + inside.trailing_zeros() as usize;
-                    inside &= inside - 1;
-                    let k = key(m[j] - b[j]);
-                    acc.gather(w, k, self.ordinal, here, &self.tuning);
+                for &o in of_model {
+                    self.count(&mut accs[o], &self.windows[o], keys, here);
                 }
                 start = end;
             }
-            acc.above += above;
-            if equal > 0 {
-                acc.equal += equal;
-                acc.equal_blocks.push((self.ordinal, here, equal));
+            for &o in of_model {
+                let acc = &mut accs[o];
+                if acc.equal_here > 0 {
+                    acc.equal += acc.equal_here;
+                    acc.equal_blocks.push((self.ordinal, here, acc.equal_here));
+                    acc.equal_here = 0;
+                }
             }
+        }
+    }
+}
+
+impl WindowPass<'_> {
+    /// Counts one chunk of keys for one target, and gathers those inside
+    /// its window.
+    #[inline(always)]
+    fn count(&self, acc: &mut WindowAcc, w: &Window, keys: &[u64], block: usize) {
+        let (mut above, mut equal) = (0u64, 0u64);
+        // Branch-free, so that it vectorises: the counts, and a bit for each
+        // key inside the window other than `pred`.
+        let span = w.hi - w.lo;
+        let mut inside = 0u64;
+        for (j, &k) in keys.iter().enumerate() {
+            above += u64::from(k > w.hi);
+            let is_pred = k == w.pred;
+            equal += u64::from(is_pred);
+            let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
+            inside |= u64::from(held) << j;
+        }
+        acc.above += above;
+        acc.equal_here += equal;
+        if w.upper.is_none() && w.lower.is_none() {
+            return;
+        }
+        while inside != 0 {
+            let j = inside.trailing_zeros() as usize;
+            inside &= inside - 1;
+            acc.gather(w, keys[j], self.ordinal, block, self.part_candidates);
         }
     }
 }
@@ -390,9 +448,11 @@ impl Visit for WindowPass<'_> {
 impl WindowAcc {
     /// Records key `k`, inside window `w` and not its `pred`.
     #[inline(always)]
-    fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, tuning: &Tuning) {
+    fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, most: usize) {
         if !self.overflow {
-            if self.candidates.len() < tuning.candidates {
+            if self.candidates.len() < most {
+                // Ordinals and block indices fit: 2³² blocks are 8.8·10¹²
+                // entries.
                 self.candidates.push((k, ordinal as u32, block as u32));
             } else {
                 self.overflow = true;
