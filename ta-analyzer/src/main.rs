@@ -12,7 +12,6 @@ use tv_core::device::{Device, DeviceRequest};
 use tv_core::family::Family;
 use tv_core::report;
 use tv_core::staging::{check_output_apart, Staging};
-use tv_core::weights::Mode;
 
 /// Compute each fine-tune's task vector (fine-tune − base) and report
 /// per-tensor statistics, group summaries, pairwise cosines and plots.
@@ -89,45 +88,15 @@ fn run(args: Args) -> Result<()> {
         args.force,
     )?);
 
-    let exp = analysis
-        .merge_weights()
-        .into_iter()
-        .find(|(m, _)| *m == Mode::Exp)
-        .and_then(|(_, w)| w.ok());
     let shown = tv_cli::names(&family.names);
-    let width = shown
-        .iter()
-        .map(|n| n.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(12);
-    tv_cli::sayln!(
-        "{:<width$}  {:>14}  {:>12}  {:>9}",
-        "model",
-        "global L2",
-        "rel. change",
-        "λ (exp)"
-    );
-    for (i, m) in analysis.models.iter().enumerate() {
-        let s = &m.summary;
-        let lambda = exp
-            .as_ref()
-            .map_or("n/a".to_string(), |w| format!("{:.6}", w[i]));
-        tv_cli::sayln!(
-            "{:<width$}  {:>14.6}  {:>12.3e}  {:>9}",
-            shown[i],
-            s.global_l2,
-            s.relative_change,
-            lambda
-        );
-        if s.skipped_params > 0 {
-            tv_cli::sayln!(
-                "{:<width$}  ({} tensors skipped; see summary.json)",
-                "",
-                s.skipped_params
-            );
-        }
+    for line in tv_core::html::summary_table(&analysis, &shown) {
+        tv_cli::sayln!("{line}");
     }
+    tv_cli::sayln!(
+        "suggested: {} ({}; see report.html)",
+        analysis.diagnostics.suggestions.flags,
+        analysis.diagnostics.suggestions.method.reason
+    );
     tv_cli::sayln!(
         "wrote {} in {:.1} s; merge with: ta-merge --from-analysis {} ...",
         args.outdir.display(),

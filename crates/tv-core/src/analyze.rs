@@ -9,13 +9,15 @@
 //! released after use, so memory stays near the largest tensor's buffer.
 
 use crate::checkpoint::TensorRef;
+use crate::diagnostics::{cosine_matrix, Collector, Diagnostics};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::family::{is_input_embedding, Family};
 use crate::interrupt;
 use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc};
+use crate::magnitude::TensorMagnitudes;
 use crate::progress::Progress;
-use crate::quantile::{quantiles, Sample};
+use crate::quantile::{quantiles_with, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
 use crate::weights::{lambdas_from_norms, Mode, WeightParams};
 use rayon::prelude::*;
@@ -85,6 +87,8 @@ pub struct Analysis {
     pub models: Vec<ModelAnalysis>,
     /// Cosine similarity of every pair of task vectors (0 for a zero vector).
     pub cosines: Vec<Vec<f64>>,
+    /// The merge diagnostics (every stored tensor counted once).
+    pub diagnostics: Diagnostics,
 }
 
 impl Analysis {
@@ -121,6 +125,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let mut buffers = Buffers::default();
     let tied = family.base_ties_embeddings();
     let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
+    let mut collector = Collector::new(k);
 
     let work: Vec<TensorWork> = family
         .base
@@ -168,13 +173,13 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         let acc = fused_pass(family, base, sources, progress)?;
         let indices: Vec<usize> = sources.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
+        collector.add_tensor(name, base, sources, &acc);
         let ks = sources.len();
         for (slot, &(i, tref)) in sources.iter().enumerate() {
-            let q = buffers.quantiles(
-                &Pair::new(family, base, i, tref),
-                acc.models[slot].unchanged,
-            )?;
             let s = &acc.models[slot];
+            let (q, mags) =
+                buffers.quantiles(&Pair::new(family, base, i, tref), s.unchanged, s.max_abs)?;
+            collector.add_magnitudes(slot, i, &mags);
             rows[i].push(TensorRow {
                 param: name.to_string(),
                 shape: base.shape.clone(),
@@ -216,7 +221,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         }
     }
 
-    let models = (0..k)
+    let models: Vec<ModelAnalysis> = (0..k)
         .map(|i| {
             let rows = std::mem::take(&mut rows[i]);
             let summary = summarise(
@@ -234,25 +239,18 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             }
         })
         .collect();
-    let cosines = (0..k)
-        .map(|i| {
-            (0..k)
-                .map(|j| {
-                    let denom = (dots[i * k + i] * dots[j * k + j]).sqrt();
-                    if denom > 0.0 && denom.is_finite() {
-                        dots[i * k + j] / denom
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        })
+    let cosines = cosine_matrix(&dots, k);
+    let norms: Vec<f64> = models
+        .iter()
+        .map(|m: &ModelAnalysis| m.summary.global_l2)
         .collect();
+    let diagnostics = collector.finish(family, &norms)?;
     crate::guard::check()?;
     Ok(Analysis {
         base: family.base.located.spec.clone(),
         models,
         cosines,
+        diagnostics,
     })
 }
 
@@ -369,28 +367,38 @@ struct Buffers {
 }
 
 impl Buffers {
-    /// Exact quantiles of one model's delta for one tensor: in the f32
-    /// buffer for 16-bit checkpoints (with the rare deltas f32 cannot hold
-    /// listed exactly beside it), else in the f64 buffer. Zero deltas are
-    /// counted, not stored, when they are many.
-    fn quantiles(&mut self, pair: &Pair, zeros: u64) -> Result<[f64; 11]> {
+    /// Exact quantiles and the magnitude histogram of one model's delta
+    /// for one tensor (`max_abs` its largest |d|): in the f32 buffer for
+    /// 16-bit checkpoints (with the rare deltas f32 cannot hold listed
+    /// exactly beside it), else in the f64 buffer. Zero deltas are counted,
+    /// not stored, when they are many.
+    fn quantiles(
+        &mut self,
+        pair: &Pair,
+        zeros: u64,
+        max_abs: f64,
+    ) -> Result<([f64; 11], TensorMagnitudes)> {
         let numel = pair.base.numel();
         if zeros as usize == numel {
-            return Ok([0.0; 11]);
+            return Ok(([0.0; 11], TensorMagnitudes::zeros(numel as u64)));
         }
         let compact = zeros as usize * 4 > numel;
         if pair.base_ty.size() == 2 && pair.model_ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
             let (kept, mut inexact) = pair.fill(&mut self.f32s, compact, delta_into_f32)?;
-            return Ok(quantiles(
-                &mut self.f32s[..kept],
-                numel - kept,
-                &mut inexact,
-            ));
+            let values = &mut self.f32s[..kept];
+            let zeros = (numel - kept) as u64;
+            let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &inexact, max_abs);
+            let q = quantiles_with(values, numel - kept, &mut inexact, Some(level1));
+            return Ok((q, mags));
         }
         self.f64s.resize(numel, 0.0);
         let (kept, _) = pair.fill(&mut self.f64s, compact, delta_into_f64)?;
-        Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []))
+        let values = &mut self.f64s[..kept];
+        let zeros = (numel - kept) as u64;
+        let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &[], max_abs);
+        let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
+        Ok((q, mags))
     }
 }
 

@@ -2,11 +2,13 @@
 //!
 //! Per model `DIR/<name>/`: `per_param_stats.csv`, `top50_by_l2.csv`,
 //! `top50_by_maxabs.csv`, `summary.json`, `group_l2_bar.png`; for the family:
-//! `DIR/pairwise_cosines.csv`, `DIR/pairwise_cosines.png` and
-//! `DIR/analysis.json`. Numbers are written with Rust's shortest round-trip
-//! formatting, so every f64 reads back exactly.
+//! `DIR/pairwise_cosines.csv`, `DIR/pairwise_cosines.png`,
+//! `DIR/analysis.json` (with the merge diagnostics), the diagnostics' plots
+//! and `DIR/report.html` ([`crate::html`]). Numbers are written with Rust's
+//! shortest round-trip formatting, so every f64 reads back exactly.
 
 use crate::analyze::{Analysis, ModelAnalysis};
+use crate::diagnostics::{agreement, Diagnostics, TrimEnergy, DENSITIES};
 use crate::error::{Error, Result};
 use crate::plot;
 use crate::stats::TensorRow;
@@ -51,9 +53,61 @@ pub fn write_all(analysis: &Analysis, dir: &Path) -> Result<()> {
     write_cosines(analysis, &dir.join("pairwise_cosines.csv"))?;
     let names: Vec<String> = analysis.models.iter().map(|m| m.name.clone()).collect();
     plot::cosine_heatmap(&names, &analysis.cosines, &dir.join("pairwise_cosines.png"))?;
+    write_diagnostic_plots(analysis, &names, dir)?;
     let path = dir.join("analysis.json");
     let text = serde_json::to_string_pretty(&analysis_json(analysis)).expect("json") + "\n";
-    std::fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))
+    std::fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))?;
+    crate::html::write_report(analysis, dir)
+}
+
+/// `sign_conflict.png`, `cosine_by_layer.png` and `trim_energy.png`.
+fn write_diagnostic_plots(analysis: &Analysis, names: &[String], dir: &Path) -> Result<()> {
+    let d = &analysis.diagnostics;
+    plot::sign_conflict_heatmaps(
+        names,
+        &d.sign_conflict,
+        &d.sign_conflict_weighted,
+        &dir.join("sign_conflict.png"),
+    )?;
+    let groups: Vec<String> = d.cosine_by_layer.iter().map(|(g, _)| g.clone()).collect();
+    let k = names.len();
+    // Pairs with a zero task vector have cosine 0 everywhere: left out.
+    let live: Vec<usize> = (0..k)
+        .filter(|&i| analysis.models[i].summary.global_l2 > 0.0)
+        .collect();
+    let pairs: Vec<plot::Line> = live
+        .iter()
+        .flat_map(|&i| live.iter().filter(move |&&j| j > i).map(move |&j| (i, j)))
+        .map(|(i, j)| plot::Line {
+            label: format!("{} / {}", names[i], names[j]),
+            points: d
+                .cosine_by_layer
+                .iter()
+                .enumerate()
+                .map(|(x, (_, cos))| (x as f64, Some(cos[i][j])))
+                .collect(),
+        })
+        .collect();
+    plot::cosine_by_layer(&groups, &pairs, &dir.join("cosine_by_layer.png"))?;
+    let lines = |scope: fn(&TrimEnergy) -> &[Option<f64>; 8]| -> Vec<plot::Line> {
+        names
+            .iter()
+            .zip(&d.trim_energy)
+            .map(|(n, t)| plot::Line {
+                label: n.clone(),
+                points: DENSITIES
+                    .iter()
+                    .copied()
+                    .zip(scope(t).iter().copied())
+                    .collect(),
+            })
+            .collect()
+    };
+    plot::trim_energy(
+        &lines(|t| &t.tensor),
+        &lines(|t| &t.model),
+        &dir.join("trim_energy.png"),
+    )
 }
 
 fn write_model(model: &ModelAnalysis, dir: &Path) -> Result<()> {
@@ -148,13 +202,82 @@ fn analysis_json(analysis: &Analysis) -> Value {
         };
         weights.insert(mode.name().to_string(), v);
     }
-    json!({
+    let mut out = json!({
         "tool": "ta-analyze",
         "version": crate::VERSION,
         "base": analysis.base,
         "models": models,
         "pairwise_cosines": {"names": names, "matrix": analysis.cosines},
         "merge_weights": {"alpha": defaults.alpha, "beta": defaults.beta, "modes": weights},
+    });
+    let extra = diagnostics_json(&analysis.diagnostics, &names);
+    if let (Value::Object(out), Value::Object(extra)) = (&mut out, extra) {
+        out.extend(extra);
+    }
+    out
+}
+
+/// The diagnostics' keys of `analysis.json`.
+fn diagnostics_json(d: &Diagnostics, names: &[&str]) -> Value {
+    let per_model = |f: &dyn Fn(usize) -> Value| -> Map<String, Value> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), f(i)))
+            .collect()
+    };
+    let groups = |f: &dyn Fn(usize) -> Value| -> Map<String, Value> {
+        d.cosine_by_layer
+            .iter()
+            .enumerate()
+            .map(|(g, (name, _))| (name.clone(), f(g)))
+            .collect()
+    };
+    let suggestion = |s: &crate::diagnostics::suggest::Suggestion| json!({"value": s.value, "reason": s.reason, "rule": s.rule, "numbers": s.numbers});
+    let s = &d.suggestions;
+    json!({
+        "sign_conflict": {"names": names, "matrix": d.sign_conflict},
+        "sign_conflict_weighted": {"names": names, "matrix": d.sign_conflict_weighted},
+        "cosine_by_layer": {
+            "names": names,
+            "groups": groups(&|g| json!(d.cosine_by_layer[g].1)),
+        },
+        "model_stock_t": groups(&|g| json!(d.model_stock_t[g].1)),
+        "trim_energy": {
+            "densities": DENSITIES,
+            "bound": crate::magnitude::ENERGY_BOUND,
+            "models": per_model(&|i| json!({
+                "tensor": d.trim_energy[i].tensor,
+                "model": d.trim_energy[i].model,
+            })),
+        },
+        "ties_agreement": {
+            "densities": DENSITIES,
+            "values": d.ties_agreement,
+            "weights": match &d.ties_weights {
+                Ok(w) => Value::Object(per_model(&|i| json!(w[i]))),
+                Err(e) => json!({"error": e}),
+            },
+            "sample": {
+                "block": agreement::SAMPLE_BLOCK,
+                "every": agreement::SAMPLE_EVERY,
+                "elements": d.ties_sampled,
+            },
+        },
+        "suggestions": {
+            "method": suggestion(&s.method),
+            "density": suggestion(&s.density),
+            "mode": suggestion(&s.mode),
+            "flags": s.flags,
+        },
+        "magnitude_histogram": {
+            "key": "bits of |d| as f64, shifted right by `shift`",
+            "shift": crate::magnitude::SELECT_SHIFT,
+            "models": per_model(&|i| {
+                let h = &d.histograms[i];
+                json!({"entries": h.entries, "runs": h.select_level_runs()})
+            }),
+        },
     })
 }
 
@@ -265,10 +388,14 @@ pub fn tensor_norms_from_analysis(
 }
 
 /// The files an analysis writes at the top of its folder.
-pub const FAMILY_FILES: [&str; 3] = [
+pub const FAMILY_FILES: [&str; 7] = [
     "analysis.json",
     "pairwise_cosines.csv",
     "pairwise_cosines.png",
+    "sign_conflict.png",
+    "cosine_by_layer.png",
+    "trim_energy.png",
+    "report.html",
 ];
 
 /// The files an analysis writes into each model's folder.
