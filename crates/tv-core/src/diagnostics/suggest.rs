@@ -3,7 +3,7 @@
 //!
 //! - density: the smallest of [`DENSITIES`] at which every non-zero task
 //!   vector keeps at least [`ENERGY_TARGET`] of its energy with per-tensor
-//!   trimming; 1 (no trimming) if none does.
+//!   trimming; 1 (no trimming) if none does or no task vector is non-zero.
 //! - method: `task_arithmetic` for one model; else `ties` when the mean
 //!   weighted sign conflict over pairs of non-zero task vectors is at least
 //!   [`CONFLICT_TIES`] (their deltas cancel where signs differ, which
@@ -58,8 +58,8 @@ pub(crate) fn suggest(d: &Diagnostics, names: &[String], norms: &[f64]) -> Sugge
             .all(|&i| d.trim_energy[i].tensor[r].is_some_and(|f| f >= ENERGY_TARGET))
     });
     let (rho, r) = match chosen {
-        Some((r, &rho)) => (rho, Some(r)),
-        None => (1.0, None),
+        Some((r, &rho)) if !live.is_empty() => (rho, Some(r)),
+        _ => (1.0, None),
     };
     let kept: Vec<Option<f64>> = live
         .iter()
@@ -78,7 +78,8 @@ pub(crate) fn suggest(d: &Diagnostics, names: &[String], norms: &[f64]) -> Sugge
                 "density {rho}: keeps at least {} of each task vector's energy",
                 pct(least)
             ),
-            Some(_) => format!("density {rho}: no task vector to trim"),
+            Some(_) => format!("density {rho}"),
+            None if live.is_empty() => "no trimming: no task vector is non-zero".into(),
             None => format!(
                 "no trimming: even density {} keeps under {} of some task vector's energy",
                 DENSITIES[DENSITIES.len() - 1],
