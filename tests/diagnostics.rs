@@ -444,3 +444,91 @@ fn diagnostics_of_a_tied_f16_family() {
     let a = json(&out.join("analysis.json"));
     assert!(a["cosine_by_layer"]["groups"].get("lm_head").is_none());
 }
+
+#[test]
+fn spectral_values_of_every_2d_tensor_match_an_exact_svd() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_tensors(Ty::BF16, false);
+    let m0 = fine_tune(&base, 31, 0.02, Ty::BF16);
+    let mut m1 = fine_tune(&base, 32, 0.01, Ty::BF16);
+    m1.retain(|t| t.name != "model.layers.1.mlp.down_proj.weight");
+    write_model(&dir.path().join("base"), &base, 1, false);
+    write_model(&dir.path().join("m0"), &m0, 1, false);
+    write_model(&dir.path().join("m1"), &m1, 1, false);
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let out = dir.path().join("stats");
+    let o = run(
+        "ta-analyze",
+        &[
+            "--base",
+            &p("base"),
+            "--models",
+            &p("m0"),
+            &p("m1"),
+            "--outdir",
+            &out.to_string_lossy(),
+            "--quiet",
+            "--spectral",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("spectral:"));
+    let mut r = csv::Reader::from_path(out.join("spectral.csv")).unwrap();
+    assert_eq!(
+        r.headers().unwrap().iter().collect::<Vec<_>>(),
+        [
+            "param",
+            "model",
+            "rows",
+            "cols",
+            "fro",
+            "sigma1",
+            "stable_rank",
+            "energy_top1",
+            "energy_top8",
+            "energy_top32",
+            "energy_top128"
+        ]
+    );
+    let mut seen = 0;
+    let models = [("m0", &m0), ("m1", &m1)];
+    for rec in r.records() {
+        let rec = rec.unwrap();
+        let (param, model) = (&rec[0], &rec[1]);
+        let m = models.iter().find(|(n, _)| *n == model).unwrap().1;
+        let d = &deltas(&base, m)[param];
+        let shape = &base.iter().find(|t| t.name == param).unwrap().shape;
+        assert_eq!(shape.len(), 2);
+        assert_eq!(
+            (&rec[2], &rec[3]),
+            (&*shape[0].to_string(), &*shape[1].to_string())
+        );
+        let svd = nalgebra::DMatrix::from_row_slice(shape[0], shape[1], d).svd(false, false);
+        let mut s: Vec<f64> = svd.singular_values.iter().copied().collect();
+        s.sort_by(|x, y| y.total_cmp(x));
+        let fro2: f64 = d.iter().map(|x| x * x).sum();
+        let top = |k: usize| s.iter().take(k).map(|x| x * x).sum::<f64>() / fro2;
+        let got = |c: usize| rec[c].parse::<f64>().unwrap();
+        assert!((got(4) - fro2.sqrt()).abs() <= 1e-9 * fro2.sqrt());
+        assert!(
+            (got(5) - s[0]).abs() <= 1e-6 * s[0],
+            "{param}: σ1 {} vs {}",
+            got(5),
+            s[0]
+        );
+        assert!((got(6) - fro2 / (s[0] * s[0])).abs() <= 1e-6 * got(6));
+        for (c, k) in [(7, 1), (8, 8), (9, 32), (10, 128)] {
+            assert!((got(c) - top(k)).abs() <= 0.01, "{param} top{k}");
+        }
+        seen += 1;
+    }
+    // Every 2-D tensor of each model, the missing one left out.
+    let two_d = base.iter().filter(|t| t.shape.len() == 2).count();
+    assert_eq!(seen, 2 * two_d - 1);
+    let a = json(&out.join("analysis.json"));
+    assert!(a["spectral"]["medians_by_group"]["layer_0"]["m0"]["stable_rank"].is_number());
+    assert_eq!(
+        &std::fs::read(out.join("spectral.png")).unwrap()[1..4],
+        b"PNG"
+    );
+}

@@ -52,6 +52,12 @@ struct Args {
     #[arg(long)]
     force: bool,
 
+    /// Also sketch the singular values of every 2-D task-vector tensor
+    /// (spectral.csv, spectral.png and `spectral` in analysis.json); on a
+    /// CUDA device when --device gives one.
+    #[arg(long)]
+    spectral: bool,
+
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -66,7 +72,7 @@ fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     // The device is checked for the same errors as ta-merge's; the analysis
     // itself is memory-bound and runs on the CPU kernels.
-    Device::resolve(DeviceRequest::parse(&args.device)?)?;
+    let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
     let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
     check_output_apart(&args.outdir, &family.input_paths())?;
@@ -75,6 +81,10 @@ fn run(args: Args) -> Result<()> {
     let bar = tv_cli::Bar::new("analysing", args.quiet);
     let options = AnalyzeOptions {
         count_tied_lm_head: args.count_tied_lm_head,
+        spectral: args.spectral.then_some(match device {
+            Device::Cuda(d) => d,
+            Device::Cpu => tv_core::candle_core::Device::Cpu,
+        }),
     };
     let analysis = analyze(&family, options, &bar)?;
 
@@ -97,6 +107,12 @@ fn run(args: Args) -> Result<()> {
         analysis.diagnostics.suggestions.flags,
         analysis.diagnostics.suggestions.method.reason
     );
+    if let Some((rows, seconds)) = &analysis.spectral {
+        tv_cli::sayln!(
+            "spectral: {} tensor sketches in {seconds:.1} s (spectral.csv)",
+            rows.len()
+        );
+    }
     tv_cli::sayln!(
         "wrote {} in {:.1} s; merge with: ta-merge --from-analysis {} ...",
         args.outdir.display(),

@@ -28,11 +28,24 @@ const SEGMENT: usize = 1 << 22;
 const TASK: usize = 1 << 16;
 
 /// Options of the analysis.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct AnalyzeOptions {
     /// Count a tied embedding a second time as `lm_head.weight`, as the
     /// original tool did for tied models loaded from shards.
     pub count_tied_lm_head: bool,
+    /// Sketch the singular values of every 2-D task-vector tensor on this
+    /// device (`--spectral`).
+    pub spectral: Option<candle_core::Device>,
+}
+
+/// One 2-D tensor's spectrum for one model (`spectral.csv`).
+#[derive(Debug, Clone)]
+pub struct SpectralRow {
+    pub param: String,
+    pub model: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub spectrum: crate::spectral::Spectrum,
 }
 
 /// A tensor left out of one model's analysis, and why.
@@ -89,6 +102,9 @@ pub struct Analysis {
     pub cosines: Vec<Vec<f64>>,
     /// The merge diagnostics (every stored tensor counted once).
     pub diagnostics: Diagnostics,
+    /// With `--spectral`: every 2-D tensor's spectrum per model, and the
+    /// seconds the sketches took.
+    pub spectral: Option<(Vec<SpectralRow>, f64)>,
 }
 
 impl Analysis {
@@ -126,6 +142,8 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let tied = family.base_ties_embeddings();
     let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
     let mut collector = Collector::new(k);
+    let mut spectral: Vec<SpectralRow> = Vec::new();
+    let mut spectral_seconds = 0.0;
 
     let work: Vec<TensorWork> = family
         .base
@@ -180,6 +198,19 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             let (q, mags) =
                 buffers.quantiles(&Pair::new(family, base, i, tref), s.unchanged, s.max_abs)?;
             collector.add_magnitudes(slot, i, &mags);
+            if let (Some(device), &[rows, cols]) = (&opts.spectral, &base.shape[..]) {
+                let started = std::time::Instant::now();
+                let spectrum =
+                    buffers.spectrum(&Pair::new(family, base, i, tref), device, name, i)?;
+                spectral_seconds += started.elapsed().as_secs_f64();
+                spectral.push(SpectralRow {
+                    param: name.to_string(),
+                    model: i,
+                    rows,
+                    cols,
+                    spectrum,
+                });
+            }
             rows[i].push(TensorRow {
                 param: name.to_string(),
                 shape: base.shape.clone(),
@@ -251,6 +282,10 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         models,
         cosines,
         diagnostics,
+        spectral: opts
+            .spectral
+            .is_some()
+            .then_some((spectral, spectral_seconds)),
     })
 }
 
@@ -399,6 +434,29 @@ impl Buffers {
         let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &[], max_abs);
         let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
         Ok((q, mags))
+    }
+}
+
+impl Buffers {
+    /// The spectrum of one model's delta of a 2-D tensor, sketched on
+    /// `device` with draws seeded by the tensor's name and the model.
+    fn spectrum(
+        &mut self,
+        pair: &Pair,
+        device: &candle_core::Device,
+        name: &str,
+        model: usize,
+    ) -> Result<crate::spectral::Spectrum> {
+        let numel = pair.base.numel();
+        self.f64s.resize(numel, 0.0);
+        pair.fill(&mut self.f64s, false, delta_into_f64)?;
+        let (rows, cols) = (pair.base.shape[0], pair.base.shape[1]);
+        let seed = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ model as u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        crate::spectral::spectrum(&self.f64s[..numel], rows, cols, device, seed)
     }
 }
 

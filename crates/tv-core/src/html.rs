@@ -260,6 +260,14 @@ pub fn write_report(analysis: &Analysis, dir: &Path) -> Result<()> {
         d.ties_sampled
     );
 
+    if let Some((rows, seconds)) = &analysis.spectral {
+        let _ = write!(
+            h,
+            "<h2>Spectral structure</h2><p class=\"note\">{} sketches of 2-D tensors in {seconds:.1} s; per tensor in spectral.csv.</p>",
+            rows.len()
+        );
+        h.push_str(&image(&dir.join("spectral.png"), "spectral")?);
+    }
     h.push_str("<h2>Models</h2>");
     for m in &analysis.models {
         let _ = write!(h, "<h3>{}</h3>", esc(&m.name));

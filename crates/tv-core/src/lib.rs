@@ -35,6 +35,7 @@ pub mod recipe;
 pub mod report;
 pub mod sidecar;
 mod simd;
+pub mod spectral;
 pub mod staging;
 pub mod stats;
 pub mod testhooks;
@@ -42,6 +43,7 @@ pub mod verify;
 pub mod weights;
 pub mod writer;
 
+pub use candle_core;
 pub use error::{Error, Result};
 
 /// This library's version, recorded in outputs.

@@ -275,6 +275,25 @@ pub struct Line {
 /// Each pair's cosine against the layer group, groups in the given order
 /// (`embed`, `layer_0`, ..., `lm_head`, `other`) along x.
 pub fn cosine_by_layer(groups: &[String], lines: &[Line], path: &Path) -> Result<()> {
+    by_group(
+        "cosine of each pair of task vectors by layer group",
+        "cosine",
+        groups,
+        lines,
+        (-1.0, 1.0),
+        path,
+    )
+}
+
+/// Lines over the layer groups (in the given order along x).
+pub fn by_group(
+    caption: &str,
+    y_desc: &str,
+    groups: &[String],
+    lines: &[Line],
+    y: (f64, f64),
+    path: &Path,
+) -> Result<()> {
     let ticks: Vec<String> = groups
         .iter()
         .map(|g| match g.strip_prefix("layer_") {
@@ -283,10 +302,10 @@ pub fn cosine_by_layer(groups: &[String], lines: &[Line], path: &Path) -> Result
         })
         .collect();
     line_chart(
-        "cosine of each pair of task vectors by layer group",
-        ("layer group", "cosine"),
+        caption,
+        ("layer group", y_desc),
         (0.0, (groups.len().max(2) - 1) as f64),
-        (-1.0, 1.0),
+        y,
         Some(&ticks),
         &[("", lines)],
         path,
