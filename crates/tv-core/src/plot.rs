@@ -353,6 +353,7 @@ fn line_chart(
             let mut chart = ChartBuilder::on(area)
                 .caption(*title, (FONT, 16))
                 .margin(14)
+                .margin_right(36)
                 .x_label_area_size(40)
                 .y_label_area_size(56)
                 .build_cartesian_2d(x.0..x.1, y.0..y.1)?;
@@ -377,6 +378,10 @@ fn line_chart(
                 .label_style((FONT, 13))
                 .draw()?;
             for (k, line) in lines.iter().enumerate() {
+                // A line without a point (a zero task vector) is left out.
+                if !line.points.iter().any(|p| p.1.is_some_and(f64::is_finite)) {
+                    continue;
+                }
                 let color = Palette99::pick(k).to_rgba();
                 // Gaps split a line into runs.
                 let mut runs: Vec<Vec<(f64, f64)>> = vec![Vec::new()];

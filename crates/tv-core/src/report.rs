@@ -291,7 +291,7 @@ fn write_spectral(rows: &[SpectralRow], names: &[String], dir: &Path) -> Result<
         .flat_map(|l| l.points.iter().filter_map(|p| p.1))
         .fold(1.0f64, f64::max);
     plot::by_group(
-        "median stable rank ‖Δ‖²_F / σ₁² of the 2-D tensors by layer group",
+        "median stable rank (‖Δ‖²/σ₁², Frobenius norm) of 2-D tensors by group",
         "stable rank",
         &groups,
         &lines,
@@ -301,8 +301,8 @@ fn write_spectral(rows: &[SpectralRow], names: &[String], dir: &Path) -> Result<
 }
 
 /// Per group (natural order), per model, the medians of
-/// [`spectral_values`] over the group's 2-D tensors (None where the model
-/// has none).
+/// [`spectral_values`] over the group's non-zero 2-D tensors (None where
+/// the model has none).
 fn spectral_medians(rows: &[SpectralRow], k: usize) -> Vec<(String, Vec<Option<[f64; 7]>>)> {
     let mut groups: Vec<String> = rows
         .iter()
@@ -317,7 +317,8 @@ fn spectral_medians(rows: &[SpectralRow], k: usize) -> Vec<(String, Vec<Option<[
                 .map(|i| {
                     let vals: Vec<[f64; 7]> = rows
                         .iter()
-                        .filter(|r| r.model == i && crate::stats::group_of(&r.param) == g)
+                        .filter(|r| r.model == i && r.spectrum.fro > 0.0)
+                        .filter(|r| crate::stats::group_of(&r.param) == g)
                         .map(spectral_values)
                         .collect();
                     (!vals.is_empty()).then(|| {
