@@ -132,9 +132,14 @@ impl TensorMagnitudes {
             2046
         };
         let floor = if T::KEY_IS_32_BITS { 1023 - 126 } else { 0 };
-        let first = top.saturating_sub(WINDOW_BINADES - 1).max(floor).min(top);
+        let first = top.saturating_sub(WINDOW_BINADES - 1).max(floor);
         let lo = first * PER_BINADE as u64;
-        let len = ((top + 1 - first) as usize) * PER_BINADE;
+        // Everything below the floor (tiny f32 values) goes one by one.
+        let len = if top < first {
+            0
+        } else {
+            ((top + 1 - first) as usize) * PER_BINADE
+        };
         let part = values
             .len()
             .div_ceil(rayon::current_num_threads())
@@ -178,7 +183,7 @@ impl TensorMagnitudes {
 
         // The quantiles' first level, from the stored values.
         let mut level1 = vec![0u32; LEVEL1_BUCKETS];
-        for (sign, half) in table.chunks_exact(len).enumerate() {
+        for (sign, half) in table.chunks_exact(len.max(1)).enumerate() {
             for (i, &c) in half.iter().enumerate().filter(|(_, &c)| c > 0) {
                 let edge = lower_edge(lo + i as u64);
                 let v = T::from_f64(if sign == 1 { -edge } else { edge });
@@ -396,6 +401,19 @@ mod tests {
             .filter(|v| v.abs().to_bits() >> SELECT_SHIFT == 0)
             .count() as u64;
         assert_eq!(runs[0].1[0], lowest + 10);
+    }
+
+    #[test]
+    fn first_level_counts_hold_for_subnormal_f32_buffers() {
+        let values: Vec<f32> = (1..5000)
+            .map(|i| f32::from_bits(i * 977 % 8_000_000) * if i % 2 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let max_abs = values.iter().fold(0.0f64, |m, v| m.max(f64::from(v.abs())));
+        let (t, level1) = TensorMagnitudes::from_values(&values, 0, &[], max_abs);
+        let mut direct = vec![0u32; LEVEL1_BUCKETS];
+        values.iter().for_each(|&v| direct[level1_bucket(v)] += 1);
+        assert!(level1 == direct);
+        assert_eq!(t.entries, values.len() as u64);
     }
 
     #[test]
