@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the toolkit end to end on a generated model family (nothing is
-# downloaded): a tiny Llama-shaped base and five fine-tunes, analysed with
-# ta-analyze, then merged with ta-merge using the analysis' norms.
+# downloaded): a tiny Llama-shaped base, five fine-tunes and a LoRA adapter
+# (chat-lora, a PEFT adapter folder), analysed with ta-analyze, then merged
+# with ta-merge using the analysis' norms.
 # Usage: scripts/demo.sh [WORKDIR]   (default: ./demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,9 +13,9 @@ bin=target/release
 rm -rf "$work"
 "$bin/examples/make-family" "$work/family" --size tiny --models 5 >/dev/null
 fam=$work/family
-models=("$fam/math-tune" "$fam/korean-tune" "$fam/instruct-copy" "$fam/dpo-tune" "$fam/home-tune")
+models=("$fam/math-tune" "$fam/korean-tune" "$fam/instruct-copy" "$fam/dpo-tune" "$fam/home-tune" "$fam/chat-lora")
 
-echo "== ta-analyze: task-vector statistics of each fine-tune"
+echo "== ta-analyze: task-vector statistics of each fine-tune (chat-lora is a LoRA adapter)"
 "$bin/ta-analyze" --base "$fam/base" --models "${models[@]}" --outdir "$work/tv_stats"
 
 echo
@@ -25,3 +26,6 @@ echo "== ta-merge: weights from the analysis' global L2 norms (exp mode)"
 echo
 echo "== outputs"
 ls "$work/tv_stats" "$work/tv_stats/math-tune" "$work/merged"
+echo
+echo "== the adapter in merge_record.json"
+grep -A 12 '"name": "chat-lora"' "$work/merged/merge_record.json" | grep -E '"(name|rank|alpha|lora_tensors)"' 

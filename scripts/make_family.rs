@@ -1,9 +1,11 @@
 //! Generates a synthetic model family for the demo and the benchmark: a
 //! Llama-shaped base checkpoint and fine-tunes of it (base plus seeded noise
 //! of a per-model scale, one fine-tune identical to the base), each a
-//! Hugging Face folder with config, generation config and tokenizer files.
+//! Hugging Face folder with config, generation config and tokenizer files;
+//! and a PEFT LoRA adapter of the base (`chat-lora/`: rank `--adapter-rank`
+//! on every attention and MLP matrix).
 //!
-//!     cargo run --release --example make-family -- OUT [--size tiny|bench] [--models 5]
+//!     cargo run --release --example make-family -- OUT [--size tiny|bench] [--models 5] [--adapter-rank 16]
 
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,9 @@ struct Args {
     /// Element type: bf16, f16, f32.
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// Rank of the LoRA adapter `chat-lora/` (0: no adapter).
+    #[arg(long, default_value_t = 16)]
+    adapter_rank: usize,
 }
 
 struct Shape {
@@ -83,6 +88,89 @@ fn main() -> anyhow::Result<()> {
         write_side_files(&dir, &shape, ty)?;
         println!("wrote {}", dir.display());
     }
+    if args.adapter_rank > 0 {
+        let dir = args.out.join("chat-lora");
+        write_adapter(&dir, &tensors, ty, args.adapter_rank)?;
+        println!("wrote {}", dir.display());
+    }
+    Ok(())
+}
+
+/// The modules a LoRA adapter targets: every attention and MLP matrix.
+const TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Writes a PEFT LoRA adapter folder: rank `r`, alpha 2r (scale 2), on
+/// every attention and MLP matrix, with PEFT's tensor names.
+fn write_adapter(
+    dir: &Path,
+    tensors: &[(String, Vec<usize>)],
+    ty: FloatType,
+    r: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut factors: Vec<(String, Vec<usize>)> = Vec::new();
+    for (name, shape) in tensors {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !TARGETS.iter().any(|t| module.ends_with(t)) {
+            continue;
+        }
+        let prefix = format!("base_model.model.{module}");
+        factors.push((format!("{prefix}.lora_A.weight"), vec![r, shape[1]]));
+        factors.push((format!("{prefix}.lora_B.weight"), vec![shape[0], r]));
+    }
+    let out: Vec<OutTensor> = factors
+        .iter()
+        .map(|(n, s)| OutTensor {
+            name: n.clone(),
+            dtype: ty.dtype(),
+            shape: s.clone(),
+        })
+        .collect();
+    let layout = Layout::plan(out, u64::MAX);
+    let mut w = ShardWriter::create(dir, &layout, 0)?;
+    let mut values = Vec::new();
+    let mut bytes = Vec::new();
+    for (i, (_, shape)) in factors.iter().enumerate() {
+        let n: usize = shape.iter().product();
+        let mut rng = Rng(0xA11CE ^ (i as u64 * 104_729));
+        values.clear();
+        values.extend((0..n).map(|_| 0.02 * rng.normal()));
+        bytes.resize(n * ty.size(), 0);
+        encode_f64(ty, &values, &mut bytes);
+        w.write(&bytes)?;
+    }
+    w.finish()?;
+    std::fs::rename(
+        dir.join("model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "base",
+        "r": r,
+        "lora_alpha": 2 * r,
+        "lora_dropout": 0.0,
+        "target_modules": TARGETS,
+        "fan_in_fan_out": false,
+        "bias": "none",
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
     Ok(())
 }
 

@@ -462,11 +462,13 @@ fn cache_revisions_must_be_commit_hashes_of_snapshots_in_the_cache() {
             &before,
         );
     }
-    // A hash with no snapshot, or whose snapshot is a symlink out of the cache.
+    // A hash with no snapshot (offline: online, it is downloaded again), or
+    // whose snapshot is a symlink out of the cache.
     let other = hash(0x77);
     std::fs::write(&refs, &other).unwrap();
     let before = snapshot_nofollow(s.dir.path());
-    let o = s.merge_env("acme/base", &[&good], &out, &[], &env);
+    let offline = [env[0], ("HF_HUB_OFFLINE", Path::new("1"))];
+    let o = s.merge_env("acme/base", &[&good], &out, &[], &offline);
     refused(
         &o,
         &["refs/main", &other, "no snapshot folder"],

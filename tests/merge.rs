@@ -495,7 +495,13 @@ fn hub_ids_resolve_from_the_local_cache() {
         "1.0",
         "--force",
     ];
-    let o = run_env("ta-merge", &args, &[("HF_HUB_CACHE", &cache)]);
+    // Offline, so the missing model is not looked for on the network
+    // (downloads are tested against a loopback hub in tests/hub.rs).
+    let env = [
+        ("HF_HUB_CACHE", cache.as_path()),
+        ("HF_HUB_OFFLINE", Path::new("1")),
+    ];
+    let o = run_env("ta-merge", &args, &env);
     assert_one_line_error(&o, &["acme/not-here", "Hugging Face cache"]);
 }
 

@@ -18,7 +18,8 @@ use tv_core::staging::{check_output_apart, Staging};
 #[derive(Debug, Parser)]
 #[command(name = "ta-analyze", version, about, long_about = None)]
 struct Args {
-    /// The base checkpoint: a folder, a .safetensors file, an index json, or a cached hub id.
+    /// The base checkpoint: a folder, a .safetensors file, an index json, or a Hugging Face id
+    /// (org/name or org/name@revision; downloaded into the cache when missing).
     #[arg(long, value_name = "PATH")]
     base: String,
 
@@ -58,6 +59,10 @@ struct Args {
     #[arg(long)]
     spectral: bool,
 
+    /// Use models named by Hugging Face id only from the local cache; never download.
+    #[arg(long = "no-download")]
+    no_download: bool,
+
     /// No progress bar.
     #[arg(long, short)]
     quiet: bool,
@@ -70,10 +75,14 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<()> {
     tv_core::interrupt::install().context("cannot install signal handlers")?;
     let started = Instant::now();
-    // The device is checked for the same errors as ta-merge's; the analysis
-    // itself is memory-bound and runs on the CPU kernels.
+    // The analysis itself is memory-bound and runs on the CPU kernels; the
+    // device computes adapters' products and, with --spectral, the sketches.
     let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
+    let specs: Vec<String> = std::iter::once(args.base.clone())
+        .chain(args.models.iter().cloned())
+        .collect();
+    tv_cli::fetch_models(&specs, args.no_download, args.quiet)?;
     let family = Family::open(&args.base, &args.models, args.names.as_deref())?;
     check_output_apart(&args.outdir, &family.input_paths())?;
     report::check_outdir(&args.outdir, &family.names, args.force)?;
@@ -81,10 +90,8 @@ fn run(args: Args) -> Result<()> {
     let bar = tv_cli::Bar::new("analysing", args.quiet);
     let options = AnalyzeOptions {
         count_tied_lm_head: args.count_tied_lm_head,
-        spectral: args.spectral.then_some(match device {
-            Device::Cuda(d) => d,
-            Device::Cpu => tv_core::candle_core::Device::Cpu,
-        }),
+        spectral: args.spectral.then(|| device.candle()),
+        device,
     };
     let analysis = analyze(&family, options, &bar)?;
 

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "ta-merge", version, about, long_about = None)]
 pub struct Args {
-    /// The base checkpoint: a folder, a .safetensors file, an index json, or a cached hub id.
+    /// The base checkpoint: a folder, a .safetensors file, an index json, or a Hugging Face id
+    /// (org/name or org/name@revision; downloaded into the cache when missing).
     #[arg(
         long = "base-model-path",
         visible_alias = "base_model_path",
@@ -159,6 +160,10 @@ pub struct Args {
     /// Only check a finished merged folder (headers, offsets, index, sizes, values) and exit.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["base", "models", "output", "dry_run"])]
     pub verify: Option<PathBuf>,
+
+    /// Use models named by Hugging Face id only from the local cache; never download.
+    #[arg(long = "no-download")]
+    pub no_download: bool,
 
     /// Check the inputs and print the weights and the output plan; write nothing.
     #[arg(long = "dry-run")]

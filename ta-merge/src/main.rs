@@ -70,6 +70,10 @@ fn run(args: Args) -> Result<()> {
         .unwrap_or(&config.models()[0].model)
         .to_string();
     let specs: Vec<String> = config.models().iter().map(|m| m.model.clone()).collect();
+    let model_args: Vec<String> = std::iter::once(base.clone())
+        .chain(specs.iter().cloned())
+        .collect();
+    tv_cli::fetch_models(&model_args, args.no_download, args.quiet)?;
     let family = Family::open(&base, &specs, args.names.as_deref())?;
     let norms = match (&args.l2_norms, &args.from_analysis) {
         (Some(n), _) => Some(n.clone()),
@@ -114,6 +118,7 @@ fn run(args: Args) -> Result<()> {
         ));
     }
     tv_cli::say(plan.describe(&shown));
+    tv_cli::say(family.adapter_notes(&shown));
 
     let mut inputs = family.input_paths();
     if let Some(dir) = &args.from_analysis {
@@ -317,11 +322,12 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         .enumerate()
         .map(|(i, m)| RecordModel {
             name: family.names[i].clone(),
-            path: m.located.spec.clone(),
+            path: m.checkpoint().located.spec.clone(),
             l2_norm: norms.map(|n| n[i]),
             lambda: plan.lambdas()[i],
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
+            adapter: m.adapter().map(|a| a.summary()),
         })
         .collect();
     let weights_from = match (&args.l2_norms, &args.from_analysis) {

@@ -110,6 +110,52 @@ impl Progress for Bar {
     }
 }
 
+/// Downloads the models among `specs` that are Hugging Face ids missing
+/// from the local cache (one progress bar over all their bytes), unless
+/// `no_download`, in which case a missing one is an error; prints a note
+/// per model downloaded.
+pub fn fetch_models(specs: &[String], no_download: bool, quiet: bool) -> anyhow::Result<()> {
+    let access = if no_download {
+        tv_core::hub::Access::CacheOnly
+    } else {
+        tv_core::hub::Access::Download
+    };
+    let bar = LazyBar {
+        message: "downloading",
+        quiet,
+        bar: std::sync::OnceLock::new(),
+    };
+    let fetched = tv_core::hub::ensure(specs, access, &bar)?;
+    notes(&fetched);
+    Ok(())
+}
+
+/// A [`Bar`] drawn only once a pass begins, so a run that downloads
+/// nothing shows none.
+struct LazyBar {
+    message: &'static str,
+    quiet: bool,
+    bar: std::sync::OnceLock<Bar>,
+}
+
+impl Progress for LazyBar {
+    fn begin(&self, total: u64) {
+        self.bar
+            .get_or_init(|| Bar::new(self.message, self.quiet))
+            .begin(total);
+    }
+    fn advance(&self, bytes: u64) {
+        if let Some(bar) = self.bar.get() {
+            bar.advance(bytes);
+        }
+    }
+    fn finish(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish();
+        }
+    }
+}
+
 /// A name read from a file (tensor, shard, model), or any text holding
 /// one, made safe to print: control characters escaped, one line.
 pub fn name(text: &str) -> std::borrow::Cow<'_, str> {

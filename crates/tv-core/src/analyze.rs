@@ -7,15 +7,23 @@
 //! the delta is written into one reusable buffer (f32 when exact, else f64)
 //! for exact quantiles. Inputs are read in bounded segments whose pages are
 //! released after use, so memory stays near the largest tensor's buffer.
+//! An adapter's task vector is expanded segment by segment (s·B·A in f64,
+//! on the chosen device) and enters the same kernels as a delta; a tensor
+//! an adapter leaves alone is a zero task vector, counted as unchanged
+//! without reading anything of the adapter.
 
 use crate::checkpoint::TensorRef;
+use crate::device::Device;
 use crate::diagnostics::{cosine_matrix, Collector, Diagnostics};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::{is_input_embedding, Family};
+use crate::family::{is_input_embedding, Family, ModelTensor};
 use crate::interrupt;
-use crate::kernels::{delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc};
+use crate::kernels::{
+    delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc, Operand,
+};
 use crate::magnitude::TensorMagnitudes;
+use crate::methods::inputs::{Expanded, Input, ModelInput, TensorInputs};
 use crate::progress::Progress;
 use crate::quantile::{quantiles_with, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
@@ -28,14 +36,26 @@ const SEGMENT: usize = 1 << 22;
 const TASK: usize = 1 << 16;
 
 /// Options of the analysis.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AnalyzeOptions {
     /// Count a tied embedding a second time as `lm_head.weight`, as the
     /// original tool did for tied models loaded from shards.
     pub count_tied_lm_head: bool,
+    /// Where adapters' products are computed.
+    pub device: Device,
     /// Sketch the singular values of every 2-D task-vector tensor on this
     /// device (`--spectral`).
     pub spectral: Option<candle_core::Device>,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        Self {
+            count_tied_lm_head: false,
+            device: Device::Cpu,
+            spectral: None,
+        }
+    }
 }
 
 /// One 2-D tensor's spectrum for one model (`spectral.csv`).
@@ -100,7 +120,8 @@ pub struct Analysis {
     pub models: Vec<ModelAnalysis>,
     /// Cosine similarity of every pair of task vectors (0 for a zero vector).
     pub cosines: Vec<Vec<f64>>,
-    /// The merge diagnostics (every stored tensor counted once).
+    /// The merge diagnostics (every tensor counted once; an adapter's
+    /// untouched tensors as zero task vectors).
     pub diagnostics: Diagnostics,
     /// With `--spectral`: every 2-D tensor's spectrum per model, and the
     /// seconds the sketches took.
@@ -140,7 +161,9 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     let mut dots = vec![0f64; k * k];
     let mut buffers = Buffers::default();
     let tied = family.base_ties_embeddings();
-    let mut tied_extra: Option<(String, Vec<usize>, DeltaAcc)> = None;
+    // The tied embedding: its name, the models that change it, those that
+    // leave it alone (adapters), and its sums.
+    let mut tied_extra: Option<(String, Vec<usize>, Vec<usize>, DeltaAcc)> = None;
     let mut collector = Collector::new(k);
     let mut spectral: Vec<SpectralRow> = Vec::new();
     let mut spectral_seconds = 0.0;
@@ -153,12 +176,13 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             let base = family.base.get(name).expect("listed");
             let mut sources = Vec::new();
             for (i, m) in family.models.iter().enumerate() {
-                match skip_reason(base, m.get(name)) {
+                let held = m.tensor(name);
+                match skip_reason(base, held.as_ref()) {
                     Some(reason) => skipped[i].push(Skipped {
                         param: name.clone(),
                         reason,
                     }),
-                    None => sources.push((i, m.get(name).expect("present"))),
+                    None => sources.push((i, held.expect("present"))),
                 }
             }
             TensorWork {
@@ -169,7 +193,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         })
         .collect();
     for (i, m) in family.models.iter().enumerate() {
-        for name in m.names().iter().filter(|n| !family.base.contains(n)) {
+        for name in m.extra_names(&family.base) {
             skipped[i].push(Skipped {
                 param: name.clone(),
                 reason: "not in the base".into(),
@@ -188,20 +212,60 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         if sources.is_empty() {
             continue;
         }
-        let acc = fused_pass(family, base, sources, progress)?;
-        let indices: Vec<usize> = sources.iter().map(|&(i, _)| i).collect();
+        let inputs = tensor_inputs(family, name, base, sources, &opts.device);
+        let acc = fused_pass(&inputs, &mut buffers.expanded, progress)?;
+        let indices: Vec<usize> = inputs.models.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
-        collector.add_tensor(name, base, sources, &acc);
-        let ks = sources.len();
-        for (slot, &(i, tref)) in sources.iter().enumerate() {
+        collector.add_tensor(inputs.clone(), &acc);
+        let ks = inputs.models.len();
+        let spectral_from = spectral.len();
+        // Adapters that leave the tensor alone: a zero task vector.
+        for &(i, _) in sources
+            .iter()
+            .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
+        {
+            base_sum_sq[i] += acc.base_sum_sq;
+            collector.add_zero(i, base.numel() as u64);
+            if let (Some(_), &[rows, cols]) = (&opts.spectral, &base.shape[..]) {
+                spectral.push(SpectralRow {
+                    param: name.to_string(),
+                    model: i,
+                    rows,
+                    cols,
+                    spectrum: crate::spectral::Spectrum {
+                        fro: 0.0,
+                        sigma: Vec::new(),
+                    },
+                });
+            }
+            rows[i].push(TensorRow {
+                param: name.to_string(),
+                shape: base.shape.clone(),
+                l2: 0.0,
+                l1: 0.0,
+                maxabs: 0.0,
+                mean: 0.0,
+                std: 0.0,
+                skew: 0.0,
+                kurtosis_excess: 0.0,
+                quantiles: [0.0; 11],
+                numel: base.numel() as u64,
+                nonfinite: 0,
+                unchanged: base.numel() as u64,
+                sum_sq: 0.0,
+            });
+        }
+        for (slot, &(i, m)) in inputs.models.iter().enumerate() {
+            let single = TensorInputs {
+                models: vec![(i, m)],
+                ..inputs.clone()
+            };
             let s = &acc.models[slot];
-            let (q, mags) =
-                buffers.quantiles(&Pair::new(family, base, i, tref), s.unchanged, s.max_abs)?;
+            let (q, mags) = buffers.quantiles(&single, slot, s.unchanged, s.max_abs)?;
             collector.add_magnitudes(slot, i, &mags);
             if let (Some(device), &[rows, cols]) = (&opts.spectral, &base.shape[..]) {
                 let started = std::time::Instant::now();
-                let spectrum =
-                    buffers.spectrum(&Pair::new(family, base, i, tref), device, name, i)?;
+                let spectrum = buffers.spectrum(&single, slot, device, name, i)?;
                 spectral_seconds += started.elapsed().as_secs_f64();
                 spectral.push(SpectralRow {
                     param: name.to_string(),
@@ -228,21 +292,31 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 sum_sq: acc.dots[slot * ks + slot],
             });
         }
+        // spectral.csv lists a tensor's models in the family's order.
+        spectral[spectral_from..].sort_by_key(|r| r.model);
         if opts.count_tied_lm_head
             && tied
             && is_input_embedding(name)
             && !family.base.contains("lm_head.weight")
         {
-            tied_extra = Some((name.to_string(), indices, acc));
+            let untouched = sources
+                .iter()
+                .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
+                .map(|&(i, _)| i)
+                .collect();
+            tied_extra = Some((name.to_string(), indices, untouched, acc));
         }
     }
     progress.finish();
 
     // The original counted a tied embedding twice, once as lm_head.weight.
     let counted_twice = tied_extra.is_some();
-    if let Some((embed, idx, acc)) = tied_extra {
+    if let Some((embed, idx, untouched, acc)) = tied_extra {
         add_family_sums(&mut dots, &mut base_sum_sq, &idx, &acc);
-        for &i in &idx {
+        for &i in &untouched {
+            base_sum_sq[i] += acc.base_sum_sq;
+        }
+        for &i in idx.iter().chain(&untouched) {
             if let Some(row) = rows[i].iter().find(|r| r.param == embed).cloned() {
                 rows[i].push(TensorRow {
                     param: "lm_head.weight".into(),
@@ -264,7 +338,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             );
             ModelAnalysis {
                 name: family.names[i].clone(),
-                spec: family.models[i].located.spec.clone(),
+                spec: family.models[i].checkpoint().located.spec.clone(),
                 rows,
                 summary,
             }
@@ -306,8 +380,8 @@ fn add_family_sums(dots: &mut [f64], base_sum_sq: &mut [f64], indices: &[usize],
 struct TensorWork<'a> {
     name: &'a str,
     base: &'a TensorRef,
-    /// (model index, the model's tensor)
-    sources: Vec<(usize, &'a TensorRef)>,
+    /// (model index, what the model holds for it)
+    sources: Vec<(usize, ModelTensor)>,
 }
 
 impl TensorWork<'_> {
@@ -316,18 +390,28 @@ impl TensorWork<'_> {
         if self.sources.is_empty() {
             return 0;
         }
-        let models: usize = self.sources.iter().map(|(_, t)| t.nbytes()).sum();
+        let models: usize = self
+            .sources
+            .iter()
+            .map(|(_, held)| match held {
+                ModelTensor::Stored(t) => t.nbytes(),
+                _ => 0,
+            })
+            .sum();
         (self.base.nbytes() + models) as u64
     }
 }
 
 /// Why a model's tensor cannot be compared with the base's, if it cannot.
-fn skip_reason(base: &TensorRef, model: Option<&TensorRef>) -> Option<String> {
+fn skip_reason(base: &TensorRef, model: Option<&ModelTensor>) -> Option<String> {
     if base.float_type().is_none() {
         return Some(format!("not a float tensor ({:?})", base.dtype));
     }
-    let Some(m) = model else {
-        return Some("missing from the model".into());
+    let m = match model {
+        None => return Some("missing from the model".into()),
+        // Adapters are checked against the base when opened.
+        Some(ModelTensor::Adapter(_) | ModelTensor::Untouched) => return None,
+        Some(ModelTensor::Stored(m)) => m,
     };
     if m.shape != base.shape {
         return Some(format!(
@@ -341,21 +425,43 @@ fn skip_reason(base: &TensorRef, model: Option<&TensorRef>) -> Option<String> {
     None
 }
 
+/// The inputs of one tensor's analysis: the base and every model that
+/// stores it or adapts it (untouched tensors of adapters are left out).
+fn tensor_inputs<'a>(
+    family: &'a Family,
+    name: &'a str,
+    base: &'a TensorRef,
+    sources: &'a [(usize, ModelTensor)],
+    device: &Device,
+) -> TensorInputs<'a> {
+    let input = |ckpt, tensor: &'a TensorRef| Input {
+        ckpt,
+        tensor,
+        ty: tensor.float_type().expect("float"),
+    };
+    TensorInputs {
+        name,
+        shape: &base.shape,
+        ordinal: 0,
+        base: input(&family.base, base),
+        models: sources
+            .iter()
+            .filter(|(_, held)| !matches!(held, ModelTensor::Untouched))
+            .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
+            .collect(),
+        device: device.candle(),
+    }
+}
+
 /// The fused statistics pass over one tensor of the base and its models.
 fn fused_pass(
-    family: &Family,
-    base: &TensorRef,
-    sources: &[(usize, &TensorRef)],
+    inputs: &TensorInputs<'_>,
+    expanded: &mut Expanded,
     progress: &dyn Progress,
 ) -> Result<DeltaAcc> {
-    let base_ty = base.float_type().expect("float");
-    let base_bytes = family.base.bytes(base);
-    let models: Vec<(FloatType, &[u8])> = sources
-        .iter()
-        .map(|&(i, t)| (t.float_type().expect("float"), family.models[i].bytes(t)))
-        .collect();
-    let numel = base.numel();
-    let mut acc = DeltaAcc::new(sources.len());
+    let base_ty = inputs.base.ty;
+    let numel = inputs.numel();
+    let mut acc = DeltaAcc::new(inputs.models.len());
     let mut start = 0;
     while start < numel {
         if interrupt::requested() {
@@ -363,62 +469,79 @@ fn fused_pass(
         }
         crate::guard::check()?;
         let end = (start + SEGMENT).min(numel);
+        inputs.expand(start, end, expanded)?;
+        let expanded = &*expanded;
         let parts: Vec<DeltaAcc> = (start..end)
             .step_by(TASK)
             .collect::<Vec<_>>()
             .into_par_iter()
             .map(|s| {
                 let e = (s + TASK).min(end);
-                let ms: Vec<(FloatType, &[u8])> = models
+                let ms: Vec<Operand<'_>> = inputs
+                    .models
                     .iter()
-                    .map(|&(ty, b)| (ty, &b[ty.byte_range(s, e)]))
+                    .enumerate()
+                    .map(|(slot, (_, m))| m.operand(slot, s, e, expanded).expect("touched"))
                     .collect();
-                delta_stats(base_ty, &base_bytes[base_ty.byte_range(s, e)], &ms)
+                delta_stats(base_ty, inputs.base.range(s, e), &ms)
             })
             .collect();
         acc = parts.iter().fold(acc, |a, p| a.combine(p));
-        let mut done = 0;
-        for (ty, release) in std::iter::once((base_ty, (&family.base, base))).chain(
-            sources
+        inputs.release(start, end);
+        let done = base_ty.byte_range(start, end).len()
+            + inputs
+                .models
                 .iter()
-                .zip(&models)
-                .map(|(&(i, t), &(ty, _))| (ty, (&family.models[i], t))),
-        ) {
-            let bytes = ty.byte_range(start, end);
-            done += bytes.len() as u64;
-            release.0.release(release.1, bytes.start, bytes.end);
-        }
-        progress.advance(done);
+                .map(|(_, m)| m.read_len(start, end))
+                .sum::<usize>();
+        progress.advance(done as u64);
         start = end;
     }
     Ok(acc)
 }
 
-/// The reusable delta buffers for quantiles.
+/// The reusable delta buffers for quantiles, and for adapters' task vectors.
 #[derive(Default)]
 struct Buffers {
     f32s: Vec<f32>,
     f64s: Vec<f64>,
+    expanded: Expanded,
 }
 
 impl Buffers {
     /// Exact quantiles and the magnitude histogram of one model's delta
-    /// for one tensor (`max_abs` its largest |d|): in the f32 buffer for
-    /// 16-bit checkpoints (with the rare deltas f32 cannot hold listed
-    /// exactly beside it), else in the f64 buffer. Zero deltas are counted,
-    /// not stored, when they are many.
+    /// for one tensor (`one` holds that model only; `max_abs` its largest
+    /// |d|): in the f32 buffer for 16-bit checkpoints (with the rare deltas
+    /// f32 cannot hold listed exactly beside it), else in the f64 buffer
+    /// (an adapter's f64 task vector always: the very values the fused
+    /// pass saw). Zero deltas are counted, not stored, when they are many.
+    /// `slot` is the model's place in the fused pass, whose expansion is
+    /// reused when the tensor was one segment.
     fn quantiles(
         &mut self,
-        pair: &Pair,
+        one: &TensorInputs<'_>,
+        slot: usize,
         zeros: u64,
         max_abs: f64,
     ) -> Result<([f64; 11], TensorMagnitudes)> {
-        let numel = pair.base.numel();
+        let numel = one.numel();
         if zeros as usize == numel {
             return Ok(([0.0; 11], TensorMagnitudes::zeros(numel as u64)));
         }
         let compact = zeros as usize * 4 > numel;
-        if pair.base_ty.size() == 2 && pair.model_ty.size() == 2 {
+        let ModelInput::Stored(model) = one.models[0].1 else {
+            let kept = self.adapter_deltas(one, slot, compact)?;
+            let values = &mut self.f64s[..kept];
+            let zeros = (numel - kept) as u64;
+            let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &[], max_abs);
+            let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
+            return Ok((q, mags));
+        };
+        let pair = Pair {
+            base: one.base,
+            model,
+        };
+        if pair.base.ty.size() == 2 && pair.model.ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
             let (kept, mut inexact) = pair.fill(&mut self.f32s, compact, delta_into_f32)?;
             let values = &mut self.f32s[..kept];
@@ -435,22 +558,58 @@ impl Buffers {
         let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
         Ok((q, mags))
     }
-}
 
-impl Buffers {
-    /// The spectrum of one model's delta of a 2-D tensor, sketched on
-    /// `device` with draws seeded by the tensor's name and the model.
+    /// Writes the one adapter's task vector of `one` (slot `slot` of the
+    /// fused pass) into the f64 buffer, with `compact` only its non-zero
+    /// entries, at the front; returns how many were kept. A one-segment
+    /// tensor is still expanded by the fused pass; a larger one is expanded
+    /// again over the same segments, so the values are the pass's.
+    fn adapter_deltas(
+        &mut self,
+        one: &TensorInputs<'_>,
+        slot: usize,
+        compact: bool,
+    ) -> Result<usize> {
+        let numel = one.numel();
+        self.f64s.resize(numel, 0.0);
+        if numel <= SEGMENT {
+            let mut kept = 0;
+            for &d in self.expanded.delta(slot, 0, numel) {
+                self.f64s[kept] = d;
+                kept += usize::from(!compact || d != 0.0);
+            }
+            Ok(kept)
+        } else {
+            fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)
+        }
+    }
+
+    /// The spectrum of one model's delta of a 2-D tensor (`one` holds that
+    /// model only, slot `slot` of the fused pass), sketched on `device`
+    /// with draws seeded by the tensor's name and the model.
     fn spectrum(
         &mut self,
-        pair: &Pair,
+        one: &TensorInputs<'_>,
+        slot: usize,
         device: &candle_core::Device,
         name: &str,
         model: usize,
     ) -> Result<crate::spectral::Spectrum> {
-        let numel = pair.base.numel();
-        self.f64s.resize(numel, 0.0);
-        pair.fill(&mut self.f64s, false, delta_into_f64)?;
-        let (rows, cols) = (pair.base.shape[0], pair.base.shape[1]);
+        let numel = one.numel();
+        match one.models[0].1 {
+            ModelInput::Stored(model) => {
+                self.f64s.resize(numel, 0.0);
+                let pair = Pair {
+                    base: one.base,
+                    model,
+                };
+                pair.fill(&mut self.f64s, false, delta_into_f64)?;
+            }
+            _ => {
+                self.adapter_deltas(one, slot, false)?;
+            }
+        }
+        let (rows, cols) = (one.shape[0], one.shape[1]);
         let seed = name
             .bytes()
             .fold(0xcbf2_9ce4_8422_2325u64 ^ model as u64, |h, b| {
@@ -460,28 +619,40 @@ impl Buffers {
     }
 }
 
-/// One tensor of the base and of one model, as mmapped bytes.
-struct Pair<'a> {
-    family: &'a Family,
-    base: &'a TensorRef,
-    base_ty: FloatType,
-    model: usize,
-    tensor: &'a TensorRef,
-    model_ty: FloatType,
+/// Writes the one adapter's task vector of `one` into `out`, segment by
+/// segment; with `compact`, only the non-zero entries, at the front.
+/// Returns how many were kept.
+fn fill_expanded(
+    one: &TensorInputs<'_>,
+    expanded: &mut Expanded,
+    out: &mut [f64],
+    compact: bool,
+) -> Result<usize> {
+    let numel = out.len();
+    let mut kept = 0;
+    let mut s0 = 0;
+    while s0 < numel {
+        if interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
+        let s1 = (s0 + SEGMENT).min(numel);
+        one.expand(s0, s1, expanded)?;
+        for &d in expanded.delta(0, s0, s1) {
+            out[kept] = d;
+            kept += usize::from(!compact || d != 0.0);
+        }
+        s0 = s1;
+    }
+    Ok(kept)
 }
 
-impl<'a> Pair<'a> {
-    fn new(family: &'a Family, base: &'a TensorRef, model: usize, tensor: &'a TensorRef) -> Self {
-        Self {
-            family,
-            base,
-            base_ty: base.float_type().expect("float"),
-            model,
-            tensor,
-            model_ty: tensor.float_type().expect("float"),
-        }
-    }
+/// One tensor of the base and of one model, as mmapped bytes.
+struct Pair<'a> {
+    base: Input<'a>,
+    model: Input<'a>,
+}
 
+impl Pair<'_> {
     /// Writes the deltas into `out` in parallel segments, releasing the input
     /// pages as it goes; with `compact`, only the non-zero ones, at the
     /// front. Returns how many were kept and the true values of those `T`
@@ -492,10 +663,9 @@ impl<'a> Pair<'a> {
         compact: bool,
         write: impl Fn(FloatType, &[u8], FloatType, &[u8], &mut [T], &mut Vec<f64>) + Sync,
     ) -> Result<(usize, Vec<f64>)> {
-        let (bt, mt) = (self.base_ty, self.model_ty);
-        let base_bytes = self.family.base.bytes(self.base);
-        let model = &self.family.models[self.model];
-        let model_bytes = model.bytes(self.tensor);
+        let (bt, mt) = (self.base.ty, self.model.ty);
+        let base_bytes = self.base.ckpt.bytes(self.base.tensor);
+        let model_bytes = self.model.ckpt.bytes(self.model.tensor);
         let numel = out.len();
         let mut kept = 0;
         let mut inexact = Vec::new();
@@ -534,9 +704,8 @@ impl<'a> Pair<'a> {
                 kept += count;
                 inexact.extend(odd);
             }
-            let (b, m) = (bt.byte_range(s0, s1), mt.byte_range(s0, s1));
-            self.family.base.release(self.base, b.start, b.end);
-            model.release(self.tensor, m.start, m.end);
+            self.base.release(s0, s1);
+            self.model.release(s0, s1);
             s0 = s1;
         }
         Ok((kept, inexact))

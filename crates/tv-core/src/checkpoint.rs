@@ -241,6 +241,29 @@ fn file_name(path: &Path) -> String {
 /// an empty map, a shard name that is not a plain file name, and a shard
 /// that is missing or not a regular file are errors naming the index.
 pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+    let map = parse_index(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut checked = std::collections::BTreeSet::new();
+    for file in map.values() {
+        if !checked.insert(file.as_str()) {
+            continue;
+        }
+        let shard = dir.join(file);
+        if !shard.exists() {
+            return Err(Error::NotFound(format!(
+                "{}: names shard {file}, which is missing from {}",
+                path.display(),
+                dir.display()
+            )));
+        }
+        crate::sidecar::check_regular_file(&shard)?;
+    }
+    Ok(map)
+}
+
+/// Reads `weight_map` from an index json without looking for its shards:
+/// an empty map and a shard name that is not a plain file name are errors.
+pub(crate) fn parse_index(path: &Path) -> Result<BTreeMap<String, String>> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
@@ -254,12 +277,7 @@ pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
             "has an empty weight_map (it lists no tensors)",
         ));
     }
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut checked = std::collections::BTreeSet::new();
     for file in index.weight_map.values() {
-        if !checked.insert(file.as_str()) {
-            continue;
-        }
         if file.is_empty()
             || file.contains('/')
             || file.contains('\\')
@@ -271,15 +289,6 @@ pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
                 format!("shard name '{file}' is not a plain file name"),
             ));
         }
-        let shard = dir.join(file);
-        if !shard.exists() {
-            return Err(Error::NotFound(format!(
-                "{}: names shard {file}, which is missing from {}",
-                path.display(),
-                dir.display()
-            )));
-        }
-        crate::sidecar::check_regular_file(&shard)?;
     }
     Ok(index.weight_map)
 }

@@ -72,6 +72,14 @@ impl Device {
             .map_err(|e| Error::Device(format!("--device cuda:{ordinal}: {e}")))
     }
 
+    /// The candle device of this choice (adapters' products run there).
+    pub fn candle(&self) -> candle_core::Device {
+        match self {
+            Self::Cpu => candle_core::Device::Cpu,
+            Self::Cuda(d) => d.clone(),
+        }
+    }
+
     /// A short name for messages.
     pub fn describe(&self) -> String {
         match self {

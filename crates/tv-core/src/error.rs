@@ -28,6 +28,10 @@ pub enum Error {
     /// A command-line value or option combination is invalid.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A model could not be downloaded from the Hugging Face Hub (network,
+    /// access, or a file that failed verification).
+    #[error("{0}")]
+    Download(String),
     /// The requested device is not available in this build or on this machine.
     #[error("{0}")]
     Device(String),

@@ -2,19 +2,85 @@
 //!
 //! Model names default to the basename of each model argument (the last
 //! component of a path or of a hub id), as the original tool did; names must
-//! be unique, since they label output folders and tables.
+//! be unique, since they label output folders and tables. A model is a
+//! stored checkpoint or a LoRA adapter folder ([`Model`]); what it holds for
+//! a tensor of the base is a [`ModelTensor`].
 
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::TensorRef;
 use crate::dtype::low_precision_kind;
 use crate::error::{Error, Result};
 use crate::locate::WeightFiles;
+use crate::lora::{Adapter, AdapterTensor};
 use std::path::{Path, PathBuf};
+
+/// A fine-tune: a stored checkpoint, or a LoRA adapter of the base.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Model {
+    Checkpoint(Checkpoint),
+    Adapter(Box<Adapter>),
+}
+
+/// What a model holds for one tensor of the base.
+#[derive(Debug, Clone)]
+pub enum ModelTensor {
+    /// A stored tensor (in [`Model::checkpoint`]): its task vector is m − base.
+    Stored(TensorRef),
+    /// An adapter's factors and/or full weight for it.
+    Adapter(AdapterTensor),
+    /// An adapter that does not touch it: a zero task vector, nothing read.
+    Untouched,
+}
+
+impl Model {
+    /// The weight file(s) the model's tensors live in (an adapter's file).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        match self {
+            Self::Checkpoint(c) => c,
+            Self::Adapter(a) => &a.file,
+        }
+    }
+
+    /// The adapter, when the model is one.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        match self {
+            Self::Checkpoint(_) => None,
+            Self::Adapter(a) => Some(a),
+        }
+    }
+
+    /// What the model holds for the base's tensor `name` (`None`: a stored
+    /// checkpoint that lacks it).
+    pub fn tensor(&self, name: &str) -> Option<ModelTensor> {
+        match self {
+            Self::Checkpoint(c) => c.get(name).cloned().map(ModelTensor::Stored),
+            Self::Adapter(a) => Some(match a.tensor(name) {
+                Some(AdapterTensor {
+                    lora: None,
+                    full: Some(full),
+                }) => ModelTensor::Stored(full.clone()),
+                Some(t) => ModelTensor::Adapter(t.clone()),
+                None => ModelTensor::Untouched,
+            }),
+        }
+    }
+
+    /// Tensor names the model stores that the base lacks (none for an
+    /// adapter: it is checked against the base when opened).
+    pub fn extra_names<'a>(&'a self, base: &'a Checkpoint) -> Vec<&'a String> {
+        match self {
+            Self::Checkpoint(c) => c.names().iter().filter(|n| !base.contains(n)).collect(),
+            Self::Adapter(_) => Vec::new(),
+        }
+    }
+}
 
 /// The base and the fine-tunes of one merge or analysis.
 #[derive(Debug)]
 pub struct Family {
     pub base: Checkpoint,
-    pub models: Vec<Checkpoint>,
+    pub models: Vec<Model>,
     pub names: Vec<String>,
 }
 
@@ -25,6 +91,13 @@ impl Family {
             return Err(Error::InvalidArgument("no fine-tuned models given".into()));
         }
         let names = resolve_names(models, names)?;
+        if let Some(folder) = crate::lora::adapter_folder(base) {
+            return Err(Error::InvalidArgument(format!(
+                "base model {}: this is a LoRA adapter folder (it has adapter_config.json); give \
+                 the model it adapts as the base and the adapter among the models",
+                folder.display()
+            )));
+        }
         let base = Checkpoint::open(base).map_err(|e| context("base model", e))?;
         if base.is_empty() {
             return Err(Error::bad_file(
@@ -40,7 +113,13 @@ impl Family {
             .iter()
             .zip(&names)
             .map(|(spec, name)| {
-                Checkpoint::open(spec).map_err(|e| context(&format!("model '{name}'"), e))
+                let model = match crate::lora::adapter_folder(spec) {
+                    Some(folder) => {
+                        Adapter::open(spec, &folder, &base).map(|a| Model::Adapter(Box::new(a)))
+                    }
+                    None => Checkpoint::open(spec).map(Model::Checkpoint),
+                };
+                model.map_err(|e| context(&format!("model '{name}'"), e))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -48,6 +127,27 @@ impl Family {
             models,
             names,
         })
+    }
+
+    /// One line per adapter among the models (`shown`: their display
+    /// names): rank, alpha and how many base tensors it changes.
+    pub fn adapter_notes(&self, shown: &[String]) -> String {
+        let mut s = String::new();
+        for (m, name) in self.models.iter().zip(shown) {
+            if let Some(a) = m.adapter() {
+                let sum = a.summary();
+                s.push_str(&format!(
+                    "      model '{name}' is a LoRA adapter (rank {}, alpha {}{}): it changes {} \
+                     tensor(s), {} of them with full weights; the others keep the base's values\n",
+                    sum.rank,
+                    sum.alpha,
+                    if sum.use_rslora { ", rsLoRA" } else { "" },
+                    sum.changed_tensors,
+                    sum.full_tensors
+                ));
+            }
+        }
+        s
     }
 
     /// Every input location, labelled, for
@@ -58,8 +158,11 @@ impl Family {
             .map(|p| ("base model".to_string(), p))
             .collect();
         for (m, name) in self.models.iter().zip(&self.names) {
+            if let Model::Adapter(a) = m {
+                out.push((format!("model '{name}'"), a.folder.clone()));
+            }
             out.extend(
-                checkpoint_paths(m)
+                checkpoint_paths(m.checkpoint())
                     .into_iter()
                     .map(|p| (format!("model '{name}'"), p)),
             );
@@ -72,6 +175,9 @@ impl Family {
     pub fn check_overlap(&self) -> Result<()> {
         let total = self.base.len();
         for (model, name) in self.models.iter().zip(&self.names) {
+            let Model::Checkpoint(model) = model else {
+                continue;
+            };
             let shared = self
                 .base
                 .names()
@@ -104,13 +210,15 @@ impl Family {
         for name in self.base.names() {
             let base = self.base.get(name).expect("listed tensor");
             let stored: Vec<usize> = (0..self.models.len())
-                .filter(|&i| self.models[i].contains(name))
+                .filter(|&i| matches!(self.models[i].tensor(name), Some(ModelTensor::Stored(_))))
                 .collect();
             if let (Some(kind), Some(_)) = (low_precision_kind(base.dtype), stored.first()) {
                 return Err(refuse(name, base.dtype, kind, "the base".into()));
             }
             for i in stored {
-                let t = self.models[i].get(name).expect("stored");
+                let Some(ModelTensor::Stored(t)) = self.models[i].tensor(name) else {
+                    continue;
+                };
                 if let Some(kind) = low_precision_kind(t.dtype) {
                     return Err(refuse(
                         name,
@@ -165,7 +273,10 @@ pub fn is_input_embedding(name: &str) -> bool {
 /// Whether `ckpt` stores an output layer of its own: an `lm_head.weight`
 /// that its config does not declare tied to the input embedding (with
 /// `tie_word_embeddings: true`, Transformers loads the embedding there).
-pub fn stores_own_lm_head(ckpt: &Checkpoint) -> bool {
+pub fn stores_own_lm_head(model: &Model) -> bool {
+    let Model::Checkpoint(ckpt) = model else {
+        return false;
+    };
     let tied = ckpt
         .config()
         .and_then(|c| c.get("tie_word_embeddings").and_then(|v| v.as_bool()));

@@ -40,7 +40,8 @@ pub fn merge_segment(
         let mut acc = b.zeros_like()?;
         for a in addends {
             let m = upload(dev, a.ty, a.bytes)?;
-            acc = (acc + (m - &b)?.affine(a.lambda, 0.0)?)?;
+            let d = if a.is_delta { m } else { (m - &b)? };
+            acc = (acc + d.affine(a.lambda, 0.0)?)?;
         }
         (acc + b)?.to_vec1::<f64>()
     };
@@ -76,11 +77,13 @@ mod tests {
                 lambda: 0.3,
                 ty: FloatType::BF16,
                 bytes: &m1,
+                is_delta: false,
             },
             Addend {
                 lambda: 0.7,
                 ty: FloatType::F32,
                 bytes: &m2,
+                is_delta: false,
             },
         ];
         let mut fused = vec![0u8; n * 2];

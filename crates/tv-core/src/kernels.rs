@@ -15,12 +15,23 @@ use crate::stats::Moments;
 pub const BLOCK: usize = 2048;
 
 /// One fine-tune's contribution to a merge: its weight and its bytes of the
-/// same element range as the base.
+/// same element range as the base: the model's values, or (`is_delta`, for
+/// adapters) its task vector itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Addend<'a> {
     pub lambda: f64,
     pub ty: FloatType,
     pub bytes: &'a [u8],
+    pub is_delta: bool,
+}
+
+/// One model's elements of a range: its stored values (task vector
+/// m − base), or with `is_delta` the task vector itself (an adapter's).
+#[derive(Debug, Clone, Copy)]
+pub struct Operand<'a> {
+    pub ty: FloatType,
+    pub bytes: &'a [u8],
+    pub is_delta: bool,
 }
 
 simd_dispatch! {
@@ -61,8 +72,14 @@ fn merge_kernel(
         acc.fill(0.0);
         for a in addends {
             decode_f64(a.ty, &a.bytes[a.ty.byte_range(elems.start, elems.end)], m);
-            for ((acc, &m), &b) in acc.iter_mut().zip(m.iter()).zip(b.iter()) {
-                *acc += a.lambda * (m - b);
+            if a.is_delta {
+                for (acc, &d) in acc.iter_mut().zip(m.iter()) {
+                    *acc += a.lambda * d;
+                }
+            } else {
+                for ((acc, &m), &b) in acc.iter_mut().zip(m.iter()).zip(b.iter()) {
+                    *acc += a.lambda * (m - b);
+                }
             }
         }
         for (acc, &b) in acc.iter_mut().zip(b.iter()) {
@@ -143,13 +160,15 @@ simd_dispatch! {
     /// One pass over an element range of the base and of `k` models: for
     /// each model's delta d = m − base, its moments, Σ|d|, max|d|, zero and
     /// non-finite counts; Σ d_i d_j and the sign agreement
-    /// ([`PairSigns`]) of every pair; and Σ base².
-    pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc
+    /// ([`PairSigns`]) of every pair; and Σ base². An operand with
+    /// `is_delta` (an adapter's ΔW) is its own delta and enters every sum,
+    /// the sign agreement included, exactly as a stored model's m − base.
+    pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[Operand<'_>]) -> DeltaAcc
         => delta_stats_kernel
 }
 
 #[inline(always)]
-fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u8])]) -> DeltaAcc {
+fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[Operand<'_>]) -> DeltaAcc {
     let k = models.len();
     let n = base.len() / base_ty.size();
     let mut acc = DeltaAcc::new(k);
@@ -168,11 +187,17 @@ fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[(FloatType, &[u
             b,
         );
         acc.base_sum_sq += lanes::dot(b, b);
-        for (i, &(ty, bytes)) in models.iter().enumerate() {
+        for (i, op) in models.iter().enumerate() {
             let d = &mut ds[i * BLOCK..i * BLOCK + len];
-            decode_f64(ty, &bytes[ty.byte_range(elems.start, elems.end)], d);
-            for (d, &b) in d.iter_mut().zip(b.iter()) {
-                *d -= b;
+            decode_f64(
+                op.ty,
+                &op.bytes[op.ty.byte_range(elems.start, elems.end)],
+                d,
+            );
+            if !op.is_delta {
+                for (d, &b) in d.iter_mut().zip(b.iter()) {
+                    *d -= b;
+                }
             }
             let s = &mut acc.models[i];
             // Power sums around a value near the mean keep the moments exact

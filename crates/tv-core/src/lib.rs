@@ -1,7 +1,8 @@
 //! `tv-core`: streaming task-vector arithmetic over safetensors checkpoints.
 //!
 //! The library behind `ta-merge` and `ta-analyze`. It finds and mmaps
-//! checkpoints ([`locate`], [`checkpoint`], [`family`]), converts element
+//! checkpoints ([`locate`], [`checkpoint`], [`family`]), downloads models
+//! named by Hugging Face id into the local cache ([`hub`]), converts element
 //! types ([`dtype`]), runs fused kernels ([`kernels`], or candle on a GPU via
 //! [`gpu`]), derives merge weights ([`weights`]), merges ([`merge`]) and
 //! writes results atomically ([`writer`], [`staging`], [`sidecar`]). It
@@ -19,10 +20,12 @@ pub mod family;
 pub mod gpu;
 pub mod guard;
 pub mod html;
+pub mod hub;
 pub mod interrupt;
 pub mod kernels;
 pub mod lanes;
 pub mod locate;
+pub mod lora;
 pub mod magnitude;
 pub mod merge;
 pub mod methods;

@@ -245,6 +245,9 @@ pub struct RecordModel {
     pub lambda: Option<f64>,
     pub missing_tensors: Vec<String>,
     pub extra_tensors: Vec<String>,
+    /// For a LoRA adapter: its rank, alpha and targets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<crate::lora::AdapterSummary>,
 }
 
 /// The machine-readable record of a merge (`merge_record.json`).

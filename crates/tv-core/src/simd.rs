@@ -27,7 +27,7 @@ macro_rules! simd_dispatch {
                 $crate::simd::simd_variants! {
                     $params $call $ret, $kernel;
                     // Widest first.
-                    Avx512: "avx512f", "avx512vl", "avx2", "fma";
+                    Avx512: "avx512f", "avx512vl", "avx512dq", "avx512bw", "avx2", "fma";
                     Avx2: "avx2", "fma";
                 }
             }
@@ -77,7 +77,7 @@ pub(crate) trait Kernel {
 pub(crate) fn fastest<K: Kernel>(kernel: K) -> K::Output {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")]
         unsafe fn avx512<K: Kernel>(kernel: K) -> K::Output {
             kernel.run()
         }
@@ -88,6 +88,8 @@ pub(crate) fn fastest<K: Kernel>(kernel: K) -> K::Output {
         if allowed(Variant::Avx512)
             && std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
@@ -246,6 +248,7 @@ mod tests {
                     lambda,
                     ty: *ty,
                     bytes,
+                    is_delta: false,
                 })
                 .collect();
             // Whole, and split where the merge splits: at the segment size.
@@ -290,8 +293,14 @@ mod tests {
             );
         }
 
-        let refs: Vec<(FloatType, &[u8])> =
-            models.iter().map(|(t, b)| (*t, b.as_slice())).collect();
+        let refs: Vec<crate::kernels::Operand<'_>> = models
+            .iter()
+            .map(|(t, b)| crate::kernels::Operand {
+                ty: *t,
+                bytes: b.as_slice(),
+                is_delta: false,
+            })
+            .collect();
         same_everywhere("delta_stats", || {
             let acc = delta_stats(FloatType::BF16, &base, &refs);
             format!("{acc:?}")
@@ -333,6 +342,8 @@ mod tests {
                 Variant::Avx512 => {
                     std::arch::is_x86_feature_detected!("avx512f")
                         && std::arch::is_x86_feature_detected!("avx512vl")
+                        && std::arch::is_x86_feature_detected!("avx512dq")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
                         && std::arch::is_x86_feature_detected!("avx2")
                         && std::arch::is_x86_feature_detected!("fma")
                 }

@@ -12,13 +12,17 @@
 //! elements of every tensor: the blocks of [`SAMPLE_BLOCK`] elements whose
 //! index is a multiple of [`SAMPLE_EVERY`] (every tensor's first block, so
 //! small tensors whole). Sums add the blocks in a fixed order.
+//!
+//! An adapter's task vector is expanded for each sampled block on its own
+//! ([`TensorInputs::expand`]: the rows of s·B·A that cover it, in f64);
+//! a tensor an adapter leaves alone is a zero task vector, which adds
+//! nothing to any sum here, and is not among a tensor's inputs.
 
 use super::DENSITIES;
-use crate::checkpoint::TensorRef;
 use crate::dtype::decode_f64;
 use crate::error::{Error, Result};
-use crate::family::Family;
 use crate::interrupt;
+use crate::methods::inputs::{Expanded, TensorInputs};
 use crate::simd::simd_dispatch;
 use rayon::prelude::*;
 
@@ -35,9 +39,8 @@ const R: usize = DENSITIES.len();
 
 /// One tensor's inputs and each source model's trim thresholds.
 pub(crate) struct TensorCuts<'a> {
-    pub base: &'a TensorRef,
-    /// (model index, the model's tensor).
-    pub sources: Vec<(usize, &'a TensorRef)>,
+    /// The base's tensor and the models that store or adapt it.
+    pub inputs: TensorInputs<'a>,
     /// Per source, the threshold τ for each density.
     pub taus: Vec<[f64; R]>,
 }
@@ -70,18 +73,14 @@ impl Agreement {
 
 /// Runs the sampled election over `tensors` with model weights `weights`
 /// (indexed by model).
-pub(crate) fn ties_agreement(
-    family: &Family,
-    tensors: &[TensorCuts<'_>],
-    weights: &[f64],
-) -> Result<Agreement> {
+pub(crate) fn ties_agreement(tensors: &[TensorCuts<'_>], weights: &[f64]) -> Result<Agreement> {
     let mut total = Agreement::default();
     for t in tensors {
         if interrupt::requested() {
             return Err(Error::Interrupted);
         }
         crate::guard::check()?;
-        let numel = t.base.numel();
+        let numel = t.inputs.numel();
         let blocks = numel.div_ceil(SAMPLE_BLOCK);
         // Segments of SEGMENT_BLOCKS blocks, whose pages are released after use.
         let mut first = 0;
@@ -92,26 +91,20 @@ pub(crate) fn ties_agreement(
                 .par_chunks(BLOCKS_PER_TASK)
                 .map(|chunk| {
                     let mut acc = Agreement::default();
-                    let mut scratch = Scratch::new(t.sources.len());
+                    let mut scratch = Scratch::new(t.inputs.models.len());
                     for &b in chunk {
                         let start = b * SAMPLE_BLOCK;
                         let end = (start + SAMPLE_BLOCK).min(numel);
-                        block(family, t, weights, start, end, &mut scratch, &mut acc);
+                        block(t, weights, start, end, &mut scratch, &mut acc)?;
                     }
-                    acc
+                    Ok(acc)
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             for p in &parts {
                 total.add(p);
             }
-            let (e0, e1) = (first * SAMPLE_BLOCK, (last * SAMPLE_BLOCK).min(numel));
-            let bt = t.base.float_type().expect("float");
-            let r = bt.byte_range(e0, e1);
-            family.base.release(t.base, r.start, r.end);
-            for &(i, tref) in &t.sources {
-                let r = tref.float_type().expect("float").byte_range(e0, e1);
-                family.models[i].release(tref, r.start, r.end);
-            }
+            t.inputs
+                .release(first * SAMPLE_BLOCK, (last * SAMPLE_BLOCK).min(numel));
             first = last;
         }
     }
@@ -123,6 +116,7 @@ struct Scratch {
     base: Vec<f64>,
     deltas: Vec<f64>,
     sum: Vec<f64>,
+    expanded: Expanded,
 }
 
 impl Scratch {
@@ -131,45 +125,42 @@ impl Scratch {
             base: vec![0.0; SAMPLE_BLOCK],
             deltas: vec![0.0; k * SAMPLE_BLOCK],
             sum: vec![0.0; SAMPLE_BLOCK],
+            expanded: Expanded::default(),
         }
     }
 }
 
 /// Adds the election of elements `start..end` of tensor `t` to `acc`.
 fn block(
-    family: &Family,
     t: &TensorCuts<'_>,
     weights: &[f64],
     start: usize,
     end: usize,
     s: &mut Scratch,
     acc: &mut Agreement,
-) {
+) -> Result<()> {
     let len = end - start;
-    let bt = t.base.float_type().expect("float");
+    let inputs = &t.inputs;
     let base = &mut s.base[..len];
-    decode_f64(
-        bt,
-        &family.base.bytes(t.base)[bt.byte_range(start, end)],
-        base,
-    );
-    for (slot, &(i, tref)) in t.sources.iter().enumerate() {
-        let ty = tref.float_type().expect("float");
+    decode_f64(inputs.base.ty, inputs.base.range(start, end), base);
+    inputs.expand(start, end, &mut s.expanded)?;
+    for (slot, (_, m)) in inputs.models.iter().enumerate() {
+        let op = m
+            .operand(slot, start, end, &s.expanded)
+            .expect("untouched tensors are not inputs");
         let d = &mut s.deltas[slot * SAMPLE_BLOCK..slot * SAMPLE_BLOCK + len];
-        decode_f64(
-            ty,
-            &family.models[i].bytes(tref)[ty.byte_range(start, end)],
-            d,
-        );
-        for (d, &b) in d.iter_mut().zip(base.iter()) {
-            *d -= b;
+        decode_f64(op.ty, op.bytes, d);
+        if !op.is_delta {
+            for (d, &b) in d.iter_mut().zip(base.iter()) {
+                *d -= b;
+            }
         }
     }
     acc.sampled += len as u64;
-    let deltas = &s.deltas[..t.sources.len() * SAMPLE_BLOCK];
+    let deltas = &s.deltas[..inputs.models.len() * SAMPLE_BLOCK];
     for r in 0..R {
-        let cuts: Vec<(f64, f64)> = t
-            .sources
+        let cuts: Vec<(f64, f64)> = inputs
+            .models
             .iter()
             .enumerate()
             .map(|(slot, &(i, _))| (weights[i], t.taus[slot][r]))
@@ -178,6 +169,7 @@ fn block(
         acc.mass[r] += mass;
         acc.kept[r] += kept;
     }
+    Ok(())
 }
 
 simd_dispatch! {

@@ -9,17 +9,19 @@
 //! buffer gives its magnitude histogram ([`crate::magnitude`]). A
 //! [`Collector`] adds them up tensor by tensor; [`Collector::finish`] runs
 //! the sampled election pass ([`agreement`]) once the weights are known.
-//! Every tensor is counted once, as stored.
+//! Every tensor is counted once, as stored. An adapter's task vector (ΔW,
+//! expanded by the fused pass) counts exactly as a stored fine-tune's
+//! m − base; a tensor an adapter leaves alone counts as a zero task vector.
 
 pub mod agreement;
 pub mod suggest;
 
-use crate::checkpoint::TensorRef;
 use crate::error::Result;
 use crate::family::Family;
 use crate::kernels::DeltaAcc;
 use crate::lanes::PairSigns;
 use crate::magnitude::{kept_count, lower_edge, top_energy, Histogram, TensorMagnitudes};
+use crate::methods::inputs::TensorInputs;
 use crate::stats::group_of;
 use agreement::{ties_agreement, TensorCuts};
 pub use suggest::Suggestions;
@@ -120,17 +122,14 @@ impl<'a> Collector<'a> {
         }
     }
 
-    /// Adds one tensor's fused-pass sums; `sources` are the models that
-    /// store it, in the order of `acc`.
-    pub fn add_tensor(
-        &mut self,
-        name: &str,
-        base: &'a TensorRef,
-        sources: &[(usize, &'a TensorRef)],
-        acc: &DeltaAcc,
-    ) {
-        let (k, ks) = (self.k, sources.len());
-        let group = group_of(name);
+    /// Adds one tensor's fused-pass sums; `inputs` are the base and the
+    /// models that store or adapt it, in the order of `acc` (an adapter's
+    /// task vector entered the pass as a delta, exactly as a stored model's
+    /// m − base). A model that leaves the tensor alone adds nothing here:
+    /// see [`Collector::add_zero`].
+    pub fn add_tensor(&mut self, inputs: TensorInputs<'a>, acc: &DeltaAcc) {
+        let (k, ks) = (self.k, inputs.models.len());
+        let group = group_of(inputs.name);
         let g = match self.groups.iter().position(|(n, _)| *n == group) {
             Some(g) => g,
             None => {
@@ -138,19 +137,21 @@ impl<'a> Collector<'a> {
                 self.groups.len() - 1
             }
         };
-        for (a, &(i, _)) in sources.iter().enumerate() {
-            for (b, &(j, _)) in sources.iter().enumerate() {
+        for (a, &(i, _)) in inputs.models.iter().enumerate() {
+            for (b, &(j, _)) in inputs.models.iter().enumerate() {
                 self.groups[g].1[i * k + j] += acc.dots[a * ks + b];
                 self.signs[i * k + j].add(&acc.signs[a * ks + b]);
             }
             self.sum_sq[i] += acc.dots[a * ks + a];
             self.nonfinite[i] |= acc.models[a].nonfinite > 0;
         }
-        self.cuts.push(TensorCuts {
-            base,
-            sources: sources.to_vec(),
-            taus: vec![[0.0; 8]; ks],
-        });
+        // A tensor no model stores or adapts casts no vote: not read again.
+        if ks > 0 {
+            self.cuts.push(TensorCuts {
+                inputs,
+                taus: vec![[0.0; 8]; ks],
+            });
+        }
     }
 
     /// Adds the magnitude histogram of the last tensor's source `slot`
@@ -167,6 +168,16 @@ impl<'a> Collector<'a> {
             cut.taus[slot][r] = lower_edge(b);
         }
         self.hist[model].add(mags);
+    }
+
+    /// Adds a tensor of `numel` elements that model `model` (an adapter)
+    /// leaves alone: a zero task vector, as a stored model whose tensor
+    /// equals the base's. Its dot products and sign agreement are zero,
+    /// its histogram holds `numel` zeros, it keeps no energy, and it casts
+    /// no vote in the election (a zero delta adds nothing to it), so it is
+    /// not read again.
+    pub fn add_zero(&mut self, model: usize, numel: u64) {
+        self.hist[model].add(&TensorMagnitudes::zeros(numel));
     }
 
     /// The diagnostics, after the election pass over `family` with the
@@ -225,7 +236,7 @@ impl<'a> Collector<'a> {
             .map_err(|e| e.to_string());
         let (ties_agreement, ties_sampled) = match &ties_weights {
             Ok(w) => {
-                let a = ties_agreement(family, &self.cuts, w)?;
+                let a = ties_agreement(&self.cuts, w)?;
                 (a.fractions(), a.sampled)
             }
             Err(_) => ([None; 8], 0),

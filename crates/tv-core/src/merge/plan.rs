@@ -12,15 +12,15 @@
 use crate::checkpoint::TensorRef;
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
-use crate::family::{stores_own_lm_head, Family, LM_HEAD};
+use crate::family::{stores_own_lm_head, Family, ModelTensor, LM_HEAD};
 use crate::methods::{MethodKind, Recipe, TensorParams};
 use crate::writer::{Layout, OutTensor};
 
 /// What happens to one tensor of the base.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Merge with the listed models (index into the family, their tensor).
-    Merge(Vec<(usize, TensorRef)>),
+    /// Merge with the listed models (index into the family, what they hold).
+    Merge(Vec<(usize, ModelTensor)>),
     /// Copy (converting the float type if the output type differs).
     Copy,
 }
@@ -118,7 +118,7 @@ impl MergePlan {
                 &options,
                 name,
                 base,
-                &|i| family.models[i].get(name),
+                &|i| family.models[i].tensor(name),
                 &mut missing,
                 &mut mismatched,
             )?);
@@ -135,9 +135,9 @@ impl MergePlan {
                     &|i| {
                         let m = &family.models[i];
                         if stores_own_lm_head(m) {
-                            m.get(LM_HEAD)
+                            m.tensor(LM_HEAD)
                         } else {
-                            m.get(name)
+                            m.tensor(name)
                         }
                     },
                     &mut missing,
@@ -149,9 +149,8 @@ impl MergePlan {
             .models
             .iter()
             .map(|m| {
-                m.names()
-                    .iter()
-                    .filter(|n| !family.base.contains(n))
+                m.extra_names(&family.base)
+                    .into_iter()
                     .filter(|n| untie.is_none() || n.as_str() != LM_HEAD)
                     .cloned()
                     .collect()
@@ -281,13 +280,13 @@ fn untied_lm_head(family: &Family, untie: bool) -> Result<Option<&str>> {
 /// each model `i`, `source(i)`: merged from the models that store a float
 /// tensor of the base's shape, copied from the base otherwise.
 #[allow(clippy::too_many_arguments)]
-fn plan_tensor<'a>(
-    family: &'a Family,
+fn plan_tensor(
+    family: &Family,
     recipe: &Recipe,
     options: &MergeOptions,
     name: &str,
     base: &TensorRef,
-    source: &dyn Fn(usize) -> Option<&'a TensorRef>,
+    source: &dyn Fn(usize) -> Option<ModelTensor>,
     missing: &mut [Vec<String>],
     mismatched: &mut [Vec<String>],
 ) -> Result<PlannedTensor> {
@@ -302,9 +301,17 @@ fn plan_tensor<'a>(
     };
     let mut sources = Vec::new();
     for (i, model_name) in family.names.iter().enumerate() {
-        let Some(t) = source(i) else {
-            missing[i].push(name.to_string());
-            continue;
+        let t = match source(i) {
+            None => {
+                missing[i].push(name.to_string());
+                continue;
+            }
+            // Checked against the base when the adapter was opened.
+            Some(held @ (ModelTensor::Adapter(_) | ModelTensor::Untouched)) => {
+                sources.push((i, held));
+                continue;
+            }
+            Some(ModelTensor::Stored(t)) => t,
         };
         if t.shape != base.shape {
             if options.skip_mismatched {
@@ -329,13 +336,18 @@ fn plan_tensor<'a>(
                 t.dtype, base.dtype
             )));
         }
-        sources.push((i, t.clone()));
+        sources.push((i, ModelTensor::Stored(t)));
     }
     let out = options.out_type.unwrap_or(base_type);
     // Model Stock needs two task vectors to measure an angle; with
     // fewer the tensor keeps the base's values (as in mergekit).
     let too_few = recipe.settings.kind == MethodKind::ModelStock && sources.len() < 2;
-    let (action, params) = if sources.is_empty() || too_few {
+    // Adapters that do not touch a tensor leave it as the base's for every
+    // method, so a tensor only such adapters hold is copied.
+    let untouched = sources
+        .iter()
+        .all(|(_, held)| matches!(held, ModelTensor::Untouched));
+    let (action, params) = if sources.is_empty() || too_few || untouched {
         (Action::Copy, None)
     } else {
         let params = recipe.params.tensor_params(name)?;
@@ -393,7 +405,13 @@ fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
 
 pub(crate) fn read_bytes(t: &PlannedTensor) -> usize {
     let sources: usize = match &t.action {
-        Action::Merge(s) => s.iter().map(|(_, r)| r.nbytes()).sum(),
+        Action::Merge(s) => s
+            .iter()
+            .map(|(_, held)| match held {
+                ModelTensor::Stored(r) => r.nbytes(),
+                _ => 0,
+            })
+            .sum(),
         Action::Copy => 0,
     };
     t.base.nbytes() + sources

@@ -14,11 +14,13 @@ use crate::checkpoint::TensorRef;
 use crate::device::Device;
 use crate::dtype::{count_nonfinite, encode_f64, FloatType};
 use crate::error::{Error, Result};
-use crate::family::Family;
+use crate::family::{Family, ModelTensor};
 use crate::interrupt;
 use crate::kernels::{convert_range, merge_range, Addend};
 use crate::methods::gta::Gta;
-use crate::methods::inputs::{Block, Input, Scratch as DecodeScratch, TensorInputs, SEGMENT};
+use crate::methods::inputs::{
+    Block, Expanded, Input, ModelInput, Scratch as DecodeScratch, TensorInputs, SEGMENT,
+};
 use crate::methods::linear::Linear;
 use crate::methods::magmax::Magmax;
 use crate::methods::model_stock::ModelStock;
@@ -36,16 +38,19 @@ use std::sync::Arc;
 const TASK: usize = 1 << 16;
 
 /// Where a tensor's bytes go: the shard being written, the reused segment
-/// buffer, and the progress report.
+/// buffer, the reused buffers of adapters' task vectors, and the progress
+/// report.
 struct Out<'a> {
     writer: &'a mut ShardWriter,
     buffer: &'a mut Vec<u8>,
+    expanded: &'a mut Expanded,
     progress: &'a dyn Progress,
 }
 
-/// Fills the output bytes of elements `start..end`; returns how many of the
-/// values are not finite.
-type ComputeSegment<'a> = dyn Fn(usize, usize, &mut [u8]) -> Result<usize> + Sync + 'a;
+/// Fills the output bytes of elements `start..end` (the adapters' task
+/// vectors of which are expanded); returns how many of the values are not
+/// finite.
+type ComputeSegment<'a> = dyn Fn(usize, usize, &Expanded, &mut [u8]) -> Result<usize> + Sync + 'a;
 
 /// Writes one planned tensor.
 type WriteTensor<'a> = dyn FnMut(&PlannedTensor, &mut Out<'_>) -> Result<()> + 'a;
@@ -66,6 +71,7 @@ impl MergePlan {
             }),
             MethodKind::Linear => self.run(
                 family,
+                device,
                 dir,
                 progress,
                 &Linear {
@@ -74,20 +80,21 @@ impl MergePlan {
             ),
             MethodKind::ModelStock => self.run(
                 family,
+                device,
                 dir,
                 progress,
                 &ModelStock {
                     filter_wise: settings.filter_wise,
                 },
             ),
-            MethodKind::Slerp => self.run(family, dir, progress, &Slerp),
-            MethodKind::Magmax => self.run(family, dir, progress, &Magmax),
+            MethodKind::Slerp => self.run(family, device, dir, progress, &Slerp),
+            MethodKind::Magmax => self.run(family, device, dir, progress, &Magmax),
             _ => {
                 let cuts = match settings.density_scope {
-                    DensityScope::Model => Some(self.model_cuts(family)?),
+                    DensityScope::Model => Some(self.model_cuts(family, device)?),
                     DensityScope::Tensor => None,
                 };
-                self.run(family, dir, progress, &Gta::new(settings, cuts))
+                self.run(family, device, dir, progress, &Gta::new(settings, cuts))
             }
         }
     }
@@ -96,12 +103,13 @@ impl MergePlan {
     fn run<M: Method>(
         &self,
         family: &Family,
+        device: &Device,
         dir: &Path,
         progress: &dyn Progress,
         method: &M,
     ) -> Result<()> {
         self.write_all(family, progress, dir, &mut |t, out| {
-            self.write_with(family, method, t, out)
+            self.write_with(family, device, method, t, out)
         })
     }
 
@@ -115,6 +123,7 @@ impl MergePlan {
     ) -> Result<()> {
         progress.begin(self.input_bytes());
         let mut buffer = Vec::new();
+        let mut expanded = Expanded::default();
         for (k, shard) in self.layout.shards.iter().enumerate() {
             let mut writer = ShardWriter::create(dir, &self.layout, k)?;
             for planned in &self.tensors[shard.tensors.clone()] {
@@ -129,6 +138,7 @@ impl MergePlan {
                 let mut out = Out {
                     writer: &mut writer,
                     buffer: &mut buffer,
+                    expanded: &mut expanded,
                     progress,
                 };
                 write(planned, &mut out)?;
@@ -145,8 +155,13 @@ impl MergePlan {
     }
 
     /// The inputs of a merged (or copied) float tensor.
-    fn inputs<'a>(&self, family: &'a Family, planned: &'a PlannedTensor) -> TensorInputs<'a> {
-        let sources: &[(usize, TensorRef)] = match &planned.action {
+    fn inputs<'a>(
+        &self,
+        family: &'a Family,
+        planned: &'a PlannedTensor,
+        device: &Device,
+    ) -> TensorInputs<'a> {
+        let sources: &[(usize, ModelTensor)] = match &planned.action {
             Action::Merge(s) => s,
             Action::Copy => &[],
         };
@@ -162,8 +177,9 @@ impl MergePlan {
             base: input(&family.base, &planned.base),
             models: sources
                 .iter()
-                .map(|(i, t)| (*i, input(&family.models[*i], t)))
+                .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
                 .collect(),
+            device: device.candle(),
         }
     }
 
@@ -188,6 +204,7 @@ impl MergePlan {
         compute: &ComputeSegment<'_>,
     ) -> Result<()> {
         let (writer, buffer, progress) = (&mut *out.writer, &mut *out.buffer, out.progress);
+        let expanded = &mut *out.expanded;
         let out_type = planned.out_type.expect("float tensor");
         let numel = planned.base.numel();
         let segment = (SEGMENT / unit).max(1) * unit;
@@ -198,19 +215,24 @@ impl MergePlan {
                 return Err(Error::Interrupted);
             }
             let end = (start + segment).min(numel);
+            inputs.expand(start, end, expanded)?;
             buffer.resize((end - start) * out_type.size(), 0);
-            let nonfinite = compute(start, end, buffer)?;
+            let nonfinite = compute(start, end, expanded, buffer)?;
             crate::guard::check()?;
             if nonfinite > 0 && !self.options.allow_nonfinite {
-                return Err(nonfinite_error(family, inputs, planned, start, end));
+                return Err(nonfinite_error(
+                    family, inputs, expanded, planned, start, end,
+                ));
             }
             let full = std::mem::take(buffer);
             *buffer = writer.write_owned(full)?;
             inputs.release(start, end);
-            let read: usize = std::iter::once(&inputs.base)
-                .chain(inputs.models.iter().map(|(_, m)| m))
-                .map(|i| i.ty.byte_range(start, end).len())
-                .sum();
+            let read: usize = inputs.base.ty.byte_range(start, end).len()
+                + inputs
+                    .models
+                    .iter()
+                    .map(|(_, m)| m.read_len(start, end))
+                    .sum::<usize>();
             progress.advance(read as u64);
             start = end;
         }
@@ -225,7 +247,7 @@ impl MergePlan {
         planned: &PlannedTensor,
         out: &mut Out<'_>,
     ) -> Result<()> {
-        let inputs = self.inputs(family, planned);
+        let inputs = self.inputs(family, planned, device);
         let out_type = planned.out_type.expect("float tensor");
         let lambdas: Vec<f64> = match &planned.params {
             Some(p) => inputs
@@ -235,23 +257,29 @@ impl MergePlan {
                 .collect(),
             None => Vec::new(),
         };
-        let compute = |start: usize, end: usize, out: &mut [u8]| -> Result<usize> {
+        let compute = |start: usize, end: usize, expanded: &Expanded, out: &mut [u8]| {
             let base = inputs.base.range(start, end);
+            // An untouched tensor of an adapter adds λ·0: left out.
             let addends: Vec<Addend<'_>> = inputs
                 .models
                 .iter()
                 .zip(&lambdas)
-                .map(|((_, m), &lambda)| Addend {
-                    lambda,
-                    ty: m.ty,
-                    bytes: m.range(start, end),
+                .enumerate()
+                .filter_map(|(slot, ((_, m), &lambda))| {
+                    let op = m.operand(slot, start, end, expanded)?;
+                    Some(Addend {
+                        lambda,
+                        ty: op.ty,
+                        bytes: op.bytes,
+                        is_delta: op.is_delta,
+                    })
                 })
                 .collect();
             compute_segment(device, inputs.base.ty, base, &addends, out_type, out)
         };
         if inputs.models.is_empty() && inputs.base.ty == out_type {
             // A plain copy: the base's bytes, segment by segment.
-            return self.stream_tensor(family, &inputs, planned, 1, out, &|s, e, bytes| {
+            return self.stream_tensor(family, &inputs, planned, 1, out, &|s, e, _, bytes| {
                 bytes.copy_from_slice(inputs.base.range(s, e));
                 Ok(count_nonfinite(out_type, bytes))
             });
@@ -263,6 +291,7 @@ impl MergePlan {
     fn write_with<M: Method>(
         &self,
         family: &Family,
+        device: &Device,
         method: &M,
         planned: &PlannedTensor,
         out: &mut Out<'_>,
@@ -270,13 +299,13 @@ impl MergePlan {
         let Some(params) = &planned.params else {
             return self.write_fused(family, &Device::Cpu, planned, out);
         };
-        let inputs = self.inputs(family, planned);
+        let inputs = self.inputs(family, planned, device);
         let state = method.prepare(&inputs, params)?;
         let out_type = planned.out_type.expect("float tensor");
         let block = inputs.block_len(method.rows());
         let task = (TASK / block).max(1) * block;
         let os = out_type.size();
-        let compute = |start: usize, _end: usize, out: &mut [u8]| -> Result<usize> {
+        let compute = |start: usize, _end: usize, expanded: &Expanded, out: &mut [u8]| {
             Ok(out
                 .par_chunks_mut(task * os)
                 .enumerate()
@@ -285,6 +314,7 @@ impl MergePlan {
                         method,
                         state: &state,
                         inputs: &inputs,
+                        expanded,
                         params,
                         block,
                         out_type,
@@ -300,14 +330,17 @@ impl MergePlan {
     /// Whole-model cuts for `--density-scope model`: each model keeps its
     /// ⌊ρ N⌋ largest entries over all N entries of the tensors it merges
     /// into (ρ and γ must then be one number per model).
-    fn model_cuts(&self, family: &Family) -> Result<Vec<ModelCut>> {
+    fn model_cuts(&self, family: &Family, device: &Device) -> Result<Vec<ModelCut>> {
         let kind = self.recipe.settings.kind;
         let merged: Vec<&PlannedTensor> = self
             .tensors
             .iter()
             .filter(|t| matches!(t.action, Action::Merge(_)))
             .collect();
-        let inputs: Vec<TensorInputs<'_>> = merged.iter().map(|t| self.inputs(family, t)).collect();
+        let inputs: Vec<TensorInputs<'_>> = merged
+            .iter()
+            .map(|t| self.inputs(family, t, device))
+            .collect();
         let k = family.models.len();
         let mut entries = vec![0u64; k];
         let mut density: Vec<Option<f64>> = vec![None; k];
@@ -369,6 +402,7 @@ struct CombineTask<'a, M: Method> {
     method: &'a M,
     state: &'a M::State,
     inputs: &'a TensorInputs<'a>,
+    expanded: &'a Expanded,
     params: &'a TensorParams,
     block: usize,
     out_type: FloatType,
@@ -391,7 +425,7 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
         let mut s = self.first;
         while s < last {
             let e = (s + self.block).min(last);
-            let b = self.inputs.decode(s, e, &mut decoded);
+            let b = self.inputs.decode(s, e, self.expanded, &mut decoded);
             merged.resize(e - s, 0.0);
             self.method.combine(
                 self.state,
@@ -474,6 +508,7 @@ fn compute_segment(
 fn nonfinite_error(
     family: &Family,
     inputs: &TensorInputs<'_>,
+    expanded: &Expanded,
     planned: &PlannedTensor,
     start: usize,
     end: usize,
@@ -491,8 +526,16 @@ fn nonfinite_error(
         inputs
             .models
             .iter()
-            .find(|(_, m)| has_nonfinite(m))
-            .map(|(i, _)| format!("model '{}'", family.names[*i]))
+            .enumerate()
+            .find(|(slot, (_, m))| match m {
+                ModelInput::Stored(m) => has_nonfinite(m),
+                ModelInput::Adapter { .. } => expanded
+                    .delta(*slot, start, end)
+                    .iter()
+                    .any(|v| !v.is_finite()),
+                ModelInput::Untouched => false,
+            })
+            .map(|(_, (i, _))| format!("model '{}'", family.names[*i]))
     };
     let out_type = planned.out_type.expect("float tensor");
     // Whether the base's values alone, in the output type, overflow it.

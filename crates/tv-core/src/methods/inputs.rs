@@ -12,7 +12,11 @@
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::dtype::{decode_f64, FloatType};
 use crate::error::{Error, Result};
+use crate::family::ModelTensor;
 use crate::interrupt;
+use crate::kernels::Operand;
+use crate::lora::expand::{delta_range, BaseRange};
+use crate::lora::AdapterTensor;
 use rayon::prelude::*;
 
 /// Elements per segment of a pass: bounds the pages resident at once.
@@ -42,6 +46,84 @@ impl Input<'_> {
     }
 }
 
+/// What one model gives a tensor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ModelInput<'a> {
+    /// A stored tensor of the base's shape.
+    Stored(Input<'a>),
+    /// An adapter's factors and/or full weight, in its file.
+    Adapter {
+        file: &'a Checkpoint,
+        tensor: &'a AdapterTensor,
+    },
+    /// An adapter that leaves the tensor alone (a zero task vector).
+    Untouched,
+}
+
+impl<'a> ModelInput<'a> {
+    /// The input for what a model holds for a tensor (`file`: the model's
+    /// weight file, [`crate::family::Model::checkpoint`]).
+    pub fn new(file: &'a Checkpoint, held: &'a ModelTensor) -> Self {
+        match held {
+            ModelTensor::Stored(tensor) => Self::Stored(Input {
+                ckpt: file,
+                tensor,
+                ty: tensor.float_type().expect("a float tensor"),
+            }),
+            ModelTensor::Adapter(tensor) => Self::Adapter { file, tensor },
+            ModelTensor::Untouched => Self::Untouched,
+        }
+    }
+
+    /// Bytes of the model's files that elements `start..end` read.
+    pub fn read_len(&self, start: usize, end: usize) -> usize {
+        match self {
+            Self::Stored(s) => s.ty.byte_range(start, end).len(),
+            _ => 0,
+        }
+    }
+
+    /// Elements `start..end` as the fused kernels take them: the stored
+    /// values, or the adapter's task vector expanded into `expanded` (as
+    /// f64); `None` for an untouched tensor.
+    pub fn operand<'x>(
+        &'x self,
+        slot: usize,
+        start: usize,
+        end: usize,
+        expanded: &'x Expanded,
+    ) -> Option<Operand<'x>> {
+        match self {
+            Self::Stored(s) => Some(Operand {
+                ty: s.ty,
+                bytes: s.range(start, end),
+                is_delta: false,
+            }),
+            Self::Adapter { .. } => Some(Operand {
+                ty: FloatType::F64,
+                bytes: bytemuck::cast_slice(expanded.delta(slot, start, end)),
+                is_delta: true,
+            }),
+            Self::Untouched => None,
+        }
+    }
+}
+
+/// The adapters' task vectors over one segment of a tensor: one buffer per
+/// model slot (empty for stored models).
+#[derive(Debug, Default)]
+pub(crate) struct Expanded {
+    start: usize,
+    deltas: Vec<Vec<f64>>,
+}
+
+impl Expanded {
+    /// Slot `slot`'s task vector for elements `start..end` of the segment.
+    pub fn delta(&self, slot: usize, start: usize, end: usize) -> &[f64] {
+        &self.deltas[slot][start - self.start..end - self.start]
+    }
+}
+
 /// The base's tensor and the same tensor of each model that stores it.
 #[derive(Debug, Clone)]
 pub(crate) struct TensorInputs<'a> {
@@ -50,8 +132,10 @@ pub(crate) struct TensorInputs<'a> {
     /// Position of the tensor in the base's storage order.
     pub ordinal: usize,
     pub base: Input<'a>,
-    /// The models that store this tensor, with their index in the family.
-    pub models: Vec<(usize, Input<'a>)>,
+    /// The models that take part in this tensor, with their index in the family.
+    pub models: Vec<(usize, ModelInput<'a>)>,
+    /// Where adapters' products are computed.
+    pub device: candle_core::Device,
 }
 
 /// A decoded block: elements `first..first + len` of the base and of every
@@ -96,20 +180,69 @@ impl<'a> TensorInputs<'a> {
         self.shape.last().copied().unwrap_or(1).max(1)
     }
 
-    /// Decodes elements `start..end` into `scratch` and returns the block.
+    /// Whether any model is an adapter (whose segments need expanding).
+    pub fn has_adapters(&self) -> bool {
+        self.models
+            .iter()
+            .any(|(_, m)| matches!(m, ModelInput::Adapter { .. }))
+    }
+
+    /// Computes every adapter's task vector for elements `start..end` into
+    /// `into`, for the decoding of that segment.
+    pub fn expand(&self, start: usize, end: usize, into: &mut Expanded) -> Result<()> {
+        if !self.has_adapters() {
+            return Ok(());
+        }
+        into.start = start;
+        into.deltas.resize_with(self.models.len(), Vec::new);
+        for ((_, m), out) in self.models.iter().zip(&mut into.deltas) {
+            match m {
+                ModelInput::Adapter { file, tensor } => delta_range(
+                    file,
+                    tensor,
+                    self.shape,
+                    BaseRange {
+                        ty: self.base.ty,
+                        bytes: self.base.range(start, end),
+                    },
+                    &self.device,
+                    start..end,
+                    out,
+                )?,
+                _ => out.clear(),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes elements `start..end` (inside the segment `expanded` holds)
+    /// into `scratch` and returns the block. An adapter's values are
+    /// base + ΔW in f64; an untouched tensor's are the base's.
     #[inline(always)]
-    pub fn decode<'s>(&self, start: usize, end: usize, scratch: &'s mut Scratch) -> Block<'s> {
+    pub fn decode<'s>(
+        &self,
+        start: usize,
+        end: usize,
+        expanded: &Expanded,
+        scratch: &'s mut Scratch,
+    ) -> Block<'s> {
         let len = end - start;
         let k = self.models.len();
         scratch.base.resize(len, 0.0);
         scratch.models.resize(k * len, 0.0);
         decode_f64(self.base.ty, self.base.range(start, end), &mut scratch.base);
         for (i, (_, m)) in self.models.iter().enumerate() {
-            decode_f64(
-                m.ty,
-                m.range(start, end),
-                &mut scratch.models[i * len..(i + 1) * len],
-            );
+            let out = &mut scratch.models[i * len..(i + 1) * len];
+            match m {
+                ModelInput::Stored(s) => decode_f64(s.ty, s.range(start, end), out),
+                ModelInput::Adapter { .. } => {
+                    let d = expanded.delta(i, start, end);
+                    for ((o, &d), &b) in out.iter_mut().zip(d).zip(&scratch.base) {
+                        *o = b + d;
+                    }
+                }
+                ModelInput::Untouched => out.copy_from_slice(&scratch.base),
+            }
         }
         Block {
             first: start,
@@ -123,7 +256,9 @@ impl<'a> TensorInputs<'a> {
     pub fn release(&self, start: usize, end: usize) {
         self.base.release(start, end);
         for (_, m) in &self.models {
-            m.release(start, end);
+            if let ModelInput::Stored(m) = m {
+                m.release(start, end);
+            }
         }
     }
 
@@ -148,18 +283,22 @@ impl<'a> TensorInputs<'a> {
         let block = self.block_len(rows);
         let segment = (SEGMENT / block).max(1) * block;
         let parts = accs.len().max(1);
+        let mut expanded = Expanded::default();
         let mut start = 0;
         while start < n {
             if interrupt::requested() {
                 return Err(Error::Interrupted);
             }
             let end = (start + segment).min(n);
+            self.expand(start, end, &mut expanded)?;
+            let expanded = &expanded;
             let blocks = (end - start).div_ceil(block);
             let per_part = blocks.div_ceil(parts);
             accs.par_iter_mut().enumerate().for_each(|(p, acc)| {
                 let first = start + p * per_part * block;
                 crate::simd::fastest(ScanPart {
                     inputs: self,
+                    expanded,
                     visitor,
                     acc,
                     first,
@@ -187,6 +326,7 @@ pub(crate) trait Visit: Sync {
 /// One thread part of a [`TensorInputs::scan`].
 struct ScanPart<'a, 'b, V: Visit> {
     inputs: &'a TensorInputs<'b>,
+    expanded: &'a Expanded,
     visitor: &'a V,
     acc: &'a mut V::Acc,
     first: usize,
@@ -203,7 +343,7 @@ impl<V: Visit> crate::simd::Kernel for ScanPart<'_, '_, V> {
         let mut s = self.first;
         while s < self.last {
             let e = (s + self.block).min(self.last);
-            let b = self.inputs.decode(s, e, &mut scratch);
+            let b = self.inputs.decode(s, e, self.expanded, &mut scratch);
             self.visitor.visit(self.acc, &b);
             s = e;
         }

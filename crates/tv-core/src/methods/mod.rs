@@ -20,6 +20,7 @@ pub(crate) mod rng;
 pub(crate) mod select;
 pub(crate) mod slerp;
 pub(crate) mod sparsify;
+pub(crate) mod window;
 
 use crate::error::{Error, Result};
 pub(crate) use inputs::{Block, TensorInputs};

@@ -3,16 +3,17 @@
 //! TIES, magnitude pruning and Breadcrumbs keep each task vector's k
 //! largest entries by |d|, within one tensor or over a whole model. The k
 //! largest are found without sorting and without holding the task vector:
-//! radix selection on the bits of |d| as an f64 (for non-negative floats the
-//! bit pattern orders like the value). A first pass counts the top 16 bits
-//! of every key; each later pass counts the next bits of the keys in the one
-//! bucket that holds the k-th largest, until the bucket is either kept whole
-//! or holds a single value. Equal magnitudes at the threshold are kept in
-//! storage order (the lower flat index first; over a model, the earlier
-//! tensor first): a last pass counts them per block so the merge can tell,
-//! block by block, which of them fall within k.
+//! selection on the bits of |d| as an f64 (for non-negative floats the bit
+//! pattern orders like the value). A sample of the blocks places a narrow
+//! window of keys around the threshold; one pass counts the keys above it
+//! and gathers the few inside it (see [`super::window`]); further passes narrow
+//! the bucket holding the k-th largest only when the sample misled. Equal
+//! magnitudes at the threshold are kept in storage order (the lower flat
+//! index first; over a model, the earlier tensor first): their counts per
+//! block tell the merge, block by block, which of them fall within k.
 
 use super::inputs::{per_thread, Block, TensorInputs, Visit, BLOCK};
+use super::window::{self, Tuning, Window, WindowAcc, WindowPass};
 use crate::error::{Error, Result};
 
 /// The key of a task-vector entry: the bits of |d| (NaN sorts highest).
@@ -56,6 +57,22 @@ impl Cut {
             need: 0,
             ties: Vec::new(),
         }
+    }
+
+    /// Keeps every key from `key` up.
+    pub fn at_least(key: u64) -> Self {
+        Self {
+            key,
+            need: u64::MAX,
+            ties: Vec::new(),
+        }
+    }
+
+    /// Keeps the keys above `key` and the first `need` equal to it, given
+    /// the equal keys before each block that holds some (see
+    /// [`running_counts`]).
+    pub fn with_ties(key: u64, need: u64, ties: Vec<(usize, usize, u64)>) -> Self {
+        Self { key, need, ties }
     }
 
     /// Equal keys before block `block` of tensor `ordinal`, and how many
@@ -158,19 +175,19 @@ impl Cut {
     }
 }
 
-/// Radix levels: (shift, bits) of the key, most significant first. Keys of
-/// non-negative floats have a zero top bit.
-/// The first level is wide (every entry is counted once, into one table
-/// per model); later ones are narrow, so their tables stay in the L2 cache.
-const LEVELS: [(u32, u32); 5] = [(47, 16), (35, 12), (23, 12), (11, 12), (0, 11)];
+/// Buckets of a histogram over a [`Range`] of keys.
+const BUCKETS: usize = 2048;
 
 /// Where one target's search stands.
 #[derive(Debug, Clone)]
-enum Search {
-    /// Entries whose key >> shift equals `prefix` hold the threshold; the
-    /// top `need` of them are kept.
+pub(crate) enum Search {
+    /// Not started: the window pass decides.
+    Open,
+    /// The threshold is a key in `from..=to`; the top `need` keys of that
+    /// range are kept.
     Narrowing {
-        prefix: u64,
+        from: u64,
+        to: u64,
         need: u64,
     },
     Done(Cut),
@@ -185,8 +202,21 @@ enum Search {
 
 /// Finds the cut of every target over `tensors` (one tensor for a
 /// per-tensor density, every tensor of the model for a whole-model one).
-/// Costs two to six reads of the tensors (usually three).
+///
+/// A sample and one pass place each threshold exactly in the usual case
+/// (see [`super::window`]); otherwise narrowing passes histogram the range
+/// that holds it until a bucket holds one value or is kept whole, and a
+/// last pass counts the keys equal to the threshold block by block.
 pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result<Vec<Cut>> {
+    select_tuned(tensors, targets, Tuning::default())
+}
+
+/// [`select`] with its knobs given.
+pub(crate) fn select_tuned(
+    tensors: &[TensorInputs<'_>],
+    targets: &[Target],
+    tuning: Tuning,
+) -> Result<Vec<Cut>> {
     let models: Vec<usize> = {
         let mut m: Vec<usize> = targets.iter().map(|t| t.model).collect();
         m.sort_unstable();
@@ -194,83 +224,116 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
         m
     };
     let slot = |model: usize| models.binary_search(&model).expect("target model");
-
-    // Level 1: the top 16 bits of every key, per model.
-    let (shift, bits) = LEVELS[0];
-    let width = 1usize << bits;
-    let mut hists = per_thread(|| vec![0u64; models.len() * width]);
+    let mut totals = vec![0u64; models.len()];
     for t in tensors {
-        let sources = sources_of(t, &models);
-        t.scan(
-            false,
-            &mut hists,
-            &TopBits {
-                sources,
-                shift,
-                width,
-            },
-        )?;
+        for (_, s) in sources_of(t, &models) {
+            totals[s] += t.numel() as u64;
+        }
     }
-    let hist = sum_rows(hists);
     let mut searches: Vec<Search> = targets
         .iter()
         .map(|t| {
-            let h = &hist[slot(t.model) * width..(slot(t.model) + 1) * width];
-            let total: u64 = h.iter().sum();
             if t.rank == 0 {
                 Search::Done(Cut::none())
-            } else if t.rank >= total {
+            } else if t.rank >= totals[slot(t.model)] {
                 Search::Done(Cut::all())
             } else {
-                narrow(h, 0, t.rank, shift, None)
+                Search::Open
             }
         })
         .collect();
 
-    // Later levels: the next bits of the keys in each target's bucket.
-    for (level, &(shift, bits)) in LEVELS.iter().enumerate().skip(1) {
-        let open: Vec<(usize, u64)> = searches
+    // The window pass.
+    let open: Vec<usize> = (0..targets.len())
+        .filter(|&k| matches!(searches[k], Search::Open))
+        .collect();
+    if !open.is_empty() {
+        let (mut samples, complete) = window::sample(tensors, &models, &tuning)?;
+        let windows: Vec<Window> = open
+            .iter()
+            .map(|&k| {
+                let (s, rank) = (slot(targets[k].model), targets[k].rank);
+                Window::place(&mut samples[s], totals[s], rank, complete, tuning.skew)
+            })
+            .collect();
+        let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
+        // Each thread part may gather its share of the candidates.
+        let part_candidates = tuning.candidates.div_ceil(accs.len());
+        for t in tensors {
+            // The open targets of each of the tensor's models.
+            let mut sources: Vec<(usize, Vec<usize>)> = Vec::new();
+            for (o, &k) in open.iter().enumerate() {
+                let Some(i) = source_of(t, targets[k].model) else {
+                    continue;
+                };
+                match sources.iter_mut().find(|(j, _)| *j == i) {
+                    Some((_, of_model)) => of_model.push(o),
+                    None => sources.push((i, vec![o])),
+                }
+            }
+            t.scan(
+                false,
+                &mut accs,
+                &WindowPass {
+                    sources,
+                    windows: &windows,
+                    ordinal: t.ordinal,
+                    part_candidates,
+                },
+            )?;
+        }
+        let acc = accs
+            .into_iter()
+            .reduce(|a, b| {
+                let parts = a.into_iter().zip(b);
+                parts.map(|(a, b)| a.merge(b, &tuning)).collect()
+            })
+            .expect("one part");
+        for ((&k, w), a) in open.iter().zip(&windows).zip(acc) {
+            searches[k] = w.resolve(a, targets[k].rank);
+        }
+    }
+
+    // Narrowing passes: the buckets of the range that holds the threshold.
+    loop {
+        let open: Vec<(usize, Range)> = searches
             .iter()
             .enumerate()
-            .filter_map(|(k, s)| match s {
-                Search::Narrowing { prefix, .. } => Some((k, *prefix)),
+            .filter_map(|(k, s)| match *s {
+                Search::Narrowing { from, to, .. } => Some((k, Range::new(from, to))),
                 _ => None,
             })
             .collect();
         if open.is_empty() {
             break;
         }
-        let width = 1usize << bits;
-        let above = LEVELS[level - 1].0;
-        let mut accs = per_thread(|| LevelAcc::new(open.len(), width));
+        let mut accs = per_thread(|| open.iter().map(|(_, r)| r.buckets()).collect::<Vec<_>>());
         for t in tensors {
-            let sources: Vec<(usize, usize, u64)> = open
+            let sources: Vec<(usize, usize)> = open
                 .iter()
                 .enumerate()
-                .filter_map(|(o, &(k, prefix))| {
-                    source_of(t, targets[k].model).map(|i| (i, o, prefix))
-                })
+                .filter_map(|(o, &(k, _))| source_of(t, targets[k].model).map(|i| (i, o)))
                 .collect();
-            t.scan(
-                false,
-                &mut accs,
-                &NextBits {
-                    sources,
-                    above,
-                    shift,
-                    width,
-                },
-            )?;
+            let ranges: Vec<Range> = open.iter().map(|&(_, r)| r).collect();
+            t.scan(false, &mut accs, &NarrowPass { sources, ranges })?;
         }
-        let acc = accs.into_iter().reduce(LevelAcc::merge).expect("one part");
-        for (o, &(k, prefix)) in open.iter().enumerate() {
+        let acc = accs
+            .into_iter()
+            .reduce(|mut a, b| {
+                for (a, b) in a.iter_mut().zip(&b) {
+                    Bucket::add_all(a, b);
+                }
+                a
+            })
+            .expect("one part");
+        for ((k, range), buckets) in open.into_iter().zip(acc) {
             let Search::Narrowing { need, .. } = searches[k] else {
                 unreachable!()
             };
-            let buckets = &acc.buckets[o * width..(o + 1) * width];
-            let counts: Vec<u64> = buckets.iter().map(|b| b.count).collect();
-            let extremes: Vec<(u64, u64)> = buckets.iter().map(|b| (b.min, b.max)).collect();
-            searches[k] = narrow(&counts, prefix << bits, need, shift, Some(&extremes));
+            searches[k] = match range.walk(&buckets, need) {
+                Ok(found) => found,
+                Err(_) => Search::Changed,
+            };
         }
     }
 
@@ -311,18 +374,8 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
         let Search::Ties { key, need } = searches[*k] else {
             unreachable!()
         };
-        let mut blocks = std::mem::take(&mut counts[o]);
-        blocks.sort_unstable();
-        let mut before = 0;
-        let ties = blocks
-            .into_iter()
-            .map(|(ordinal, block, n)| {
-                let entry = (ordinal, block, before);
-                before += n;
-                entry
-            })
-            .collect();
-        searches[*k] = Search::Done(Cut { key, need, ties });
+        let ties = running_counts(std::mem::take(&mut counts[o]));
+        searches[*k] = Search::Done(Cut::with_ties(key, need, ties));
     }
     searches
         .into_iter()
@@ -336,49 +389,135 @@ pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result
         .collect()
 }
 
-/// Level 1: counts the top bits of every key, per model slot.
-struct TopBits {
-    /// (position among the tensor's models, slot).
-    sources: Vec<(usize, usize)>,
-    shift: u32,
-    width: usize,
+/// Sorts per-block counts of equal keys (tensor ordinal, block, count) into
+/// storage order, adds up the entries of one block, and replaces each count
+/// by the number of equal keys in earlier blocks.
+pub(crate) fn running_counts(mut blocks: Vec<(usize, usize, u64)>) -> Vec<(usize, usize, u64)> {
+    blocks.sort_unstable();
+    blocks.dedup_by(|later, first| {
+        let same = (later.0, later.1) == (first.0, first.1);
+        if same {
+            first.2 += later.2;
+        }
+        same
+    });
+    let mut before = 0;
+    blocks
+        .into_iter()
+        .map(|(ordinal, block, n)| {
+            let entry = (ordinal, block, before);
+            before += n;
+            entry
+        })
+        .collect()
 }
 
-impl Visit for TopBits {
-    type Acc = Vec<u64>;
+/// A closed range of keys split into [`BUCKETS`] equal buckets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Range {
+    from: u64,
+    to: u64,
+    shift: u32,
+}
 
-    #[inline(always)]
-    fn visit(&self, h: &mut Vec<u64>, block: &Block<'_>) {
-        for &(i, s) in &self.sources {
-            let h = &mut h[s * self.width..(s + 1) * self.width];
-            for (&m, &b) in block.model(i).iter().zip(block.base) {
-                h[(key(m - b) >> self.shift) as usize & (self.width - 1)] += 1;
-            }
+impl Range {
+    pub fn new(from: u64, to: u64) -> Self {
+        let span = to - from;
+        let mut shift = 0;
+        while (span >> shift) >= BUCKETS as u64 {
+            shift += 1;
         }
+        Self { from, to, shift }
+    }
+
+    /// Empty buckets for a histogram of the range.
+    pub fn buckets(&self) -> Vec<Bucket> {
+        vec![Bucket::EMPTY; BUCKETS]
+    }
+
+    /// The bucket of `key`, which the range holds.
+    #[inline(always)]
+    pub fn bucket(&self, key: u64) -> usize {
+        ((key - self.from) >> self.shift) as usize
+    }
+
+    /// Whether the range holds `key` (one unsigned comparison).
+    #[inline(always)]
+    fn holds(&self, key: u64) -> bool {
+        key.wrapping_sub(self.from) <= self.to - self.from
+    }
+
+    /// Walks `buckets` from the largest keys down: the search for the
+    /// `need`-th largest key of the range, or (as the error) how many keys
+    /// the range holds when it holds fewer than `need`.
+    pub fn walk(&self, buckets: &[Bucket], need: u64) -> std::result::Result<Search, u64> {
+        let mut above = 0;
+        for b in buckets.iter().rev() {
+            if above + b.count < need {
+                above += b.count;
+                continue;
+            }
+            let need = need - above;
+            return Ok(if need == b.count {
+                Search::Done(Cut::at_least(b.min))
+            } else if b.min == b.max {
+                Search::Ties { key: b.min, need }
+            } else {
+                Search::Narrowing {
+                    from: b.min,
+                    to: b.max,
+                    need,
+                }
+            });
+        }
+        Err(above)
     }
 }
 
-/// Later levels: counts the next bits of the keys under each open prefix.
-struct NextBits {
-    /// (position among the tensor's models, open target, prefix).
-    sources: Vec<(usize, usize, u64)>,
-    above: u32,
-    shift: u32,
-    width: usize,
+/// Calls `f(j)` for each `j < len` for which `holds(j)`, testing 64 at a
+/// time without branches so that the test vectorises and `f` runs only
+/// for the (few) entries it holds.
+#[inline(always)]
+fn for_each_marked(len: usize, holds: impl Fn(usize) -> bool, mut f: impl FnMut(usize)) {
+    let mut start = 0;
+    while start < len {
+        let end = (start + 64).min(len);
+        let mut bits = 0u64;
+        for j in start..end {
+            bits |= u64::from(holds(j)) << (j - start);
+        }
+        while bits != 0 {
+            f(start + bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+        start = end;
+    }
 }
 
-impl Visit for NextBits {
-    type Acc = LevelAcc;
+/// A narrowing pass: histograms the keys of each open target's range.
+struct NarrowPass {
+    /// (position among the tensor's models, open target).
+    sources: Vec<(usize, usize)>,
+    ranges: Vec<Range>,
+}
+
+impl Visit for NarrowPass {
+    type Acc = Vec<Vec<Bucket>>;
 
     #[inline(always)]
-    fn visit(&self, acc: &mut LevelAcc, block: &Block<'_>) {
-        for &(i, o, prefix) in &self.sources {
-            for (&m, &b) in block.model(i).iter().zip(block.base) {
-                let key = key(m - b);
-                if key >> self.above == prefix {
-                    acc.add(o, ((key >> self.shift) as usize) & (self.width - 1), key);
-                }
-            }
+    fn visit(&self, accs: &mut Self::Acc, block: &Block<'_>) {
+        for &(i, o) in &self.sources {
+            let range = &self.ranges[o];
+            let buckets = &mut accs[o];
+            let (m, b) = (block.model(i), block.base);
+            for_each_marked(
+                m.len(),
+                |j| range.holds(key(m[j] - b[j])),
+                |j| {
+                    let k = key(m[j] - b[j]);
+                    buckets[range.bucket(k)].add(k);
+                },
+            );
         }
     }
 }
@@ -409,106 +548,41 @@ impl Visit for Equal {
     }
 }
 
-/// Picks the bucket of `counts` (keys `prefix | bucket` at `shift`) that
-/// holds the `need`-th largest entry.
-fn narrow(
-    counts: &[u64],
-    prefix: u64,
-    need: u64,
-    shift: u32,
-    extremes: Option<&[(u64, u64)]>,
-) -> Search {
-    let mut above = 0;
-    for bucket in (0..counts.len()).rev() {
-        let c = counts[bucket];
-        if above + c < need {
-            above += c;
-            continue;
-        }
-        let need = need - above;
-        let prefix = prefix | bucket as u64;
-        if need == c {
-            return Search::Done(Cut {
-                key: prefix << shift,
-                need: u64::MAX,
-                ties: Vec::new(),
-            });
-        }
-        if shift == 0 {
-            return Search::Ties { key: prefix, need };
-        }
-        if let Some(extremes) = extremes {
-            let (min, max) = extremes[bucket];
-            if min == max {
-                return Search::Ties { key: min, need };
-            }
-        }
-        return Search::Narrowing { prefix, need };
-    }
-    // The counts no longer hold the rank: an input changed between passes.
-    Search::Changed
-}
-
 /// Count, smallest and largest key of one bucket, side by side so an
 /// update touches one cache line.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub(crate) struct Bucket {
     count: u64,
     min: u64,
     max: u64,
 }
 
-/// The buckets of one level, per open target.
-struct LevelAcc {
-    width: usize,
-    buckets: Vec<Bucket>,
-}
-
-impl LevelAcc {
-    fn new(targets: usize, width: usize) -> Self {
-        let empty = Bucket {
-            count: 0,
-            min: u64::MAX,
-            max: 0,
-        };
-        Self {
-            width,
-            buckets: vec![empty; targets * width],
-        }
-    }
+impl Bucket {
+    const EMPTY: Self = Self {
+        count: 0,
+        min: u64::MAX,
+        max: 0,
+    };
 
     #[inline(always)]
-    fn add(&mut self, target: usize, bucket: usize, key: u64) {
-        let b = &mut self.buckets[target * self.width + bucket];
-        b.count += 1;
-        b.min = b.min.min(key);
-        b.max = b.max.max(key);
+    pub fn add(&mut self, key: u64) {
+        self.count += 1;
+        self.min = self.min.min(key);
+        self.max = self.max.max(key);
     }
 
-    fn merge(mut self, other: Self) -> Self {
-        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+    /// Adds another thread part's buckets to `into`.
+    pub fn add_all(into: &mut [Bucket], other: &[Bucket]) {
+        for (a, b) in into.iter_mut().zip(other) {
             a.count += b.count;
             a.min = a.min.min(b.min);
             a.max = a.max.max(b.max);
         }
-        self
     }
 }
 
-/// Adds per-thread rows element by element.
-fn sum_rows(rows: Vec<Vec<u64>>) -> Vec<u64> {
-    rows.into_iter()
-        .reduce(|mut a, b| {
-            for (a, b) in a.iter_mut().zip(&b) {
-                *a += b;
-            }
-            a
-        })
-        .unwrap_or_default()
-}
-
 /// (position among the tensor's models, slot in `models`) of each model.
-fn sources_of(t: &TensorInputs<'_>, models: &[usize]) -> Vec<(usize, usize)> {
+pub(crate) fn sources_of(t: &TensorInputs<'_>, models: &[usize]) -> Vec<(usize, usize)> {
     t.models
         .iter()
         .enumerate()
@@ -519,4 +593,269 @@ fn sources_of(t: &TensorInputs<'_>, models: &[usize]) -> Vec<(usize, usize)> {
 /// Position of family model `model` among the tensor's models.
 fn source_of(t: &TensorInputs<'_>, model: usize) -> Option<usize> {
     t.models.iter().position(|(m, _)| *m == model)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every path of the selection against a plain sort: the sample placing
+    //! the window well, too few candidate slots (histograms and narrowing
+    //! passes), and a sample that misleads high or low.
+
+    use super::*;
+    use crate::checkpoint::Checkpoint;
+    use crate::methods::inputs::{Input, ModelInput};
+    use safetensors::tensor::TensorView;
+
+    /// Deterministic pseudo-random numbers in [0, 1).
+    fn uniform(seed: u64, n: usize) -> Vec<f64> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 11) as f64 / (1u64 << 53) as f64
+            })
+            .collect()
+    }
+
+    /// Writes one f32 checkpoint with `tensors` (name, values) in order.
+    fn write(path: &std::path::Path, tensors: &[(&str, Vec<f32>)]) {
+        let bytes: Vec<Vec<u8>> = tensors
+            .iter()
+            .map(|(_, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+            .collect();
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .zip(&bytes)
+            .map(|((name, v), b)| {
+                let view = TensorView::new(safetensors::Dtype::F32, vec![v.len()], b).unwrap();
+                (name.to_string(), view)
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
+    /// Two tensors (a large one, sampled sparsely, and a small one) of a
+    /// base and three fine-tunes: continuous deltas, deltas on a coarse
+    /// grid (many equal magnitudes), and no change at all.
+    fn family(dir: &std::path::Path) -> (Checkpoint, Vec<Checkpoint>) {
+        let sizes = [("big", 200_000usize), ("small", 3_000)];
+        let base: Vec<(&str, Vec<f32>)> = sizes
+            .iter()
+            .enumerate()
+            .map(|(t, &(name, n))| {
+                let v = uniform(t as u64 + 1, n)
+                    .iter()
+                    .map(|u| (u - 0.5) as f32)
+                    .collect();
+                (name, v)
+            })
+            .collect();
+        let tune = |model: u64| -> Vec<(&str, Vec<f32>)> {
+            base.iter()
+                .enumerate()
+                .map(|(t, (name, b))| {
+                    let u = uniform(100 * model + t as u64, b.len());
+                    let v = b
+                        .iter()
+                        .zip(&u)
+                        .map(|(&b, &u)| match model {
+                            0 => b + ((u - 0.5) * (u - 0.5) * 0.01) as f32,
+                            1 => b + ((u * 9.0).floor() - 4.0) as f32 * 0.25,
+                            _ => b,
+                        })
+                        .collect();
+                    (*name, v)
+                })
+                .collect()
+        };
+        write(&dir.join("base.safetensors"), &base);
+        let models = (0..3)
+            .map(|m| {
+                let path = dir.join(format!("m{m}.safetensors"));
+                write(&path, &tune(m));
+                Checkpoint::open(path.to_str().unwrap()).unwrap()
+            })
+            .collect();
+        let base = Checkpoint::open(dir.join("base.safetensors").to_str().unwrap()).unwrap();
+        (base, models)
+    }
+
+    fn inputs<'a>(base: &'a Checkpoint, models: &'a [Checkpoint]) -> Vec<TensorInputs<'a>> {
+        let input = |ckpt: &'a Checkpoint, name: &str| {
+            let tensor = ckpt.get(name).unwrap();
+            Input {
+                ckpt,
+                tensor,
+                ty: tensor.float_type().unwrap(),
+            }
+        };
+        base.names()
+            .iter()
+            .enumerate()
+            .map(|(ordinal, name)| TensorInputs {
+                name,
+                shape: &base.get(name).unwrap().shape,
+                ordinal,
+                base: input(base, name),
+                models: models
+                    .iter()
+                    .enumerate()
+                    .map(|(m, ckpt)| (m, ModelInput::Stored(input(ckpt, name))))
+                    .collect(),
+                device: candle_core::Device::Cpu,
+            })
+            .collect()
+    }
+
+    /// The deltas of `model` over `tensors` (`None` for a tensor it does
+    /// not store), in f64.
+    fn deltas(tensors: &[TensorInputs<'_>], model: usize) -> Vec<Option<Vec<f64>>> {
+        let decode = |input: &Input<'_>, n| {
+            let mut v = vec![0.0; n];
+            crate::dtype::decode_f64(input.ty, input.range(0, n), &mut v);
+            v
+        };
+        tensors
+            .iter()
+            .map(|t| {
+                let (_, m) = t.models.iter().find(|(m, _)| *m == model)?;
+                let ModelInput::Stored(m) = m else {
+                    unreachable!("stored models only")
+                };
+                let (b, m) = (decode(&t.base, t.numel()), decode(m, t.numel()));
+                Some(m.iter().zip(&b).map(|(m, b)| m - b).collect())
+            })
+            .collect()
+    }
+
+    /// Checks, bit for bit against a full sort by |d| (equal magnitudes in
+    /// storage order), the cuts of `models` for several ranks over
+    /// `tensors`, with each tuning.
+    fn check(tensors: &[TensorInputs<'_>], models: &[usize], tunings: &[(Tuning, &str)]) {
+        for &model in models {
+            let d = deltas(tensors, model);
+            let mut order: Vec<(u64, usize, usize)> = d
+                .iter()
+                .enumerate()
+                .filter_map(|(t, d)| d.as_ref().map(|d| (t, d)))
+                .flat_map(|(t, d)| d.iter().enumerate().map(move |(i, &x)| (key(x), t, i)))
+                .collect();
+            order.sort_by(|a, b| b.0.cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
+            let n = order.len() as u64;
+            let mut ranks = vec![1, 2, 7, n / 50, n / 5, n / 3, n / 2, n - 1];
+            ranks.retain(|&r| r > 0 && r < n);
+            let targets: Vec<Target> = ranks.iter().map(|&rank| Target { model, rank }).collect();
+            for &(tuning, what) in tunings {
+                let cuts = select_tuned(tensors, &targets, tuning).unwrap();
+                for (target, cut) in targets.iter().zip(&cuts) {
+                    let mut want: Vec<Option<Vec<u64>>> = d
+                        .iter()
+                        .map(|d| d.as_ref().map(|d| vec![0u64; d.len()]))
+                        .collect();
+                    for &(_, t, i) in order.iter().take(target.rank as usize) {
+                        want[t].as_mut().unwrap()[i] = d[t].as_ref().unwrap()[i].to_bits();
+                    }
+                    for (t, (tensor, dt)) in tensors.iter().zip(&d).enumerate() {
+                        let Some(dt) = dt else { continue };
+                        let mut out = dt.clone();
+                        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+                            cut.apply(tensor.ordinal, b * BLOCK, block);
+                        }
+                        let got: Vec<u64> = out.iter().map(|x| x.to_bits()).collect();
+                        assert!(
+                            got == *want[t].as_ref().unwrap(),
+                            "{what}: model {model} rank {} of {n}, tensor {t}",
+                            target.rank
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tunings that reach every path: the big tensor is sampled one block
+    /// in 24, the small one completely, both together one in 25.
+    fn tunings() -> Vec<(Tuning, &'static str)> {
+        let tuned = |candidates, skew| Tuning {
+            candidates,
+            skew,
+            min_sampled_blocks: 4,
+        };
+        vec![
+            (tuned(1 << 20, 0), "window from the sample"),
+            (tuned(16, 0), "histograms of the window"),
+            (tuned(16, 300), "sample misleading low, histograms"),
+            (tuned(1 << 20, -300), "sample misleading high"),
+            (tuned(16, -300), "sample misleading high, histograms"),
+            (tuned(1 << 20, 3), "sample slightly off"),
+            (tuned(1 << 20, -3), "sample slightly off the other way"),
+        ]
+    }
+
+    #[test]
+    fn every_path_of_the_selection_keeps_exactly_the_largest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let all = inputs(&base, &models);
+        for t in &all {
+            check(std::slice::from_ref(t), &[0, 1, 2], &tunings());
+        }
+        check(&all, &[0, 1, 2], &tunings());
+    }
+
+    /// Model 0 lacks "small", model 1 lacks "big" (so its sample, one block
+    /// in 25 of both, may hold none of its keys).
+    #[test]
+    fn models_missing_tensors_are_selected_over_what_they_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let mut all = inputs(&base, &models);
+        all[0].models.retain(|(m, _)| *m != 1);
+        all[1].models.retain(|(m, _)| *m != 0);
+        check(&all, &[0, 1, 2], &tunings());
+    }
+
+    /// NaN, ±infinity, zeros and repeated magnitudes.
+    #[test]
+    fn nonfinite_zero_and_repeated_magnitudes_are_ordered() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = 50_000;
+        let base: Vec<f32> = uniform(7, n).iter().map(|u| (*u - 0.5) as f32).collect();
+        let u = uniform(8, n);
+        let m: Vec<f32> = base
+            .iter()
+            .zip(&u)
+            .enumerate()
+            .map(|(i, (&b, &u))| match i % 97 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => f32::NEG_INFINITY,
+                3..=40 => b,
+                41..=60 => b + 0.5,
+                _ => b + ((u - 0.5) * 0.01) as f32,
+            })
+            .collect();
+        write(&dir.path().join("base.safetensors"), &[("w", base)]);
+        write(&dir.path().join("m.safetensors"), &[("w", m)]);
+        let open = |name: &str| Checkpoint::open(dir.path().join(name).to_str().unwrap()).unwrap();
+        let (base, models) = (open("base.safetensors"), vec![open("m.safetensors")]);
+        check(&inputs(&base, &models), &[0], &tunings());
+    }
+
+    /// Thread parts are merged whatever the machine's core count.
+    #[test]
+    fn the_cuts_do_not_depend_on_the_thread_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let all = inputs(&base, &models);
+        for threads in [1, 3] {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| check(&all, &[0, 1, 2], &tunings()));
+        }
+    }
 }

@@ -268,6 +268,8 @@ pub(crate) fn outlier_window(rho: f64, gamma: f64, n: u64) -> (u64, u64) {
 
 /// DELLA on one row: ranks by |d| ascending (equal magnitudes in index
 /// order), keep probability from the rank, drop or keep by the draws.
+/// Inlined so that it is compiled into the vectorised copy of the merge.
+#[inline(always)]
 fn della_row(
     row: &mut [f64],
     draws: &[f64],
@@ -319,16 +321,10 @@ fn della_row(
             probability[j as usize] = (density - epsilon) + 2.0 * epsilon * scaled(rank);
         }
     }
+    // Branch-free, so that it vectorises.
     for ((d, &u), &p) in row.iter_mut().zip(draws).zip(probability.iter()) {
-        *d = if u < p {
-            if inverse {
-                *d / p
-            } else {
-                *d
-            }
-        } else {
-            0.0
-        };
+        let kept = if inverse { *d / p } else { *d };
+        *d = if u < p { kept } else { 0.0 };
     }
 }
 

@@ -1,0 +1,470 @@
+//! The first pass of a magnitude selection: a window around the threshold.
+//!
+//! A sample of the task vector's blocks estimates where the k-th largest
+//! |d| lies; [`Window::place`] puts a narrow window of keys around that
+//! estimate (five standard deviations of the sample's rank on each side),
+//! with the estimated threshold key itself, `pred`, apart. One pass over
+//! the tensors ([`WindowPass`]) then counts the keys above the window,
+//! counts the keys equal to `pred` block by block, and gathers every other
+//! key inside the window with its block, so that [`Window::resolve`] finds
+//! the exact cut in memory: usually no further pass is needed. Should the
+//! window hold too many keys to gather, histograms of it (taken in the same
+//! pass) narrow the search instead; should the sample mislead, the search
+//! continues above or below the window. Either costs passes, never
+//! exactness.
+
+use super::inputs::{Block, TensorInputs, Visit, BLOCK};
+use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
+use crate::error::{Error, Result};
+
+/// At least one block in this many is sampled.
+const SAMPLE_EVERY: usize = 64;
+/// At most about this many keys are sampled per model (32 MB): larger
+/// inputs are sampled more sparsely.
+const MOST_SAMPLED: usize = 1 << 22;
+/// The largest key: |d| clears the sign bit (NaN sorts above infinity).
+pub(crate) const MAX_KEY: u64 = i64::MAX as u64;
+/// Elements past a sampled block that the kernel may have mapped with it
+/// (its fault-around is 64 KiB; this covers it for every element size).
+const FAULT_AROUND: usize = 1 << 16;
+
+/// Knobs of the selection, fixed in use; tests turn them to reach its
+/// rarer paths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    /// Most keys inside one target's window gathered as candidates
+    /// (16 bytes each, shared out among the threads); beyond this the
+    /// window's histograms take over.
+    pub candidates: usize,
+    /// Moves the estimated threshold by this many sampled keys (tests make
+    /// the sample mislead with it).
+    pub skew: isize,
+    /// At least this many blocks are sampled (all of them, when there are
+    /// fewer).
+    pub min_sampled_blocks: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            candidates: 1 << 20,
+            skew: 0,
+            min_sampled_blocks: 8,
+        }
+    }
+}
+
+/// The keys of one block in every [`SAMPLE_EVERY`] of `tensors` (or fewer,
+/// to at most about [`MOST_SAMPLED`] keys; every block when there are few),
+/// per model slot of `models`, and whether every block was taken.
+///
+/// The sampled block of each stride of `every` blocks is chosen by a hash
+/// of the stride's index, so that the sample does not follow rows or
+/// columns (a fixed offset would see the same columns of every matrix).
+pub(crate) fn sample(
+    tensors: &[TensorInputs<'_>],
+    models: &[usize],
+    tuning: &Tuning,
+) -> Result<(Vec<Vec<u64>>, bool)> {
+    let blocks: usize = tensors.iter().map(|t| t.numel().div_ceil(BLOCK)).sum();
+    let every = (blocks / tuning.min_sampled_blocks.max(1))
+        .clamp(1, SAMPLE_EVERY.max(blocks * BLOCK / MOST_SAMPLED));
+    let mut keys: Vec<Vec<u64>> = (0..models.len()).map(|_| Vec::new()).collect();
+    for t in tensors {
+        for (_, s) in sources_of(t, models) {
+            keys[s].reserve(t.numel().div_ceil(every) + BLOCK);
+        }
+    }
+    let mut scratch = super::inputs::Scratch::default();
+    let mut expanded = super::inputs::Expanded::default();
+    let mut global = 0;
+    for t in tensors {
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted);
+        }
+        let sources = sources_of(t, models);
+        let n = t.numel();
+        let count = n.div_ceil(BLOCK);
+        let mut released = 0;
+        for stride in global / every..(global + count).div_ceil(every) {
+            let Some(b) = (stride * every + pick(stride, every)).checked_sub(global) else {
+                continue;
+            };
+            if b >= count {
+                continue;
+            }
+            let (first, last) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
+            // Adapters' task vectors of the sampled block only.
+            t.expand(first, last, &mut expanded)?;
+            let block = t.decode(first, last, &expanded, &mut scratch);
+            for &(i, s) in &sources {
+                let deltas = block.model(i).iter().zip(block.base);
+                keys[s].extend(deltas.map(|(&m, &b)| key(m - b)));
+            }
+            // The kernel maps an aligned 64 KiB around a fault too, before
+            // and after it: drop what was mapped, so that a sampled tensor
+            // is not left resident.
+            let end = (first + BLOCK + FAULT_AROUND).min(n);
+            t.release(released.min(first), end);
+            released = end;
+        }
+        global += count;
+    }
+    crate::guard::check()?;
+    Ok((keys, every == 1))
+}
+
+/// The block sampled in stride `stride` of `every` blocks: SplitMix64's
+/// output for the stride's index, modulo `every`.
+fn pick(stride: usize, every: usize) -> usize {
+    let mut z = (stride as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) % every as u64) as usize
+}
+
+/// Where a target's threshold is expected: keys above `hi` are kept, keys
+/// equal to `pred` are counted by block, the other keys from `lo` to `hi`
+/// are gathered (and histogrammed on either side of `pred`), keys below
+/// `lo` are dropped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pred: u64,
+    hi: u64,
+    lo: u64,
+    /// `pred + 1..=hi`, when not empty.
+    upper: Option<Range>,
+    /// `lo..=pred - 1`, when not empty.
+    lower: Option<Range>,
+}
+
+impl Window {
+    /// Places the window for the `rank`-th largest of `total` keys from a
+    /// sample of them (`complete`: the sample is every key, in any order).
+    pub fn place(sample: &mut [u64], total: u64, rank: u64, complete: bool, skew: isize) -> Self {
+        let s = sample.len();
+        if s == 0 {
+            return Self::new(0, MAX_KEY, 0);
+        }
+        let desc = |a: &u64, b: &u64| b.cmp(a);
+        let estimate = if complete {
+            rank as usize - 1
+        } else {
+            let q = rank as f64 / total as f64;
+            ((q * s as f64).ceil() as usize).max(1) - 1
+        };
+        let r = estimate.saturating_add_signed(skew).min(s - 1);
+        // Five standard deviations of the sample's rank (rather than four:
+        // a sample of whole blocks is not one of independent keys).
+        let margin = if complete {
+            0
+        } else {
+            let q = rank as f64 / total as f64;
+            (5.0 * (s as f64 * q * (1.0 - q)).sqrt()) as usize + 8
+        };
+        sample.select_nth_unstable_by(r, desc);
+        let pred = sample[r];
+        let hi = if r < margin {
+            MAX_KEY
+        } else if margin == 0 {
+            pred
+        } else {
+            sample[..r].select_nth_unstable_by(r - margin, desc);
+            sample[r - margin]
+        };
+        let lo = if r + margin >= s {
+            0
+        } else if margin == 0 {
+            pred
+        } else {
+            let below = &mut sample[r + 1..];
+            below.select_nth_unstable_by(margin - 1, desc);
+            below[margin - 1]
+        };
+        Self::new(lo, hi, pred)
+    }
+
+    fn new(lo: u64, hi: u64, pred: u64) -> Self {
+        Self {
+            pred,
+            hi,
+            lo,
+            upper: (hi > pred).then(|| Range::new(pred + 1, hi)),
+            lower: (lo < pred).then(|| Range::new(lo, pred - 1)),
+        }
+    }
+
+    /// The search for the `rank`-th largest key after the window pass.
+    pub fn resolve(&self, mut acc: WindowAcc, rank: u64) -> Search {
+        if acc.above >= rank {
+            return Search::Narrowing {
+                from: self.hi + 1,
+                to: MAX_KEY,
+                need: rank,
+            };
+        }
+        let need = rank - acc.above;
+        let found = if acc.overflow {
+            self.search_histograms(&acc, need)
+        } else {
+            self.search_candidates(&mut acc.candidates, acc.equal, need)
+        };
+        match found {
+            Ok(search) => search,
+            Err(need) => Search::Done(if need == acc.equal {
+                Cut::at_least(self.pred)
+            } else {
+                Cut::with_ties(self.pred, need, running_counts(acc.equal_blocks))
+            }),
+        }
+    }
+
+    /// With every key of the window gathered: the cut, or, when the
+    /// threshold is `pred`, how many keys equal to it are kept.
+    fn search_candidates(
+        &self,
+        candidates: &mut [Candidate],
+        equal: u64,
+        need: u64,
+    ) -> std::result::Result<Search, u64> {
+        let pred = self.pred;
+        let split = partition(candidates, |c| c.0 > pred);
+        let (upper, lower) = candidates.split_at_mut(split);
+        let mut need = need;
+        if need <= upper.len() as u64 {
+            return Ok(Search::Done(cut_among(upper, need)));
+        }
+        need -= upper.len() as u64;
+        if need <= equal {
+            return Err(need);
+        }
+        need -= equal;
+        if need <= lower.len() as u64 {
+            return Ok(Search::Done(cut_among(lower, need)));
+        }
+        Ok(self.below(need - lower.len() as u64))
+    }
+
+    /// With histograms of the window: the bucket holding the threshold, or,
+    /// when the threshold is `pred`, how many keys equal to it are kept.
+    fn search_histograms(&self, acc: &WindowAcc, need: u64) -> std::result::Result<Search, u64> {
+        let mut need = need;
+        if let Some(upper) = &self.upper {
+            match upper.walk(&acc.upper, need) {
+                Ok(found) => return Ok(found),
+                Err(count) => need -= count,
+            }
+        }
+        if need <= acc.equal {
+            return Err(need);
+        }
+        need -= acc.equal;
+        if let Some(lower) = &self.lower {
+            match lower.walk(&acc.lower, need) {
+                Ok(found) => return Ok(found),
+                Err(count) => need -= count,
+            }
+        }
+        Ok(self.below(need))
+    }
+
+    /// The search below the window for its `need`-th largest key.
+    fn below(&self, need: u64) -> Search {
+        if self.lo == 0 {
+            // Every key was counted, and there are fewer than the rank.
+            return Search::Changed;
+        }
+        Search::Narrowing {
+            from: 0,
+            to: self.lo - 1,
+            need,
+        }
+    }
+}
+
+/// A key inside a window: (key, tensor ordinal, block index).
+type Candidate = (u64, u32, u32);
+
+/// What the window pass gathers for one target.
+#[derive(Debug)]
+pub(crate) struct WindowAcc {
+    above: u64,
+    equal: u64,
+    /// Keys equal to `pred` in the block being counted.
+    equal_here: u64,
+    /// (tensor ordinal, block index, keys equal to `pred` in the block).
+    equal_blocks: Vec<(usize, usize, u64)>,
+    /// The keys inside the window other than `pred`, while there are at
+    /// most [`Tuning::candidates`] of them.
+    candidates: Vec<Candidate>,
+    /// More keys fell inside the window than `candidates` may hold.
+    overflow: bool,
+    upper: Vec<Bucket>,
+    lower: Vec<Bucket>,
+}
+
+impl WindowAcc {
+    pub fn new(w: &Window) -> Self {
+        let buckets = |r: &Option<Range>| r.as_ref().map_or(Vec::new(), Range::buckets);
+        Self {
+            above: 0,
+            equal: 0,
+            equal_here: 0,
+            equal_blocks: Vec::new(),
+            candidates: Vec::new(),
+            overflow: false,
+            upper: buckets(&w.upper),
+            lower: buckets(&w.lower),
+        }
+    }
+
+    /// Adds another thread part's counts.
+    pub fn merge(mut self, other: Self, tuning: &Tuning) -> Self {
+        self.above += other.above;
+        self.equal += other.equal;
+        self.equal_blocks.extend(other.equal_blocks);
+        self.overflow |=
+            other.overflow || self.candidates.len() + other.candidates.len() > tuning.candidates;
+        if self.overflow {
+            self.candidates = Vec::new();
+        } else {
+            self.candidates.extend(other.candidates);
+        }
+        Bucket::add_all(&mut self.upper, &other.upper);
+        Bucket::add_all(&mut self.lower, &other.lower);
+        self
+    }
+}
+
+/// The cut keeping the `need` largest of `candidates` (everything above
+/// them is kept too), equal keys in storage order.
+fn cut_among(candidates: &mut [Candidate], need: u64) -> Cut {
+    let n = need as usize;
+    candidates.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+    let key = candidates[n - 1].0;
+    let above = candidates[..n - 1].iter().filter(|c| c.0 > key).count() as u64;
+    let need = need - above;
+    let blocks: Vec<(usize, usize, u64)> = candidates
+        .iter()
+        .filter(|c| c.0 == key)
+        .map(|c| (c.1 as usize, c.2 as usize, 1))
+        .collect();
+    if blocks.len() as u64 == need {
+        Cut::at_least(key)
+    } else {
+        Cut::with_ties(key, need, running_counts(blocks))
+    }
+}
+
+/// Moves the entries for which `first` holds to the front; returns how
+/// many there are.
+fn partition(v: &mut [Candidate], first: impl Fn(&Candidate) -> bool) -> usize {
+    let mut split = 0;
+    for i in 0..v.len() {
+        if first(&v[i]) {
+            v.swap(split, i);
+            split += 1;
+        }
+    }
+    split
+}
+
+/// The window pass over one tensor, for every open target.
+pub(crate) struct WindowPass<'a> {
+    /// (position among the tensor's models, its open targets).
+    pub sources: Vec<(usize, Vec<usize>)>,
+    pub windows: &'a [Window],
+    pub ordinal: usize,
+    /// Most candidates one thread part gathers per target.
+    pub part_candidates: usize,
+}
+
+/// Entries whose keys are computed at once, then tested per target.
+const CHUNK: usize = 64;
+
+impl Visit for WindowPass<'_> {
+    type Acc = Vec<WindowAcc>;
+
+    #[inline(always)]
+    fn visit(&self, accs: &mut Vec<WindowAcc>, block: &Block<'_>) {
+        let here = block.first / BLOCK;
+        let mut keys = [0u64; CHUNK];
+        for (i, of_model) in &self.sources {
+            let (m, b) = (block.model(*i), block.base);
+            let mut start = 0;
+            while start < m.len() {
+                let end = (start + CHUNK).min(m.len());
+                let keys = &mut keys[..end - start];
+                for ((k, &m), &b) in keys.iter_mut().zip(&m[start..end]).zip(&b[start..end]) {
+                    *k = key(m - b);
+                }
+                for &o in of_model {
+                    self.count(&mut accs[o], &self.windows[o], keys, here);
+                }
+                start = end;
+            }
+            for &o in of_model {
+                let acc = &mut accs[o];
+                if acc.equal_here > 0 {
+                    acc.equal += acc.equal_here;
+                    acc.equal_blocks.push((self.ordinal, here, acc.equal_here));
+                    acc.equal_here = 0;
+                }
+            }
+        }
+    }
+}
+
+impl WindowPass<'_> {
+    /// Counts one chunk of keys for one target, and gathers those inside
+    /// its window.
+    #[inline(always)]
+    fn count(&self, acc: &mut WindowAcc, w: &Window, keys: &[u64], block: usize) {
+        let (mut above, mut equal) = (0u64, 0u64);
+        // Branch-free, so that it vectorises: the counts, and a bit for each
+        // key inside the window other than `pred`.
+        let span = w.hi - w.lo;
+        let mut inside = 0u64;
+        for (j, &k) in keys.iter().enumerate() {
+            above += u64::from(k > w.hi);
+            let is_pred = k == w.pred;
+            equal += u64::from(is_pred);
+            let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
+            inside |= u64::from(held) << j;
+        }
+        acc.above += above;
+        acc.equal_here += equal;
+        if w.upper.is_none() && w.lower.is_none() {
+            return;
+        }
+        while inside != 0 {
+            let j = inside.trailing_zeros() as usize;
+            inside &= inside - 1;
+            acc.gather(w, keys[j], self.ordinal, block, self.part_candidates);
+        }
+    }
+}
+
+impl WindowAcc {
+    /// Records key `k`, inside window `w` and not its `pred`.
+    #[inline(always)]
+    fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, most: usize) {
+        if !self.overflow {
+            if self.candidates.len() < most {
+                // Ordinals and block indices fit: 2³² blocks are 8.8·10¹²
+                // entries.
+                self.candidates.push((k, ordinal as u32, block as u32));
+            } else {
+                self.overflow = true;
+                self.candidates = Vec::new();
+            }
+        }
+        let (range, buckets) = if k > w.pred {
+            (w.upper.as_ref(), &mut self.upper)
+        } else {
+            (w.lower.as_ref(), &mut self.lower)
+        };
+        let range = range.expect("a key inside the window has its side");
+        buckets[range.bucket(k)].add(k);
+    }
+}
