@@ -249,6 +249,7 @@ fn an_analysis_replaces_only_the_files_an_analysis_writes() {
     );
     let mut want = vec![
         "analysis.json",
+        "cosine_by_layer.png",
         "notes.txt",
         "p",
         "pairwise_cosines.csv",
@@ -256,6 +257,9 @@ fn an_analysis_replaces_only_the_files_an_analysis_writes() {
         "plots",
         "plots/x.png",
         "r",
+        "report.html",
+        "sign_conflict.png",
+        "trim_energy.png",
     ];
     for m in ["p", "r"] {
         for f in [

@@ -483,6 +483,10 @@ fn the_analysis_sees_the_same_task_vectors() {
         );
     };
     let mut dots = BTreeMap::new();
+    // Sign agreement with the full fine-tune: (both non-zero, conflicts,
+    // Σ min |·|, Σ min |·| over conflicts), and every element counted.
+    let mut signs: BTreeMap<&str, [f64; 4]> = BTreeMap::new();
+    let mut entries: BTreeMap<&str, u64> = BTreeMap::new();
     for model in ["r8", "embed"] {
         let rows = stats(Path::new(&outdir), model);
         for b in fam.setup.base.iter().filter(|b| b.ty != Ty::I64) {
@@ -512,6 +516,19 @@ fn the_analysis_sees_the_same_task_vectors() {
             assert_eq!(row["unchanged"], zeros, "{what}");
             let g = fam.delta("good", &b.name, Some(&full));
             *dots.entry(model).or_insert(0.0) += d.iter().zip(&g).map(|(a, b)| a * b).sum::<f64>();
+            let s = signs.entry(model).or_default();
+            for (&x, &y) in d.iter().zip(&g) {
+                if x != 0.0 && y != 0.0 {
+                    let m = x.abs().min(y.abs());
+                    s[0] += 1.0;
+                    s[2] += m;
+                    if (x < 0.0) != (y < 0.0) {
+                        s[1] += 1.0;
+                        s[3] += m;
+                    }
+                }
+            }
+            *entries.entry(model).or_default() += d.len() as u64;
         }
     }
     // Cosines between the full fine-tune and each adapter.
@@ -535,6 +552,41 @@ fn the_analysis_sees_the_same_task_vectors() {
         let want = dots[model] / (norm("good", Some(&full)) * norm(model, None));
         let got: f64 = rows[0][k].parse().unwrap();
         close(&format!("cos(good, {model})"), got, want);
+    }
+    // The diagnostics see the adapters' ΔW as the statistics do: sign
+    // conflicts with the full fine-tune as computed here in f64, and the
+    // magnitude histogram counting every element, the zero task vector of
+    // each tensor an adapter leaves alone included.
+    let a: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&outdir).join("analysis.json")).unwrap(),
+    )
+    .unwrap();
+    for (k, model) in [(1, "r8"), (2, "embed")] {
+        let [both, conflict, w, wc] = signs[model];
+        assert!(
+            both > 0.0 && conflict > 0.0,
+            "{model}: a test without conflicts"
+        );
+        for (i, j) in [(0, k), (k, 0)] {
+            let got = a["sign_conflict"]["matrix"][i][j].as_f64().unwrap();
+            let got_w = a["sign_conflict_weighted"]["matrix"][i][j]
+                .as_f64()
+                .unwrap();
+            assert!(
+                (got - conflict / both).abs() <= 1e-15,
+                "sign_conflict(good, {model}): {got} vs {}",
+                conflict / both
+            );
+            assert!(
+                (got_w - wc / w).abs() <= 1e-12,
+                "sign_conflict_weighted(good, {model}): {got_w} vs {}",
+                wc / w
+            );
+        }
+        assert_eq!(
+            a["magnitude_histogram"]["models"][model]["entries"], entries[model],
+            "{model}"
+        );
     }
 }
 

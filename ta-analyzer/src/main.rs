@@ -12,7 +12,6 @@ use tv_core::device::{Device, DeviceRequest};
 use tv_core::family::Family;
 use tv_core::report;
 use tv_core::staging::{check_output_apart, Staging};
-use tv_core::weights::Mode;
 
 /// Compute each fine-tune's task vector (fine-tune − base) and report
 /// per-tensor statistics, group summaries, pairwise cosines and plots.
@@ -54,6 +53,12 @@ struct Args {
     #[arg(long)]
     force: bool,
 
+    /// Also sketch the singular values of every 2-D task-vector tensor
+    /// (spectral.csv, spectral.png and `spectral` in analysis.json); on a
+    /// CUDA device when --device gives one.
+    #[arg(long)]
+    spectral: bool,
+
     /// Use models named by Hugging Face id only from the local cache; never download.
     #[arg(long = "no-download")]
     no_download: bool,
@@ -71,7 +76,7 @@ fn run(args: Args) -> Result<()> {
     tv_core::interrupt::install().context("cannot install signal handlers")?;
     let started = Instant::now();
     // The analysis itself is memory-bound and runs on the CPU kernels; the
-    // device computes adapters' products.
+    // device computes adapters' products and, with --spectral, the sketches.
     let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
 
     let specs: Vec<String> = std::iter::once(args.base.clone())
@@ -85,6 +90,7 @@ fn run(args: Args) -> Result<()> {
     let bar = tv_cli::Bar::new("analysing", args.quiet);
     let options = AnalyzeOptions {
         count_tied_lm_head: args.count_tied_lm_head,
+        spectral: args.spectral.then(|| device.candle()),
         device,
     };
     let analysis = analyze(&family, options, &bar)?;
@@ -99,54 +105,20 @@ fn run(args: Args) -> Result<()> {
         args.force,
     )?);
 
-    let exp = analysis
-        .merge_weights()
-        .into_iter()
-        .find(|(m, _)| *m == Mode::Exp)
-        .and_then(|(_, w)| w.ok());
     let shown = tv_cli::names(&family.names);
-    let width = shown
-        .iter()
-        .map(|n| n.chars().count())
-        .max()
-        .unwrap_or(0)
-        .max(12);
+    for line in tv_core::html::summary_table(&analysis, &shown) {
+        tv_cli::sayln!("{line}");
+    }
     tv_cli::sayln!(
-        "{:<width$}  {:>14}  {:>12}  {:>9}",
-        "model",
-        "global L2",
-        "rel. change",
-        "λ (exp)"
+        "suggested: {} ({}; see report.html)",
+        analysis.diagnostics.suggestions.flags,
+        analysis.diagnostics.suggestions.method.reason
     );
-    for (i, m) in analysis.models.iter().enumerate() {
-        let s = &m.summary;
-        let lambda = exp
-            .as_ref()
-            .map_or("n/a".to_string(), |w| format!("{:.6}", w[i]));
+    if let Some((rows, seconds)) = &analysis.spectral {
         tv_cli::sayln!(
-            "{:<width$}  {:>14.6}  {:>12.3e}  {:>9}",
-            shown[i],
-            s.global_l2,
-            s.relative_change,
-            lambda
+            "spectral: {} tensor sketches in {seconds:.1} s (spectral.csv)",
+            rows.len()
         );
-        if s.skipped_params > 0 {
-            tv_cli::sayln!(
-                "{:<width$}  ({} tensors skipped; see summary.json)",
-                "",
-                s.skipped_params
-            );
-        }
-        if let Some(v) = &s.vocab {
-            tv_cli::sayln!(
-                "{:<width$}  (embedding rows matched by token: {} matched, {} added rows not \
-                 compared, {} base tokens missing)",
-                "",
-                v.matched,
-                v.added,
-                v.missing
-            );
-        }
     }
     tv_cli::sayln!(
         "wrote {} in {:.1} s; merge with: ta-merge --from-analysis {} ...",

@@ -24,6 +24,7 @@
 
 use crate::checkpoint::TensorRef;
 use crate::device::Device;
+use crate::diagnostics::{cosine_matrix, Collector, Diagnostics};
 use crate::dtype::FloatType;
 use crate::error::{Error, Result};
 use crate::family::{is_input_embedding, Family, Model, ModelTensor};
@@ -31,9 +32,10 @@ use crate::interrupt;
 use crate::kernels::{
     delta_into_f32, delta_into_f64, delta_nonzero, delta_stats, DeltaAcc, Operand,
 };
+use crate::magnitude::TensorMagnitudes;
 use crate::methods::inputs::{Expanded, Input, ModelInput, TensorInputs};
 use crate::progress::Progress;
-use crate::quantile::{quantiles, Sample};
+use crate::quantile::{quantiles_with, Sample};
 use crate::stats::{group_of, module_of, TensorRow};
 use crate::vocab::{is_vocab_tensor, Alignment, VocabCounts};
 use crate::weights::{lambdas_from_norms, Mode, WeightParams};
@@ -53,6 +55,9 @@ pub struct AnalyzeOptions {
     pub count_tied_lm_head: bool,
     /// Where adapters' products are computed.
     pub device: Device,
+    /// Sketch the singular values of every 2-D task-vector tensor on this
+    /// device (`--spectral`).
+    pub spectral: Option<candle_core::Device>,
 }
 
 impl Default for AnalyzeOptions {
@@ -60,8 +65,19 @@ impl Default for AnalyzeOptions {
         Self {
             count_tied_lm_head: false,
             device: Device::Cpu,
+            spectral: None,
         }
     }
+}
+
+/// One 2-D tensor's spectrum for one model (`spectral.csv`).
+#[derive(Debug, Clone)]
+pub struct SpectralRow {
+    pub param: String,
+    pub model: usize,
+    pub rows: usize,
+    pub cols: usize,
+    pub spectrum: crate::spectral::Spectrum,
 }
 
 /// A tensor left out of one model's analysis, and why.
@@ -120,6 +136,12 @@ pub struct Analysis {
     pub models: Vec<ModelAnalysis>,
     /// Cosine similarity of every pair of task vectors (0 for a zero vector).
     pub cosines: Vec<Vec<f64>>,
+    /// The merge diagnostics (every tensor counted once; an adapter's
+    /// untouched tensors as zero task vectors).
+    pub diagnostics: Diagnostics,
+    /// With `--spectral`: every 2-D tensor's spectrum per model, and the
+    /// seconds the sketches took.
+    pub spectral: Option<(Vec<SpectralRow>, f64)>,
 }
 
 impl Analysis {
@@ -158,6 +180,9 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
     // The tied embedding: its name, the models that change it, those that
     // leave it alone (adapters), and its sums.
     let mut tied_extra: Option<(String, Vec<usize>, Vec<usize>, DeltaAcc)> = None;
+    let mut collector = Collector::new(k);
+    let mut spectral: Vec<SpectralRow> = Vec::new();
+    let mut spectral_seconds = 0.0;
 
     // Rows matched by token when vocabularies differ and can be read; else
     // resized tensors are skipped as before.
@@ -218,13 +243,28 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         let acc = fused_pass(&inputs, &maps, &mut buffers.expanded, progress)?;
         let indices: Vec<usize> = inputs.models.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
+        collector.add_tensor(inputs.clone(), &acc);
         let ks = inputs.models.len();
+        let spectral_from = spectral.len();
         // Adapters that leave the tensor alone: a zero task vector.
         for &(i, _) in sources
             .iter()
             .filter(|(_, h)| matches!(h, ModelTensor::Untouched))
         {
             base_sum_sq[i] += acc.base_sum_sq;
+            collector.add_zero(i, base.numel() as u64);
+            if let (Some(_), &[rows, cols]) = (&opts.spectral, &base.shape[..]) {
+                spectral.push(SpectralRow {
+                    param: name.to_string(),
+                    model: i,
+                    rows,
+                    cols,
+                    spectrum: crate::spectral::Spectrum {
+                        fro: 0.0,
+                        sigma: Vec::new(),
+                    },
+                });
+            }
             rows[i].push(TensorRow {
                 param: name.to_string(),
                 shape: base.shape.clone(),
@@ -247,8 +287,21 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 models: vec![(i, m)],
                 ..inputs.clone()
             };
-            let q = buffers.quantiles(&single, slot, maps[slot], acc.models[slot].unchanged)?;
             let s = &acc.models[slot];
+            let (q, mags) = buffers.quantiles(&single, slot, maps[slot], s.unchanged, s.max_abs)?;
+            collector.add_magnitudes(slot, i, &mags);
+            if let (Some(device), &[rows, cols]) = (&opts.spectral, &base.shape[..]) {
+                let started = std::time::Instant::now();
+                let spectrum = buffers.spectrum(&single, slot, maps[slot], device, name, i)?;
+                spectral_seconds += started.elapsed().as_secs_f64();
+                spectral.push(SpectralRow {
+                    param: name.to_string(),
+                    model: i,
+                    rows,
+                    cols,
+                    spectrum,
+                });
+            }
             rows[i].push(TensorRow {
                 param: name.to_string(),
                 shape: base.shape.clone(),
@@ -266,6 +319,8 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
                 sum_sq: acc.dots[slot * ks + slot],
             });
         }
+        // spectral.csv lists a tensor's models in the family's order.
+        spectral[spectral_from..].sort_by_key(|r| r.model);
         if opts.count_tied_lm_head
             && tied
             && is_input_embedding(name)
@@ -298,7 +353,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         }
     }
 
-    let models = (0..k)
+    let models: Vec<ModelAnalysis> = (0..k)
         .map(|i| {
             let rows = std::mem::take(&mut rows[i]);
             let summary = summarise(
@@ -317,25 +372,22 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             }
         })
         .collect();
-    let cosines = (0..k)
-        .map(|i| {
-            (0..k)
-                .map(|j| {
-                    let denom = (dots[i * k + i] * dots[j * k + j]).sqrt();
-                    if denom > 0.0 && denom.is_finite() {
-                        dots[i * k + j] / denom
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        })
+    let cosines = cosine_matrix(&dots, k);
+    let norms: Vec<f64> = models
+        .iter()
+        .map(|m: &ModelAnalysis| m.summary.global_l2)
         .collect();
+    let diagnostics = collector.finish(family, &norms)?;
     crate::guard::check()?;
     Ok(Analysis {
         base: family.base.located.spec.clone(),
         models,
         cosines,
+        diagnostics,
+        spectral: opts
+            .spectral
+            .is_some()
+            .then_some((spectral, spectral_seconds)),
     })
 }
 
@@ -601,40 +653,35 @@ struct Buffers {
 }
 
 impl Buffers {
-    /// Exact quantiles of one model's delta for one tensor (`one` holds
-    /// that model only): in the f32 buffer for 16-bit checkpoints (with the
-    /// rare deltas f32 cannot hold listed exactly beside it), else in the
-    /// f64 buffer (an adapter's f64 task vector always). Zero deltas are
-    /// counted, not stored, when they are many. `slot` is the model's place
-    /// in the fused pass, whose expansion is reused when the tensor was one
-    /// segment.
-    /// `rows`: the model's rows matched by token, if they are.
+    /// Exact quantiles and the magnitude histogram of one model's delta
+    /// for one tensor (`one` holds that model only; `max_abs` its largest
+    /// |d|): in the f32 buffer for 16-bit checkpoints (with the rare deltas
+    /// f32 cannot hold listed exactly beside it), else in the f64 buffer
+    /// (an adapter's f64 task vector always: the very values the fused
+    /// pass saw). Zero deltas are counted, not stored, when they are many.
+    /// `slot` is the model's place in the fused pass, whose expansion is
+    /// reused when the tensor was one segment. `rows`: the model's rows
+    /// matched by token, if they are.
     fn quantiles(
         &mut self,
         one: &TensorInputs<'_>,
         slot: usize,
         rows: Option<&[Option<u32>]>,
         zeros: u64,
-    ) -> Result<[f64; 11]> {
+        max_abs: f64,
+    ) -> Result<([f64; 11], TensorMagnitudes)> {
         let numel = one.numel();
         if zeros as usize == numel {
-            return Ok([0.0; 11]);
+            return Ok(([0.0; 11], TensorMagnitudes::zeros(numel as u64)));
         }
         let compact = zeros as usize * 4 > numel;
         let ModelInput::Stored(model) = one.models[0].1 else {
-            self.f64s.resize(numel, 0.0);
-            let kept = if numel <= SEGMENT {
-                // Still expanded by the fused pass (its only segment).
-                let mut kept = 0;
-                for &d in self.expanded.delta(slot, 0, numel) {
-                    self.f64s[kept] = d;
-                    kept += usize::from(!compact || d != 0.0);
-                }
-                kept
-            } else {
-                fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)?
-            };
-            return Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []));
+            let kept = self.adapter_deltas(one, slot, compact)?;
+            let values = &mut self.f64s[..kept];
+            let zeros = (numel - kept) as u64;
+            let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &[], max_abs);
+            let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
+            return Ok((q, mags));
         };
         let pair = Pair {
             base: one.base,
@@ -644,15 +691,82 @@ impl Buffers {
         if pair.base.ty.size() == 2 && pair.model.ty.size() == 2 {
             self.f32s.resize(numel, 0.0);
             let (kept, mut inexact) = pair.fill(&mut self.f32s, compact, delta_into_f32)?;
-            return Ok(quantiles(
-                &mut self.f32s[..kept],
-                numel - kept,
-                &mut inexact,
-            ));
+            let values = &mut self.f32s[..kept];
+            let zeros = (numel - kept) as u64;
+            let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &inexact, max_abs);
+            let q = quantiles_with(values, numel - kept, &mut inexact, Some(level1));
+            return Ok((q, mags));
         }
         self.f64s.resize(numel, 0.0);
         let (kept, _) = pair.fill(&mut self.f64s, compact, delta_into_f64)?;
-        Ok(quantiles(&mut self.f64s[..kept], numel - kept, &mut []))
+        let values = &mut self.f64s[..kept];
+        let zeros = (numel - kept) as u64;
+        let (mags, level1) = TensorMagnitudes::from_values(values, zeros, &[], max_abs);
+        let q = quantiles_with(values, numel - kept, &mut [], Some(level1));
+        Ok((q, mags))
+    }
+
+    /// Writes the one adapter's task vector of `one` (slot `slot` of the
+    /// fused pass) into the f64 buffer, with `compact` only its non-zero
+    /// entries, at the front; returns how many were kept. A one-segment
+    /// tensor is still expanded by the fused pass; a larger one is expanded
+    /// again over the same segments, so the values are the pass's.
+    fn adapter_deltas(
+        &mut self,
+        one: &TensorInputs<'_>,
+        slot: usize,
+        compact: bool,
+    ) -> Result<usize> {
+        let numel = one.numel();
+        self.f64s.resize(numel, 0.0);
+        if numel <= SEGMENT {
+            let mut kept = 0;
+            for &d in self.expanded.delta(slot, 0, numel) {
+                self.f64s[kept] = d;
+                kept += usize::from(!compact || d != 0.0);
+            }
+            Ok(kept)
+        } else {
+            fill_expanded(one, &mut self.expanded, &mut self.f64s, compact)
+        }
+    }
+
+    /// The spectrum of one model's delta of a 2-D tensor (`one` holds that
+    /// model only, slot `slot` of the fused pass; `rows` its rows matched
+    /// by token, if they are), sketched on `device` with draws seeded by
+    /// the tensor's name and the model.
+    #[allow(clippy::too_many_arguments)]
+    fn spectrum(
+        &mut self,
+        one: &TensorInputs<'_>,
+        slot: usize,
+        rows: Option<&[Option<u32>]>,
+        device: &candle_core::Device,
+        name: &str,
+        model: usize,
+    ) -> Result<crate::spectral::Spectrum> {
+        let numel = one.numel();
+        match one.models[0].1 {
+            ModelInput::Stored(model) => {
+                self.f64s.resize(numel, 0.0);
+                let pair = Pair {
+                    base: one.base,
+                    model,
+                    rows,
+                };
+                pair.fill(&mut self.f64s, false, delta_into_f64)?;
+            }
+            _ => {
+                self.adapter_deltas(one, slot, false)?;
+            }
+        }
+        let (rows, cols) = (one.shape[0], one.shape[1]);
+        let seed = name
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ model as u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        crate::spectral::spectrum(&self.f64s[..numel], rows, cols, device, seed)
     }
 }
 

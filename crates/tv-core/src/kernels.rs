@@ -6,7 +6,7 @@
 //! independent pieces and run them on rayon's pool.
 
 use crate::dtype::{count_nonfinite, decode_f64, encode_f64, FloatType};
-use crate::lanes;
+use crate::lanes::{self, PairSigns};
 use crate::quantile::Sample;
 use crate::simd::simd_dispatch;
 use crate::stats::Moments;
@@ -120,6 +120,9 @@ pub struct DeltaAcc {
     pub dots: Vec<f64>,
     /// Σ base², for the base's own norm.
     pub base_sum_sq: f64,
+    /// `signs[i * k + j]`: sign agreement of models i and j (symmetric;
+    /// the diagonal is left empty).
+    pub signs: Vec<PairSigns>,
 }
 
 impl DeltaAcc {
@@ -129,6 +132,7 @@ impl DeltaAcc {
             models: vec![DeltaSums::default(); k],
             dots: vec![0.0; k * k],
             base_sum_sq: 0.0,
+            signs: vec![PairSigns::default(); k * k],
         }
     }
 
@@ -145,6 +149,9 @@ impl DeltaAcc {
             *a += b;
         }
         self.base_sum_sq += other.base_sum_sq;
+        for (a, b) in self.signs.iter_mut().zip(&other.signs) {
+            a.add(b);
+        }
         self
     }
 }
@@ -152,7 +159,10 @@ impl DeltaAcc {
 simd_dispatch! {
     /// One pass over an element range of the base and of `k` models: for
     /// each model's delta d = m − base, its moments, Σ|d|, max|d|, zero and
-    /// non-finite counts; Σ d_i d_j for every pair; and Σ base².
+    /// non-finite counts; Σ d_i d_j and the sign agreement
+    /// ([`PairSigns`]) of every pair; and Σ base². An operand with
+    /// `is_delta` (an adapter's ΔW) is its own delta and enters every sum,
+    /// the sign agreement included, exactly as a stored model's m − base.
     pub fn delta_stats(base_ty: FloatType, base: &[u8], models: &[Operand<'_>]) -> DeltaAcc
         => delta_stats_kernel
 }
@@ -211,11 +221,15 @@ fn delta_stats_kernel(base_ty: FloatType, base: &[u8], models: &[Operand<'_>]) -
             let di = &ds[i * BLOCK..i * BLOCK + len];
             for j in i..k {
                 let dj = &ds[j * BLOCK..j * BLOCK + len];
-                let dot = lanes::dot(di, dj);
-                acc.dots[i * k + j] += dot;
-                if i != j {
-                    acc.dots[j * k + i] += dot;
+                if i == j {
+                    acc.dots[i * k + i] += lanes::dot(di, di);
+                    continue;
                 }
+                let (dot, signs) = lanes::dot_and_signs(di, dj);
+                acc.dots[i * k + j] += dot;
+                acc.dots[j * k + i] += dot;
+                acc.signs[i * k + j].add(&signs);
+                acc.signs[j * k + i].add(&signs);
             }
         }
         start += len;

@@ -137,6 +137,80 @@ pub fn block_sums(xs: &[f64], shift: f64) -> BlockSums {
     out
 }
 
+/// Sign agreement of two blocks of deltas, element by element: how many
+/// pairs are both non-zero (NaN counts as zero), how many of those differ
+/// in sign, Σ min(|a|, |b|) over them, and that sum over the differing ones.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairSigns {
+    pub both: f64,
+    pub conflict: f64,
+    pub weight: f64,
+    pub weight_conflict: f64,
+}
+
+impl PairSigns {
+    /// Adds another range's sums.
+    pub fn add(&mut self, o: &Self) {
+        self.both += o.both;
+        self.conflict += o.conflict;
+        self.weight += o.weight;
+        self.weight_conflict += o.weight_conflict;
+    }
+}
+
+/// Σ a·b and the [`PairSigns`] of `a` and `b` (same length), in one pass.
+/// Both non-zero means a·b ≠ 0 (and not NaN): a product that underflows
+/// (|a·b| below 1e-308) counts as zero.
+#[inline(always)]
+pub fn dot_and_signs(a: &[f64], b: &[f64]) -> (f64, PairSigns) {
+    let (mut dot, mut both, mut conflict, mut weight, mut weight_conflict) =
+        ([0.0; L], [0.0; L], [0.0; L], [0.0; L], [0.0; L]);
+    #[inline(always)]
+    fn one(x: f64, y: f64) -> (f64, f64, f64, f64, f64) {
+        let p = x * y;
+        // NaN > 0 and NaN < 0 are false: a NaN delta counts as neither sign.
+        let nz = p.abs() > 0.0;
+        let differ = p < 0.0;
+        let (ax, ay) = (x.abs(), y.abs());
+        let m = if ax < ay { ax } else { ay };
+        let m = if nz { m } else { 0.0 };
+        (
+            p,
+            if nz { 1.0 } else { 0.0 },
+            if differ { 1.0 } else { 0.0 },
+            m,
+            if differ { m } else { 0.0 },
+        )
+    }
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let mut tail = (0.0, PairSigns::default());
+    for (&x, &y) in ca.remainder().iter().zip(cb.remainder()) {
+        let (p, n, c, w, wc) = one(x, y);
+        tail.0 += p;
+        tail.1.both += n;
+        tail.1.conflict += c;
+        tail.1.weight += w;
+        tail.1.weight_conflict += wc;
+    }
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            let (p, n, c, w, wc) = one(x[l], y[l]);
+            dot[l] += p;
+            both[l] += n;
+            conflict[l] += c;
+            weight[l] += w;
+            weight_conflict[l] += wc;
+        }
+    }
+    let signs = PairSigns {
+        both: combine(both) + tail.1.both,
+        conflict: combine(conflict) + tail.1.conflict,
+        weight: combine(weight) + tail.1.weight,
+        weight_conflict: combine(weight_conflict) + tail.1.weight_conflict,
+    };
+    (combine(dot) + tail.0, signs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +235,25 @@ mod tests {
         assert_eq!(b.zeros, xs.iter().filter(|&&x| x == 0.0).count() as u64);
         assert_eq!(b.nonfinite, 0);
         let p3: f64 = xs.iter().map(|x| (x - 0.5).powi(3)).sum();
+        let zs: Vec<f64> = (0..1003)
+            .map(|i| ((i * 13 % 29) as f64 - 14.0) * 0.5)
+            .collect();
+        let mut want = PairSigns::default();
+        for (&x, &z) in xs.iter().zip(&zs) {
+            if x != 0.0 && z != 0.0 {
+                want.both += 1.0;
+                want.weight += x.abs().min(z.abs());
+                if (x < 0.0) != (z < 0.0) {
+                    want.conflict += 1.0;
+                    want.weight_conflict += x.abs().min(z.abs());
+                }
+            }
+        }
+        let (d, signs) = dot_and_signs(&xs, &zs);
+        assert_eq!(signs, want);
+        assert_eq!(d, dot(&xs, &zs));
+        let (_, nan) = dot_and_signs(&[f64::NAN, -1.0], &[1.0, f64::NAN]);
+        assert_eq!(nan, PairSigns::default());
         assert!((b.powers[2] - p3).abs() <= 1e-12 * p3.abs());
     }
 }

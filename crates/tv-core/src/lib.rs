@@ -13,17 +13,20 @@ pub mod analyze;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod diagnostics;
 pub mod dtype;
 pub mod error;
 pub mod family;
 pub mod gpu;
 pub mod guard;
+pub mod html;
 pub mod hub;
 pub mod interrupt;
 pub mod kernels;
 pub mod lanes;
 pub mod locate;
 pub mod lora;
+pub mod magnitude;
 pub mod merge;
 pub mod methods;
 pub mod params;
@@ -35,6 +38,7 @@ pub mod recipe;
 pub mod report;
 pub mod sidecar;
 mod simd;
+pub mod spectral;
 pub mod staging;
 pub mod stats;
 pub mod testhooks;
@@ -43,6 +47,7 @@ pub mod vocab;
 pub mod weights;
 pub mod writer;
 
+pub use candle_core;
 pub use error::{Error, Result};
 
 /// This library's version, recorded in outputs.

@@ -112,6 +112,17 @@ pub fn quantiles<T: Sample>(
     zeros: usize,
     inexact: &mut [f64],
 ) -> [f64; LEVELS.len()] {
+    quantiles_with(values, zeros, inexact, None)
+}
+
+/// [`quantiles`], given the counts of [`level1_bucket`] over `values` when
+/// the caller has them already (a pass saved).
+pub fn quantiles_with<T: Sample>(
+    values: &mut [T],
+    zeros: usize,
+    inexact: &mut [f64],
+    level1: Option<Vec<u32>>,
+) -> [f64; LEVELS.len()] {
     let n = values.len() + zeros;
     if n == 0 {
         return [f64::NAN; LEVELS.len()];
@@ -133,7 +144,11 @@ pub fn quantiles<T: Sample>(
     // In sorted order the zeros sit between the negative and the positive
     // values; translate ranks to ranks among `values`.
     let small = values.len() < SMALL;
-    let hist = if small { Vec::new() } else { histogram(values) };
+    let hist = match level1 {
+        _ if small => Vec::new(),
+        Some(h) if h.len() == BUCKETS => h,
+        _ => histogram(values),
+    };
     let negatives: usize = if small {
         values.iter().filter(|v| v.key() < ZERO_KEY).count()
     } else {
@@ -215,15 +230,19 @@ const ZERO_KEY: u64 = 1 << 63;
 /// The bucket of +0.0: every key below it belongs to a negative value.
 const ZERO_BUCKET: usize = 1 << 15;
 
-fn bucket<T: Sample>(v: T) -> usize {
+/// The first radix level's bucket of a value: the top 16 key bits.
+pub fn level1_bucket<T: Sample>(v: T) -> usize {
     (v.key() >> 48) as usize
 }
+
+/// Buckets of the first radix level.
+pub const LEVEL1_BUCKETS: usize = BUCKETS;
 
 /// Counts of the top 16 key bits.
 fn histogram<T: Sample>(values: &[T]) -> Vec<u32> {
     count_per_thread(values, BUCKETS, |h, chunk| {
         for &v in chunk {
-            h[bucket(v)] += 1;
+            h[level1_bucket(v)] += 1;
         }
     })
 }

@@ -2,11 +2,13 @@
 //!
 //! Per model `DIR/<name>/`: `per_param_stats.csv`, `top50_by_l2.csv`,
 //! `top50_by_maxabs.csv`, `summary.json`, `group_l2_bar.png`; for the family:
-//! `DIR/pairwise_cosines.csv`, `DIR/pairwise_cosines.png` and
-//! `DIR/analysis.json`. Numbers are written with Rust's shortest round-trip
-//! formatting, so every f64 reads back exactly.
+//! `DIR/pairwise_cosines.csv`, `DIR/pairwise_cosines.png`,
+//! `DIR/analysis.json` (with the merge diagnostics), the diagnostics' plots
+//! and `DIR/report.html` ([`crate::html`]). Numbers are written with Rust's
+//! shortest round-trip formatting, so every f64 reads back exactly.
 
-use crate::analyze::{Analysis, ModelAnalysis};
+use crate::analyze::{Analysis, ModelAnalysis, SpectralRow};
+use crate::diagnostics::{agreement, Diagnostics, TrimEnergy, DENSITIES};
 use crate::error::{Error, Result};
 use crate::plot;
 use crate::stats::TensorRow;
@@ -51,9 +53,64 @@ pub fn write_all(analysis: &Analysis, dir: &Path) -> Result<()> {
     write_cosines(analysis, &dir.join("pairwise_cosines.csv"))?;
     let names: Vec<String> = analysis.models.iter().map(|m| m.name.clone()).collect();
     plot::cosine_heatmap(&names, &analysis.cosines, &dir.join("pairwise_cosines.png"))?;
+    write_diagnostic_plots(analysis, &names, dir)?;
+    if let Some((rows, _)) = &analysis.spectral {
+        write_spectral(rows, &names, dir)?;
+    }
     let path = dir.join("analysis.json");
     let text = serde_json::to_string_pretty(&analysis_json(analysis)).expect("json") + "\n";
-    std::fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))
+    std::fs::write(&path, text).map_err(|e| Error::io("cannot write", &path, e))?;
+    crate::html::write_report(analysis, dir)
+}
+
+/// `sign_conflict.png`, `cosine_by_layer.png` and `trim_energy.png`.
+fn write_diagnostic_plots(analysis: &Analysis, names: &[String], dir: &Path) -> Result<()> {
+    let d = &analysis.diagnostics;
+    plot::sign_conflict_heatmaps(
+        names,
+        &d.sign_conflict,
+        &d.sign_conflict_weighted,
+        &dir.join("sign_conflict.png"),
+    )?;
+    let groups: Vec<String> = d.cosine_by_layer.iter().map(|(g, _)| g.clone()).collect();
+    let k = names.len();
+    // Pairs with a zero task vector have cosine 0 everywhere: left out.
+    let live: Vec<usize> = (0..k)
+        .filter(|&i| analysis.models[i].summary.global_l2 > 0.0)
+        .collect();
+    let pairs: Vec<plot::Line> = live
+        .iter()
+        .flat_map(|&i| live.iter().filter(move |&&j| j > i).map(move |&j| (i, j)))
+        .map(|(i, j)| plot::Line {
+            label: format!("{} / {}", names[i], names[j]),
+            points: d
+                .cosine_by_layer
+                .iter()
+                .enumerate()
+                .map(|(x, (_, cos))| (x as f64, Some(cos[i][j])))
+                .collect(),
+        })
+        .collect();
+    plot::cosine_by_layer(&groups, &pairs, &dir.join("cosine_by_layer.png"))?;
+    let lines = |scope: fn(&TrimEnergy) -> &[Option<f64>; 8]| -> Vec<plot::Line> {
+        names
+            .iter()
+            .zip(&d.trim_energy)
+            .map(|(n, t)| plot::Line {
+                label: n.clone(),
+                points: DENSITIES
+                    .iter()
+                    .copied()
+                    .zip(scope(t).iter().copied())
+                    .collect(),
+            })
+            .collect()
+    };
+    plot::trim_energy(
+        &lines(|t| &t.tensor),
+        &lines(|t| &t.model),
+        &dir.join("trim_energy.png"),
+    )
 }
 
 fn write_model(model: &ModelAnalysis, dir: &Path) -> Result<()> {
@@ -148,13 +205,236 @@ fn analysis_json(analysis: &Analysis) -> Value {
         };
         weights.insert(mode.name().to_string(), v);
     }
-    json!({
+    let mut out = json!({
         "tool": "ta-analyze",
         "version": crate::VERSION,
         "base": analysis.base,
         "models": models,
         "pairwise_cosines": {"names": names, "matrix": analysis.cosines},
         "merge_weights": {"alpha": defaults.alpha, "beta": defaults.beta, "modes": weights},
+    });
+    let mut extra = diagnostics_json(&analysis.diagnostics, &names);
+    if let (Some((rows, seconds)), Value::Object(extra)) = (&analysis.spectral, &mut extra) {
+        let owned: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        extra.insert("spectral".into(), spectral_json(rows, &owned, *seconds));
+    }
+    if let (Value::Object(out), Value::Object(extra)) = (&mut out, extra) {
+        out.extend(extra);
+    }
+    out
+}
+
+/// The header of `spectral.csv`.
+pub const SPECTRAL_COLUMNS: [&str; 11] = [
+    "param",
+    "model",
+    "rows",
+    "cols",
+    "fro",
+    "sigma1",
+    "stable_rank",
+    "energy_top1",
+    "energy_top8",
+    "energy_top32",
+    "energy_top128",
+];
+
+/// A spectral row's numbers after its names: fro, sigma1, stable rank and
+/// the energies in the top 1, 8, 32, 128 singular values.
+fn spectral_values(r: &SpectralRow) -> [f64; 7] {
+    let s = &r.spectrum;
+    let e = |k| s.energy_top(k);
+    [
+        s.fro,
+        s.sigma.first().copied().unwrap_or(0.0),
+        s.stable_rank(),
+        e(crate::spectral::TOPS[0]),
+        e(crate::spectral::TOPS[1]),
+        e(crate::spectral::TOPS[2]),
+        e(crate::spectral::TOPS[3]),
+    ]
+}
+
+/// `spectral.csv` and `spectral.png` (median stable rank per group).
+fn write_spectral(rows: &[SpectralRow], names: &[String], dir: &Path) -> Result<()> {
+    let path = dir.join("spectral.csv");
+    let fail = |e: csv::Error| Error::io("cannot write", &path, e.into());
+    let mut w = csv::Writer::from_path(&path).map_err(fail)?;
+    w.write_record(SPECTRAL_COLUMNS).map_err(fail)?;
+    for r in rows {
+        let mut rec = vec![
+            r.param.clone(),
+            names[r.model].clone(),
+            r.rows.to_string(),
+            r.cols.to_string(),
+        ];
+        rec.extend(spectral_values(r).iter().map(|v| format!("{v:?}")));
+        w.write_record(&rec).map_err(fail)?;
+    }
+    w.flush().map_err(|e| Error::io("cannot write", &path, e))?;
+    let medians = spectral_medians(rows, names.len());
+    let groups: Vec<String> = medians.iter().map(|(g, _)| g.clone()).collect();
+    let lines: Vec<plot::Line> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| plot::Line {
+            label: n.clone(),
+            points: medians
+                .iter()
+                .enumerate()
+                .map(|(x, (_, m))| (x as f64, m[i].map(|v| v[2])))
+                .collect(),
+        })
+        .collect();
+    let top = lines
+        .iter()
+        .flat_map(|l| l.points.iter().filter_map(|p| p.1))
+        .fold(1.0f64, f64::max);
+    plot::by_group(
+        "median stable rank (‖Δ‖²/σ₁², Frobenius norm) of 2-D tensors by group",
+        "stable rank",
+        &groups,
+        &lines,
+        (0.0, top * 1.1),
+        &dir.join("spectral.png"),
+    )
+}
+
+/// Per group (natural order), per model, the medians of
+/// [`spectral_values`] over the group's non-zero 2-D tensors (None where
+/// the model has none).
+fn spectral_medians(rows: &[SpectralRow], k: usize) -> Vec<(String, Vec<Option<[f64; 7]>>)> {
+    let mut groups: Vec<String> = rows
+        .iter()
+        .map(|r| crate::stats::group_of(&r.param))
+        .collect();
+    groups.sort_by_key(|g| crate::analyze::natural_key(g));
+    groups.dedup();
+    groups
+        .into_iter()
+        .map(|g| {
+            let per_model = (0..k)
+                .map(|i| {
+                    let vals: Vec<[f64; 7]> = rows
+                        .iter()
+                        .filter(|r| r.model == i && r.spectrum.fro > 0.0)
+                        .filter(|r| crate::stats::group_of(&r.param) == g)
+                        .map(spectral_values)
+                        .collect();
+                    (!vals.is_empty()).then(|| {
+                        std::array::from_fn(|c| {
+                            let mut v: Vec<f64> = vals.iter().map(|x| x[c]).collect();
+                            v.sort_by(f64::total_cmp);
+                            let n = v.len();
+                            if n % 2 == 1 {
+                                v[n / 2]
+                            } else {
+                                (v[n / 2 - 1] + v[n / 2]) / 2.0
+                            }
+                        })
+                    })
+                })
+                .collect();
+            (g, per_model)
+        })
+        .collect()
+}
+
+/// The `spectral` key of `analysis.json`.
+fn spectral_json(rows: &[SpectralRow], names: &[String], seconds: f64) -> Value {
+    let groups: Map<String, Value> = spectral_medians(rows, names.len())
+        .into_iter()
+        .map(|(g, per_model)| {
+            let models: Map<String, Value> = names
+                .iter()
+                .zip(per_model)
+                .filter_map(|(n, m)| {
+                    m.map(|v| {
+                        let fields: Map<String, Value> = SPECTRAL_COLUMNS[4..]
+                            .iter()
+                            .zip(v)
+                            .map(|(c, x)| (c.to_string(), json!(x)))
+                            .collect();
+                        (n.clone(), Value::Object(fields))
+                    })
+                })
+                .collect();
+            (g, Value::Object(models))
+        })
+        .collect();
+    json!({
+        "medians_by_group": groups,
+        "tensors": rows.len(),
+        "seconds": seconds,
+        "sketch": {
+            "rank": crate::spectral::RANK,
+            "oversample": crate::spectral::OVERSAMPLE,
+            "power_iterations": crate::spectral::POWER_ITERS,
+        },
+    })
+}
+
+/// The diagnostics' keys of `analysis.json`.
+fn diagnostics_json(d: &Diagnostics, names: &[&str]) -> Value {
+    let per_model = |f: &dyn Fn(usize) -> Value| -> Map<String, Value> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), f(i)))
+            .collect()
+    };
+    let groups = |f: &dyn Fn(usize) -> Value| -> Map<String, Value> {
+        d.cosine_by_layer
+            .iter()
+            .enumerate()
+            .map(|(g, (name, _))| (name.clone(), f(g)))
+            .collect()
+    };
+    let suggestion = |s: &crate::diagnostics::suggest::Suggestion| json!({"value": s.value, "reason": s.reason, "rule": s.rule, "numbers": s.numbers});
+    let s = &d.suggestions;
+    json!({
+        "sign_conflict": {"names": names, "matrix": d.sign_conflict},
+        "sign_conflict_weighted": {"names": names, "matrix": d.sign_conflict_weighted},
+        "cosine_by_layer": {
+            "names": names,
+            "groups": groups(&|g| json!(d.cosine_by_layer[g].1)),
+        },
+        "model_stock_t": groups(&|g| json!(d.model_stock_t[g].1)),
+        "trim_energy": {
+            "densities": DENSITIES,
+            "bound": crate::magnitude::ENERGY_BOUND,
+            "models": per_model(&|i| json!({
+                "tensor": d.trim_energy[i].tensor,
+                "model": d.trim_energy[i].model,
+            })),
+        },
+        "ties_agreement": {
+            "densities": DENSITIES,
+            "values": d.ties_agreement,
+            "weights": match &d.ties_weights {
+                Ok(w) => Value::Object(per_model(&|i| json!(w[i]))),
+                Err(e) => json!({"error": e}),
+            },
+            "sample": {
+                "block": agreement::SAMPLE_BLOCK,
+                "every": agreement::SAMPLE_EVERY,
+                "elements": d.ties_sampled,
+            },
+        },
+        "suggestions": {
+            "method": suggestion(&s.method),
+            "density": suggestion(&s.density),
+            "mode": suggestion(&s.mode),
+            "flags": s.flags,
+        },
+        "magnitude_histogram": {
+            "key": "bits of |d| as f64, shifted right by `shift`",
+            "shift": crate::magnitude::SELECT_SHIFT,
+            "models": per_model(&|i| {
+                let h = &d.histograms[i];
+                json!({"entries": h.entries, "runs": h.select_level_runs()})
+            }),
+        },
     })
 }
 
@@ -265,10 +545,16 @@ pub fn tensor_norms_from_analysis(
 }
 
 /// The files an analysis writes at the top of its folder.
-pub const FAMILY_FILES: [&str; 3] = [
+pub const FAMILY_FILES: [&str; 9] = [
     "analysis.json",
     "pairwise_cosines.csv",
     "pairwise_cosines.png",
+    "sign_conflict.png",
+    "cosine_by_layer.png",
+    "trim_energy.png",
+    "report.html",
+    "spectral.csv",
+    "spectral.png",
 ];
 
 /// The files an analysis writes into each model's folder.
