@@ -77,7 +77,8 @@ fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     // The analysis itself is memory-bound and runs on the CPU kernels; the
     // device computes adapters' products and, with --spectral, the sketches.
-    let device = Device::resolve(DeviceRequest::parse(&args.device)?)?;
+    let (device, chosen) = Device::resolve(DeviceRequest::parse(&args.device)?)?;
+    tv_cli::notes(chosen.as_slice());
 
     let specs: Vec<String> = std::iter::once(args.base.clone())
         .chain(args.models.iter().cloned())

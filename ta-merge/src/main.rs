@@ -64,7 +64,8 @@ fn run(args: Args) -> Result<()> {
              or weights with --lambdas"
         );
     }
-    let device = Device::resolve(device_request)?;
+    let (device, chosen) = Device::resolve(device_request)?;
+    tv_cli::notes(chosen.as_slice());
 
     let base = config
         .base_model()

@@ -1,8 +1,9 @@
 //! Where the arithmetic runs: the CPU, or a CUDA GPU through candle.
 //!
-//! `auto` picks CUDA when this build has it (feature `cuda`) and a GPU is
-//! present, else the CPU. An explicit `cuda` request on a build without CUDA
-//! is an error, never a silent fallback.
+//! `auto` picks CUDA device 0 when this build has CUDA (feature `cuda`) and
+//! the device can be opened (driver and CUDA runtime present), else the
+//! CPU, and in a CUDA build says which. An explicit `cuda` request that
+//! cannot be met is an error, never a silent fallback.
 
 use crate::error::{Error, Result};
 
@@ -45,18 +46,20 @@ pub enum Device {
 }
 
 impl Device {
-    /// Resolves a request into a usable device.
-    pub fn resolve(request: DeviceRequest) -> Result<Self> {
+    /// Resolves a request into a usable device, with a line for stderr
+    /// saying what `auto` chose in a build that could have used a GPU.
+    pub fn resolve(request: DeviceRequest) -> Result<(Self, Option<String>)> {
         match request {
-            DeviceRequest::Cpu => Ok(Self::Cpu),
-            DeviceRequest::Auto => {
-                if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                    Self::cuda(0)
-                } else {
-                    Ok(Self::Cpu)
-                }
-            }
-            DeviceRequest::Cuda(n) => Self::cuda(n),
+            DeviceRequest::Cpu => Ok((Self::Cpu, None)),
+            DeviceRequest::Auto if !cfg!(feature = "cuda") => Ok((Self::Cpu, None)),
+            DeviceRequest::Auto => Ok(match Self::cuda(0) {
+                Ok(device) => (device, Some("--device auto: using CUDA device 0".into())),
+                Err(e) => (
+                    Self::Cpu,
+                    Some(format!("--device auto: using the CPU ({e})")),
+                ),
+            }),
+            DeviceRequest::Cuda(n) => Ok((Self::cuda(n)?, None)),
         }
     }
 
@@ -67,9 +70,29 @@ impl Device {
                  `--features cuda`, or use --device cpu"
             )));
         }
-        candle_core::Device::new_cuda(ordinal)
-            .map(Self::Cuda)
-            .map_err(|e| Error::Device(format!("--device cuda:{ordinal}: {e}")))
+        let failed = |why: String| {
+            Error::Device(format!(
+                "--device cuda:{ordinal}: no CUDA device could be opened ({why}); the driver and \
+                 the CUDA runtime libraries must be installed"
+            ))
+        };
+        // Without a driver, the CUDA bindings panic when they load it:
+        // that becomes this error, without the panic's message.
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
+        std::panic::set_hook(hook);
+        match opened {
+            Ok(Ok(device)) => Ok(Self::Cuda(device)),
+            Ok(Err(e)) => Err(failed(e.to_string())),
+            Err(panic) => Err(failed(
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "the CUDA library could not be loaded".into()),
+            )),
+        }
     }
 
     /// The candle device of this choice (adapters' products run there).
