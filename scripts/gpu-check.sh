@@ -12,8 +12,9 @@
 #      (the spectral sketches within 1e-6);
 #   4. that --device auto said which device it took.
 # Needs, in $BIN (default gpu-bin/): ta-merge and ta-analyze from
-# scripts/build-cuda.sh (strip them: the two must fit the 64 MiB that
-# travels) and make-family from a CPU build (`cargo build --release
+# scripts/build-cuda.sh (stripped they are about 46 MB each: carry them
+# xz-compressed to fit the 64 MiB that travels, and unpack first) and
+# make-family from a CPU build (`cargo build --release
 # --examples`). The CUDA runtime comes from the machine's PyTorch install.
 # Writes its log and timings to $OUT (default /tmp) as gpu-check.log.
 # Usage: BIN=gpu-bin bash scripts/gpu-check.sh
