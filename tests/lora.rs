@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use safetensors::tensor::TensorView;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -90,20 +89,7 @@ fn write_adapter(
     for t in full {
         tensors.push((t.name.clone(), t));
     }
-    let data: Vec<(String, Vec<u8>, &T)> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.ty.encode(&t.values), *t))
-        .collect();
-    let views: Vec<(String, TensorView)> = data
-        .iter()
-        .map(|(n, b, t)| {
-            (
-                n.clone(),
-                TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors, false);
 }
 
 fn lora_config(r: usize, alpha: f64, targets: &[&str]) -> serde_json::Value {
@@ -780,19 +766,6 @@ fn pickled_adapters_with_adapter_names_and_base_layers() {
             );
         }
     }
-}
-
-/// Tensor names of a single-file model in storage order (by data offset).
-fn storage_order(dir: &Path) -> Vec<String> {
-    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Vec<(usize, String)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (v.data().as_ptr() as usize, n))
-        .collect();
-    t.sort();
-    t.into_iter().map(|(_, n)| n).collect()
 }
 
 #[test]

@@ -28,29 +28,9 @@ impl Fam {
             .map(|i| self.path(&format!("m{i}")))
             .collect()
     }
-    /// Tensor names in the base's storage order (shard files in order,
-    /// tensors by data offset).
+    /// Tensor names in the base's storage order.
     fn storage_order(&self) -> Vec<String> {
-        let dir = self.dir.path().join("base");
-        let mut files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-            .collect();
-        files.sort();
-        let mut order = Vec::new();
-        for f in files {
-            let bytes = std::fs::read(&f).unwrap();
-            let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-            let mut t: Vec<(usize, String)> = st
-                .tensors()
-                .into_iter()
-                .map(|(n, v)| (v.data().as_ptr() as usize, n))
-                .collect();
-            t.sort();
-            order.extend(t.into_iter().map(|(_, n)| n));
-        }
-        order
+        storage_order(&self.dir.path().join("base"))
     }
 }
 

@@ -596,25 +596,18 @@ fn analysis_compares_embedding_rows_by_token() {
 /// Writes a LoRA adapter of rank 2 on the base's `[rows, cols]` matrix
 /// `module` (PEFT's names and config).
 fn write_lora(dir: &Path, module: &str, rows: usize, cols: usize, seed: u64) {
-    use safetensors::tensor::TensorView;
     std::fs::create_dir_all(dir).unwrap();
     let target = module.rsplit('.').next().unwrap();
     let config = json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4.0,
         "target_modules": [target], "base_model_name_or_path": "base"});
     std::fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
-    let a = Ty::F32.encode(&noise(seed, 2 * cols, 0.3));
-    let b = Ty::F32.encode(&noise(seed + 1, rows * 2, 0.05));
-    let views = vec![
-        (
-            format!("base_model.model.{module}.lora_A.weight"),
-            TensorView::new(Ty::F32.dtype(), vec![2, cols], &a).unwrap(),
-        ),
-        (
-            format!("base_model.model.{module}.lora_B.weight"),
-            TensorView::new(Ty::F32.dtype(), vec![rows, 2], &b).unwrap(),
-        ),
+    let a = T::new("a", Ty::F32, &[2, cols], noise(seed, 2 * cols, 0.3));
+    let b = T::new("b", Ty::F32, &[rows, 2], noise(seed + 1, rows * 2, 0.05));
+    let factors = [
+        (format!("base_model.model.{module}.lora_A.weight"), &a),
+        (format!("base_model.model.{module}.lora_B.weight"), &b),
     ];
-    safetensors::serialize_to_file(views, None, &dir.join("adapter_model.safetensors")).unwrap();
+    write_safetensors(&dir.join("adapter_model.safetensors"), &factors, false);
 }
 
 #[test]

@@ -222,6 +222,49 @@ pub fn fine_tune(base: &[T], seed: u64, scale: f64, ty: Ty) -> Vec<T> {
         .collect()
 }
 
+/// Writes one safetensors file holding each tensor under its given name,
+/// with torch's `format: pt` metadata when `pt`.
+pub fn write_safetensors(path: &Path, tensors: &[(String, &T)], pt: bool) {
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, t)| t.ty.encode(&t.values))
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, t), bytes)| {
+            let view = TensorView::new(t.ty.dtype(), t.shape.clone(), bytes).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    let meta = pt.then(|| [("format".to_string(), "pt".to_string())].into());
+    safetensors::serialize_to_file(views, meta, path).unwrap();
+}
+
+/// Tensor names of a model folder in storage order: shard files in name
+/// order, tensors by data offset.
+pub fn storage_order(dir: &Path) -> Vec<String> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut order = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut t: Vec<(usize, String)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, v)| (v.data().as_ptr() as usize, n))
+            .collect();
+        t.sort();
+        order.extend(t.into_iter().map(|(_, n)| n));
+    }
+    order
+}
+
 /// Writes `tensors` as a Hugging Face folder with `shards` files (1 gives
 /// model.safetensors) plus a config.
 pub fn write_model(dir: &Path, tensors: &[T], shards: usize, tied: bool) {
@@ -234,22 +277,8 @@ pub fn write_model(dir: &Path, tensors: &[T], shards: usize, tied: bool) {
         } else {
             format!("model-{:05}-of-{:05}.safetensors", k + 1, shards)
         };
-        let data: Vec<(String, Vec<u8>, &T)> = chunk
-            .iter()
-            .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
-            .collect();
-        let views: Vec<(String, TensorView)> = data
-            .iter()
-            .map(|(n, b, t)| {
-                (
-                    n.clone(),
-                    TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
-                )
-            })
-            .collect();
-        let mut meta = std::collections::HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        safetensors::serialize_to_file(views, Some(meta), &dir.join(&file)).unwrap();
+        let named: Vec<(String, &T)> = chunk.iter().map(|t| (t.name.clone(), t)).collect();
+        write_safetensors(&dir.join(&file), &named, true);
         for t in chunk {
             weight_map.insert(t.name.clone(), file.clone());
         }
