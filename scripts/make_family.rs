@@ -128,15 +128,7 @@ fn write_adapter(
         factors.push((format!("{prefix}.lora_A.weight"), vec![r, shape[1]]));
         factors.push((format!("{prefix}.lora_B.weight"), vec![shape[0], r]));
     }
-    let out: Vec<OutTensor> = factors
-        .iter()
-        .map(|(n, s)| OutTensor {
-            name: n.clone(),
-            dtype: ty.dtype(),
-            shape: s.clone(),
-        })
-        .collect();
-    let layout = Layout::plan(out, u64::MAX);
+    let layout = Layout::plan(out_tensors(&factors, ty), u64::MAX);
     let mut w = ShardWriter::create(dir, &layout, 0)?;
     let mut values = Vec::new();
     let mut bytes = Vec::new();
@@ -229,6 +221,18 @@ impl Rng {
     }
 }
 
+/// The output tensors (name, shape) all of type `ty`.
+fn out_tensors(tensors: &[(String, Vec<usize>)], ty: FloatType) -> Vec<OutTensor> {
+    tensors
+        .iter()
+        .map(|(n, s)| OutTensor {
+            name: n.clone(),
+            dtype: ty.dtype(),
+            shape: s.clone(),
+        })
+        .collect()
+}
+
 fn write_model(
     dir: &Path,
     tensors: &[(String, Vec<usize>)],
@@ -237,15 +241,7 @@ fn write_model(
     scale: f64,
     name: &str,
 ) -> anyhow::Result<()> {
-    let out: Vec<OutTensor> = tensors
-        .iter()
-        .map(|(n, s)| OutTensor {
-            name: n.clone(),
-            dtype: ty.dtype(),
-            shape: s.clone(),
-        })
-        .collect();
-    let layout = Layout::plan(out, per_shard);
+    let layout = Layout::plan(out_tensors(tensors, ty), per_shard);
     let seed = name
         .bytes()
         .fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
