@@ -54,7 +54,9 @@ impl VocabMode {
 #[derive(Debug, Clone, Default)]
 pub struct Vocabulary {
     ids: HashMap<String, u32>,
-    tokens: Vec<Option<String>>,
+    /// By id: a map, not a list, so that an id of 4 billion in a hostile
+    /// file costs an entry, not a table of every id below it.
+    tokens: HashMap<u32, String>,
     /// The `added_tokens` entries, by content (kept for the union's files).
     added: HashMap<String, Value>,
 }
@@ -125,25 +127,22 @@ impl Vocabulary {
 
     /// Records that `token` has `id`; an id may hold only one string.
     fn insert(&mut self, token: &str, id: u32) -> std::result::Result<(), String> {
-        let slot = id as usize;
-        if self.tokens.len() <= slot {
-            self.tokens.resize(slot + 1, None);
-        }
-        match &self.tokens[slot] {
+        match self.tokens.get(&id) {
             Some(other) if other != token => {
                 return Err(format!(
                 "gives id {id} to both {other:?} and {token:?}, so rows cannot be matched by token"
             ))
             }
-            _ => self.tokens[slot] = Some(token.to_string()),
-        }
+            _ => self.tokens.insert(id, token.to_string()),
+        };
         self.ids.entry(token.to_string()).or_insert(id);
         Ok(())
     }
 
     /// The token of row `id`, if the tokenizer names one.
     pub fn token(&self, id: usize) -> Option<&str> {
-        self.tokens.get(id).and_then(|t| t.as_deref())
+        let id = u32::try_from(id).ok()?;
+        self.tokens.get(&id).map(String::as_str)
     }
 
     /// The id of `token` when it is below `rows`.
@@ -277,7 +276,12 @@ impl Alignment {
                 other => other,
             })
         };
-        let base_vocab = read(&family.base)?.expect("checked above");
+        let base_vocab = read(&family.base)?.ok_or_else(|| {
+            Error::Incompatible(format!(
+                "{flag}: the base's tokenizer.json in {} disappeared while being read",
+                family.base.folder().display()
+            ))
+        })?;
         let mut models = Vec::new();
         for (i, m) in family.models.iter().enumerate() {
             let model_rows = rows[i].map_or(base_rows, |(_, r)| r);
@@ -315,7 +319,14 @@ impl Alignment {
             let map: Vec<Option<u32>> = (0..base_rows)
                 .map(|r| match base.token(r) {
                     Some(token) => {
-                        let found = vocab.id_below(token, *rows);
+                        // The same row when it holds the same token (a token
+                        // may stand at two ids), else the token's first id.
+                        let same = r < *rows && vocab.token(r) == Some(token);
+                        let found = if same {
+                            Some(r as u32)
+                        } else {
+                            vocab.id_below(token, *rows)
+                        };
                         if found.is_some() {
                             c.matched += 1;
                         } else {
@@ -329,7 +340,8 @@ impl Alignment {
             c.added = (0..*rows)
                 .filter_map(|j| vocab.token(j))
                 .filter(|t| base.id_below(t, base_rows).is_none())
-                .count();
+                .collect::<std::collections::HashSet<_>>()
+                .len();
             maps.push(map);
             counts.push(c);
         }
@@ -425,10 +437,15 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
             (id, Value::Object(e))
         })
         .collect();
+    // The base's tokenizer may name ids past its embedding's rows: those
+    // rows are the union's now, so the base's entries for them go.
+    let base_rows = alignment.base_rows as u64;
+    let below_base = |id: Option<u64>| id.is_some_and(|id| id < base_rows);
     edit_json(base_folder, dir, "tokenizer.json", |t| {
         let obj = t.as_object_mut()?;
         let list = obj.entry("added_tokens").or_insert(json!([]));
         let list = list.as_array_mut()?;
+        list.retain(|e| below_base(e.get("id").and_then(Value::as_u64)));
         list.extend(entries.iter().map(|(_, e)| e.clone()));
         Some(())
     })?;
@@ -436,6 +453,7 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
         let obj = t.as_object_mut()?;
         let decoder = obj.entry("added_tokens_decoder").or_insert(json!({}));
         let decoder = decoder.as_object_mut()?;
+        decoder.retain(|id, _| below_base(id.parse().ok()));
         for (id, e) in &entries {
             let mut e = e.as_object()?.clone();
             e.remove("id");
@@ -445,6 +463,7 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
     })?;
     edit_json(base_folder, dir, "added_tokens.json", |t| {
         let obj = t.as_object_mut()?;
+        obj.retain(|_, id| below_base(id.as_u64()));
         for (id, e) in &entries {
             obj.insert(e["content"].as_str()?.to_string(), (*id).into());
         }
@@ -554,5 +573,60 @@ mod tests {
             let err = Vocabulary::parse(text).unwrap_err();
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn huge_ids_cost_an_entry_and_a_token_at_two_ids_matches_its_own_row() {
+        // An id of 4 billion is read without a table of every id below it.
+        let huge = vocab(&["a"], &[("<far>", u32::MAX)]);
+        assert_eq!(huge.token(u32::MAX as usize), Some("<far>"));
+        assert_eq!(huge.token(1), None);
+        // "a" stands at ids 0 and 2 in both: each row keeps its own.
+        let base = vocab(&["a", "b"], &[("a", 2)]);
+        let twin = vocab(&["a", "b"], &[("a", 2), ("<x>", 3), ("<x>", 4)]);
+        let a = Alignment::build(VocabMode::Union, &base, 3, &[(Some(twin), 5)]);
+        assert_eq!(a.maps[0], [Some(0), Some(1), Some(2), Some(3)]);
+        // "<x>" at two ids is one added token.
+        assert_eq!(a.counts[0].added, 1);
+        assert_eq!(a.rows(), 4);
+    }
+
+    #[test]
+    fn the_union_drops_the_base_tokenizers_ids_past_its_rows() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        // The base's tokenizer names <pad> at 2, past its 2 embedding rows.
+        let tokenizer = json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}},
+            "added_tokens": [{"id": 2, "content": "<pad>"}]});
+        let config = json!({"added_tokens_decoder": {"2": {"content": "<pad>"}}});
+        std::fs::write(from.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        std::fs::write(
+            from.path().join("tokenizer_config.json"),
+            config.to_string(),
+        )
+        .unwrap();
+        std::fs::write(to.path().join("config.json"), "{}").unwrap();
+        let base = vocab(&["a", "b"], &[("<pad>", 2)]);
+        let model = vocab(&["a", "b"], &[("<x>", 2), ("<pad>", 3)]);
+        let a = Alignment::build(VocabMode::Union, &base, 2, &[(Some(model), 4)]);
+        write_union_files(from.path(), to.path(), &a).unwrap();
+        let read = |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(to.path().join(name)).unwrap()).unwrap()
+        };
+        let ids: Vec<(u64, String)> = read("tokenizer.json")["added_tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_u64().unwrap(),
+                    e["content"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(ids, [(2, "<x>".to_string()), (3, "<pad>".to_string())]);
+        let decoder = read("tokenizer_config.json")["added_tokens_decoder"].clone();
+        assert_eq!(decoder["2"]["content"], "<x>");
+        assert_eq!(decoder["3"]["content"], "<pad>");
+        assert_eq!(read("config.json")["vocab_size"], 4);
     }
 }
