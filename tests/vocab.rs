@@ -427,9 +427,10 @@ fn untied_output_from_a_tied_base_is_merged_by_token() {
 #[test]
 fn linear_averages_the_models_holding_each_token() {
     let f = Fam::new(false, &["chat", "lang"]);
-    let o = f.merge(
-        "out",
-        &[
+    let added = f.union_added();
+    let w = [0.6, 0.2];
+    for normalize in [true, false] {
+        let mut args = vec![
             "--vocab",
             "union",
             "--method",
@@ -437,30 +438,104 @@ fn linear_averages_the_models_holding_each_token() {
             "--lambdas",
             "0.6",
             "0.2",
+        ];
+        if !normalize {
+            args.push("--no-normalize");
+        }
+        let out = if normalize { "out" } else { "sum" };
+        let o = f.merge(out, &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let merged = read_model(Path::new(&f.path(out)));
+        let got = Ty::BF16.decode(&merged[EMBED].bytes);
+        for r in 0..BASE_ROWS + added.len() {
+            let (b, src) = f.sources(EMBED, r, &added);
+            let total: f64 = src
+                .iter()
+                .zip(w)
+                .filter(|(s, _)| s.is_some())
+                .map(|(_, w)| w)
+                .sum();
+            // The base's tokens are divided by the weights' sum only when
+            // normalising; appended tokens always (their row is an average).
+            let divisor = if normalize || r >= BASE_ROWS {
+                total
+            } else {
+                1.0
+            };
+            for c in 0..HIDDEN {
+                let mut acc = 0.0;
+                for ((m, s), w) in f.models.iter().zip(&src).zip(w) {
+                    if let Some(j) = s {
+                        acc += w * m.get(EMBED).values[j * HIDDEN + c];
+                    }
+                }
+                let exact = if total == 0.0 { b[c] } else { acc / divisor };
+                assert_rounded(got[r * HIDDEN + c], exact, &format!("{out}[{r}][{c}]"));
+            }
+        }
+    }
+    // Weights summing to 0 over a row's holders leave no average: refused
+    // when planned, nothing written.
+    let o = f.merge(
+        "zero",
+        &[
+            "--vocab",
+            "union",
+            "--method",
+            "linear",
+            "--lambdas",
+            "0.5",
+            "-0.5",
         ],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_one_line_error(&o, &["tensor", "row 0", "sum to 0", "change the weights"]);
+    assert!(!Path::new(&f.path("zero")).exists());
+}
+
+/// A model that adds tokens but stores no lm_head: the lm_head rows of its
+/// tokens come from the other models holding them, else the mean row.
+#[test]
+fn rows_of_a_tensor_the_adding_model_lacks() {
+    let f = Fam::new(false, &["chat", "lang"]);
+    let m0: Vec<T> = f.models[0]
+        .tensors
+        .iter()
+        .filter(|t| t.name != HEAD)
+        .cloned()
+        .collect();
+    write_model(Path::new(&f.path("m0")), &m0, 1, false);
     let added = f.union_added();
-    let merged = read_model(Path::new(&f.path("out")));
-    let got = Ty::BF16.decode(&merged[EMBED].bytes);
     let w = [0.6, 0.2];
-    for r in 0..BASE_ROWS + added.len() {
-        let (b, src) = f.sources(EMBED, r, &added);
-        let total: f64 = src
-            .iter()
-            .zip(w)
-            .filter(|(s, _)| s.is_some())
-            .map(|(_, w)| w)
-            .sum();
-        for c in 0..HIDDEN {
-            let mut acc = 0.0;
-            for ((m, s), w) in f.models.iter().zip(&src).zip(w) {
-                if let Some(j) = s {
-                    acc += w * m.get(EMBED).values[j * HIDDEN + c];
-                }
+    for method in ["linear", "task_arithmetic"] {
+        let args = [
+            "--vocab",
+            "union",
+            "--method",
+            method,
+            "--lambdas",
+            "0.6",
+            "0.2",
+        ];
+        let o = f.merge(method, &args);
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        let merged = read_model(Path::new(&f.path(method)));
+        let got = Ty::BF16.decode(&merged[HEAD].bytes);
+        for r in 0..BASE_ROWS + added.len() {
+            let (b, src) = f.sources(HEAD, r, &added);
+            for c in 0..HIDDEN {
+                let exact = match src[1] {
+                    None => b[c],
+                    Some(j) => {
+                        let x = f.models[1].get(HEAD).values[j * HIDDEN + c];
+                        match (method, r >= BASE_ROWS) {
+                            ("linear", _) => w[1] * x / w[1],
+                            (_, true) => b[c] + (x - b[c]),
+                            (_, false) => b[c] + w[1] * (x - b[c]),
+                        }
+                    }
+                };
+                assert_rounded(got[r * HIDDEN + c], exact, &format!("{method}[{r}][{c}]"));
             }
-            let exact = if total == 0.0 { b[c] } else { acc / total };
-            assert_rounded(got[r * HIDDEN + c], exact, &format!("[{r}][{c}]"));
         }
     }
 }

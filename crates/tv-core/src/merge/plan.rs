@@ -476,7 +476,8 @@ fn plan_rows(
     };
     if base_rows != alignment.base_rows {
         return Err(Error::Incompatible(format!(
-            "tensor '{name}': the base stores {base_rows} rows but its embedding {};              {flag} cannot match them",
+            "tensor '{name}': the base stores {base_rows} rows but its embedding {}; \
+             {flag} cannot match them",
             alignment.base_rows
         )));
     }
@@ -523,6 +524,8 @@ fn plan_rows(
     }
     let params = recipe.params.tensor_params(name)?;
     check_params(name, &params, family)?;
+    let divides = kind == MethodKind::Linear && recipe.settings.normalize;
+    check_row_weights(name, alignment, &sources, &params, divides)?;
     Ok(PlannedTensor {
         name: name.to_string(),
         base: base.clone(),
@@ -534,6 +537,32 @@ fn plan_rows(
         }),
         params: Some(params),
     })
+}
+
+/// Refuses weights that sum to 0 over the models holding a row's token
+/// where the row is their weighted average: every appended row, and with
+/// `divides` (normalised linear) every row.
+fn check_row_weights(
+    name: &str,
+    alignment: &Alignment,
+    sources: &[RowSource],
+    params: &TensorParams,
+    divides: bool,
+) -> Result<()> {
+    let first = if divides { 0 } else { alignment.base_rows };
+    for r in first..alignment.rows() {
+        let held = sources
+            .iter()
+            .filter(|s| alignment.maps[s.model][r].is_some());
+        let mut held = held.map(|s| params.weight[s.model]).peekable();
+        if held.peek().is_some() && held.sum::<f64>() == 0.0 {
+            return Err(Error::InvalidArgument(format!(
+                "tensor '{name}': the weights of the models holding the token of row {r} sum \
+                 to 0, and its row is their weighted average; change the weights"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a family the method cannot merge.

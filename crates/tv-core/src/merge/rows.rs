@@ -47,7 +47,12 @@ impl MergePlan {
         let (n, len) = (alignment.rows(), rows.row_len);
         let linear = self.recipe.settings.kind == MethodKind::Linear;
         let base = family.base.bytes(&planned.base);
-        let mean = if alignment.added.is_empty() || linear {
+        if n * len == 0 {
+            return Ok(());
+        }
+        // Appended rows start from the mean row: a row no model holds (its
+        // token's model lacks this tensor) keeps it, for every method.
+        let mean = if alignment.added.is_empty() {
             Vec::new()
         } else {
             mean_row(base_type, base, len, &|from, to| {
@@ -85,18 +90,12 @@ impl MergePlan {
                     Some((m, ty, &bytes[ty.byte_range(j * len, (j + 1) * len)]))
                 })
             };
-            let total: f64 = held().map(|(m, _, _)| params.weight[m]).sum();
             if held().next().is_none() {
                 merged.copy_from_slice(b);
                 return Ok(());
             }
-            if (added || (linear && self.recipe.settings.normalize)) && total == 0.0 {
-                return Err(Error::InvalidArgument(format!(
-                    "tensor '{}': the weights of the models holding the token of row {r} sum \
-                     to 0, and its row is their weighted average; change the weights",
-                    planned.name
-                )));
-            }
+            // Non-zero where it divides: checked when planned.
+            let total: f64 = held().map(|(m, _, _)| params.weight[m]).sum();
             m_row.resize(len, 0.0);
             merged.fill(0.0);
             for (m, ty, bytes) in held() {
