@@ -884,5 +884,13 @@ fn weights_per_group_and_per_tensor_come_from_the_analysis_norms() {
                 .collect()
         });
         check(&out, &f.base, &want);
+        // No single weight per model was used: the record says so rather
+        // than showing the model-level weight.
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("merge_record.json")).unwrap())
+                .unwrap();
+        for m in record["models"].as_array().unwrap() {
+            assert!(m["lambda"].is_null(), "{m}");
+        }
     }
 }

@@ -97,11 +97,9 @@ fn run(args: Args) -> Result<()> {
     {
         weights_per_tensor(&mut config, &family, dir, granularity, params)?;
     }
-    let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
-    if let Some(l) = &lambdas {
-        // The table and the record show each model's weight as a whole.
-        recipe.weights = l.iter().copied().map(Some).collect();
-    }
+    // A weight that varies by tensor (--granularity group|tensor) is shown
+    // as such, not as the model-level weight no tensor is merged with.
+    let recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
     let options = MergeOptions {
         out_type: config.out_dtype(),
         max_shard_size,
