@@ -27,10 +27,15 @@ fn base_tokens() -> Vec<Option<String>> {
 /// The fine-tunes' tokens by row, and which of them are `added_tokens`.
 /// `chat` adds two chat markers; `lang` replaces t7 by a new word and adds
 /// a language marker and one chat marker; `perm` swaps t0 and t1 and
-/// assigns the added ids in another order, with a tool token.
+/// assigns the added ids in another order, with a tool token; `short`
+/// keeps only the first 30 of the base's tokens (fewer rows than the base).
 fn model_tokens(kind: &str) -> Vec<Option<String>> {
     let mut t = base_tokens();
     let extra: &[&str] = match kind {
+        "short" => {
+            t.truncate(30);
+            &[]
+        }
         "chat" => &["<|im_start|>", "<|im_end|>"],
         "lang" => {
             t[7] = Some("ñ".into());
@@ -666,6 +671,73 @@ fn analysis_compares_embedding_rows_by_token() {
     let summary = read_json(&format!("{stats}/m1/summary.json"));
     assert_eq!(summary["vocab"]["missing"], 1);
     assert_eq!(summary["vocab"]["matched"], 35);
+}
+
+/// The diagnostics (sign conflicts, cosines by layer, trimming, the TIES
+/// election's sample) of fine-tunes whose embedding rows are matched by
+/// token equal those of the same fine-tunes with every row moved by hand
+/// to its base token's row (the base's row where a model lacks the token).
+#[test]
+fn diagnostics_over_rows_matched_by_token_equal_those_of_rows_aligned_by_hand() {
+    let f = Fam::new(false, &["perm", "short"]);
+    let aligned = f.dir.path().join("aligned");
+    for (k, m) in f.models.iter().enumerate() {
+        let tensors: Vec<T> = m
+            .tensors
+            .iter()
+            .map(|t| {
+                if t.name != EMBED && t.name != HEAD {
+                    return t.clone();
+                }
+                let b = &f.base.get(&t.name).values;
+                let mut v = Vec::new();
+                for r in 0..BASE_ROWS {
+                    let row = match f.sources(&t.name, r, &[]).1[k] {
+                        Some(j) => &t.values[j * HIDDEN..(j + 1) * HIDDEN],
+                        None => &b[r * HIDDEN..(r + 1) * HIDDEN],
+                    };
+                    v.extend_from_slice(row);
+                }
+                T::new(&t.name, Ty::BF16, &[BASE_ROWS, HIDDEN], v)
+            })
+            .collect();
+        write_model(&aligned.join(format!("m{k}")), &tensors, 1, false);
+    }
+    let analyse = |models: [String; 2], out: &str| -> Value {
+        let out = f.path(out);
+        let args = [
+            "--base",
+            &f.path("base"),
+            "--models",
+            &models[0],
+            &models[1],
+            "--outdir",
+            &out,
+            "--quiet",
+        ];
+        let o = run("ta-analyze", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        read_json(&format!("{out}/analysis.json"))
+    };
+    let by_token = analyse([f.path("m0"), f.path("m1")], "by-token");
+    let by_hand = analyse(
+        [0, 1].map(|k| aligned.join(format!("m{k}")).to_string_lossy().into_owned()),
+        "by-hand",
+    );
+    for key in [
+        "sign_conflict",
+        "sign_conflict_weighted",
+        "cosine_by_layer",
+        "trim_energy",
+        "ties_agreement",
+        "model_stock_t",
+    ] {
+        assert!(
+            by_token[key].is_object() || by_token[key].is_array(),
+            "{key}"
+        );
+        assert_eq!(by_token[key], by_hand[key], "{key}");
+    }
 }
 
 /// Writes a LoRA adapter of rank 2 on the base's `[rows, cols]` matrix

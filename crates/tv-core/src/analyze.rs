@@ -243,7 +243,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         let acc = fused_pass(&inputs, &maps, &mut buffers.expanded, progress)?;
         let indices: Vec<usize> = inputs.models.iter().map(|&(i, _)| i).collect();
         add_family_sums(&mut dots, &mut base_sum_sq, &indices, &acc);
-        collector.add_tensor(inputs.clone(), &acc);
+        collector.add_tensor(inputs.clone(), maps.clone(), &acc);
         let ks = inputs.models.len();
         let spectral_from = spectral.len();
         // Adapters that leave the tensor alone: a zero task vector.
@@ -417,7 +417,7 @@ struct TensorWork<'a> {
 /// For each model slot of a tensor's inputs: the model's row of each base
 /// row, when its stored tensor is matched by token (stored checkpoints
 /// only: an adapter's tensors have the base's rows).
-type RowMaps<'a> = Vec<Option<&'a [Option<u32>]>>;
+pub(crate) type RowMaps<'a> = Vec<Option<&'a [Option<u32>]>>;
 
 fn row_maps<'a>(
     family: &Family,
@@ -438,7 +438,7 @@ fn row_maps<'a>(
 /// type: its stored bytes, or, matched by token (`rows`), its rows of the
 /// same tokens gathered in the base's order (a token the model lacks takes
 /// the base's values, a zero delta).
-fn model_segment<'b>(
+pub(crate) fn model_segment<'b>(
     base: &Input<'b>,
     model: &Input<'b>,
     rows: Option<&[Option<u32>]>,

@@ -19,10 +19,11 @@
 //! nothing to any sum here, and is not among a tensor's inputs.
 
 use super::DENSITIES;
+use crate::analyze::model_segment;
 use crate::dtype::decode_f64;
 use crate::error::{Error, Result};
 use crate::interrupt;
-use crate::methods::inputs::{Expanded, TensorInputs};
+use crate::methods::inputs::{Expanded, ModelInput, TensorInputs};
 use crate::simd::simd_dispatch;
 use rayon::prelude::*;
 
@@ -43,6 +44,9 @@ pub(crate) struct TensorCuts<'a> {
     pub inputs: TensorInputs<'a>,
     /// Per source, the threshold τ for each density.
     pub taus: Vec<[f64; R]>,
+    /// Per source, its rows matched by token (a resized embedding), read
+    /// as the statistics pass reads them.
+    pub rows: crate::analyze::RowMaps<'a>,
 }
 
 /// Mass and surviving mass per density, and the elements sampled.
@@ -144,13 +148,24 @@ fn block(
     let base = &mut s.base[..len];
     decode_f64(inputs.base.ty, inputs.base.range(start, end), base);
     inputs.expand(start, end, &mut s.expanded)?;
-    for (slot, (_, m)) in inputs.models.iter().enumerate() {
-        let op = m
-            .operand(slot, start, end, &s.expanded)
-            .expect("untouched tensors are not inputs");
+    for (slot, ((_, m), rows)) in inputs.models.iter().zip(&t.rows).enumerate() {
         let d = &mut s.deltas[slot * SAMPLE_BLOCK..slot * SAMPLE_BLOCK + len];
-        decode_f64(op.ty, op.bytes, d);
-        if !op.is_delta {
+        let is_delta = match (rows, m) {
+            // Rows matched by token: the model's rows of the base's tokens.
+            (Some(_), ModelInput::Stored(model)) => {
+                let bytes = model_segment(&inputs.base, model, *rows, start, end);
+                decode_f64(model.ty, &bytes, d);
+                false
+            }
+            _ => {
+                let op = m
+                    .operand(slot, start, end, &s.expanded)
+                    .expect("untouched tensors are not inputs");
+                decode_f64(op.ty, op.bytes, d);
+                op.is_delta
+            }
+        };
+        if !is_delta {
             for (d, &b) in d.iter_mut().zip(base.iter()) {
                 *d -= b;
             }

@@ -127,7 +127,12 @@ impl<'a> Collector<'a> {
     /// task vector entered the pass as a delta, exactly as a stored model's
     /// m − base). A model that leaves the tensor alone adds nothing here:
     /// see [`Collector::add_zero`].
-    pub fn add_tensor(&mut self, inputs: TensorInputs<'a>, acc: &DeltaAcc) {
+    pub fn add_tensor(
+        &mut self,
+        inputs: TensorInputs<'a>,
+        rows: crate::analyze::RowMaps<'a>,
+        acc: &DeltaAcc,
+    ) {
         let (k, ks) = (self.k, inputs.models.len());
         let group = group_of(inputs.name);
         let g = match self.groups.iter().position(|(n, _)| *n == group) {
@@ -150,6 +155,7 @@ impl<'a> Collector<'a> {
             self.cuts.push(TensorCuts {
                 inputs,
                 taus: vec![[0.0; 8]; ks],
+                rows,
             });
         }
     }
