@@ -544,4 +544,51 @@ fn revisions_by_tag_and_commit_are_cached_under_their_names() {
     assert_one_line_error(&o, &["acme/base@main", "not in the Hugging Face cache"]);
     let o = w.merge("acme/base@../x", &["acme/m1", "acme/m2"], &w.s("out4"), &[]);
     assert_one_line_error(&o, &["acme/base@../x", "not a branch, tag or commit name"]);
+    // The plain id is main, not the one snapshot v1 left: it is downloaded.
+    ok(&w.merge("acme/base", &["acme/m1", "acme/m2"], &w.s("out5"), &[]));
+    assert_eq!(
+        std::fs::read_to_string(repo.join("refs/main")).unwrap(),
+        w.commits["acme/base"]
+    );
+    assert_ne!(
+        std::fs::read_to_string(w.path("out5/generation_config.json")).unwrap(),
+        "{\"eos_token_id\": 3}\n"
+    );
+}
+
+/// Weight files without an index, one cut short: the snapshot holds none
+/// of them, so no run (offline or not) merges half a model.
+#[test]
+fn loose_weight_files_are_linked_only_when_all_are_there() {
+    let w = World::new();
+    // A base of its own (the hub serves a blob under the first name that
+    // holds its bytes), as two loose files.
+    let loose = w.path("loose");
+    let base = fine_tune(&base_tensors(Ty::BF16, false), 99, 0.02, Ty::BF16);
+    write_model(&loose, &base, 2, false);
+    std::fs::remove_file(loose.join("model.safetensors.index.json")).unwrap();
+    for (k, name) in ["a.safetensors", "b.safetensors"].iter().enumerate() {
+        let shard = format!("model-{:05}-of-00002.safetensors", k + 1);
+        std::fs::rename(loose.join(shard), loose.join(name)).unwrap();
+    }
+    w.hub().publish("acme/loose", "main", &loose, &[]);
+    let size = std::fs::metadata(loose.join("b.safetensors"))
+        .unwrap()
+        .len();
+    w.hub().cut("b.safetensors", size / 2);
+    let o = w.merge("acme/loose", &["acme/m1"], &w.s("out"), &[]);
+    assert_one_line_error(
+        &o,
+        &["acme/loose", "b.safetensors", "run the command again"],
+    );
+    let snapshots = w.repo("acme/loose").join("snapshots");
+    assert!(files_ending(&snapshots, ".safetensors").is_empty());
+    let o = w.merge(
+        "acme/loose",
+        &["acme/m1"],
+        &w.s("out"),
+        &[("HF_HUB_OFFLINE", "1")],
+    );
+    assert_one_line_error(&o, &["acme/loose", "lacks", "HF_HUB_OFFLINE"]);
+    assert!(!w.path("out").exists());
 }

@@ -202,7 +202,7 @@ pub(crate) fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
 fn hub_snapshot(spec: &str, id: &HubId) -> Result<PathBuf> {
     let cache = hub_cache_dir();
     match crate::hub::cache::lookup(&cache, id)? {
-        Cached::Complete(dir) => Ok(dir),
+        Cached::Complete(dir) | Cached::Guessed(dir) => Ok(dir),
         Cached::Incomplete { snapshot, missing } => Err(Error::NotFound(format!(
             "{spec}: the cached snapshot {} lacks {missing} (an interrupted download?); \
              run without --no-download and HF_HUB_OFFLINE to complete it",

@@ -129,6 +129,10 @@ pub fn repo_dir(cache: &Path, repo: &str) -> PathBuf {
 pub enum Cached {
     /// A snapshot with every weight file.
     Complete(PathBuf),
+    /// No ref names the revision, and the cache holds one complete
+    /// snapshot and no ref to any other revision: likely the revision's,
+    /// but a download asks the hub rather than guess.
+    Guessed(PathBuf),
     /// A snapshot (or a ref) that lacks `missing`, as an interrupted
     /// download leaves it.
     Incomplete { snapshot: PathBuf, missing: String },
@@ -154,11 +158,19 @@ pub fn lookup(cache: &Path, id: &HubId) -> Result<Cached> {
         if std::fs::symlink_metadata(&ref_path).is_ok() {
             (read_ref(&ref_path)?, Some(ref_path))
         } else if !id.explicit_revision {
-            // No refs/main: accept the cache only when it holds one snapshot.
+            // No refs/main: a guess only when the cache holds one snapshot
+            // and no ref says it is another revision's.
+            let other_refs = std::fs::read_dir(repo.join("refs"))
+                .map(|mut rd| rd.next().is_some())
+                .unwrap_or(false);
             let mut revs = snapshot_folders(&snapshots);
             return match revs.len() {
                 0 => Ok(Cached::Absent),
-                1 => Ok(completeness(revs.remove(0))),
+                _ if other_refs => Ok(Cached::Absent),
+                1 => Ok(match completeness(revs.remove(0)) {
+                    Cached::Complete(dir) => Cached::Guessed(dir),
+                    other => other,
+                }),
                 n => Err(Error::NotFound(format!(
                     "{}: the cache at {} holds {n} snapshots and no refs/main; \
                      pass the snapshot folder path or name a commit as {}@<commit>",

@@ -114,15 +114,15 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
     }
     if let Some(index) = &selection.index {
         let index_file = meta(index)?;
-        fetch_file(
+        ensure_blob(
             client,
             settings,
             &job,
             &index_file,
             &crate::progress::Silent,
         )?;
-        let pointer = job.repo_dir.join("snapshots").join(&job.commit).join(index);
-        let map = crate::checkpoint::parse_index(&pointer)?;
+        let blob = cache::blob_path(&job.repo_dir, &index_file.etag);
+        let map = crate::checkpoint::parse_index(&blob)?;
         let mut shards: Vec<&String> = map.values().collect();
         shards.sort();
         shards.dedup();
@@ -146,9 +146,12 @@ pub fn plan(client: &Client, settings: &HubSettings, id: &HubId) -> Result<Job> 
 const WORKERS: usize = 4;
 
 /// Brings every file of `jobs` their snapshots lack, then records the refs.
-/// Side files come first, one at a time, then the weight files, several at
-/// once: a snapshot that holds every weight file then holds its side files
-/// too, which is what [`cache::lookup`] takes for complete.
+/// Side files (and a shard index) come first, one at a time, each linked
+/// into its snapshot; then the weight files, several at once, into
+/// `blobs/`, linked only when every one is there: a snapshot never holds
+/// part of its weights ([`cache::lookup`] could not tell a folder of
+/// loose weight files that lacks one from a complete one), and one without
+/// them says what it lacks.
 pub fn fetch(
     client: &Client,
     settings: &HubSettings,
@@ -160,7 +163,8 @@ pub fn fetch(
         let side = &job.files[..job.side_count];
         for file in job.missing() {
             if side.contains(file) {
-                fetch_file(client, settings, job, file, progress)?;
+                ensure_blob(client, settings, job, file, progress)?;
+                cache::link_pointer(&job.repo_dir, &job.commit, &file.name, &file.etag)?;
             } else {
                 weights.push((job, file));
             }
@@ -177,7 +181,7 @@ pub fn fetch(
                     let Some((job, file)) = weights.get(i) else {
                         break;
                     };
-                    if let Err(e) = fetch_file(client, settings, job, file, progress) {
+                    if let Err(e) = ensure_blob(client, settings, job, file, progress) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(e);
                         }
@@ -189,15 +193,18 @@ pub fn fetch(
     if let Some(e) = failure.into_inner().ok().flatten() {
         return Err(e);
     }
+    for &(job, file) in &weights {
+        cache::link_pointer(&job.repo_dir, &job.commit, &file.name, &file.etag)?;
+    }
     for job in jobs {
         cache::write_ref(&job.repo_dir, &job.id.revision, &job.commit)?;
     }
     Ok(())
 }
 
-/// Puts one file in the snapshot: links an existing blob, or downloads,
-/// verifies and renames it into `blobs/` first.
-fn fetch_file(
+/// Makes sure `blobs/` holds one file: downloads, verifies and renames it
+/// there unless it is already (under the same lock `huggingface_hub` uses).
+fn ensure_blob(
     client: &Client,
     settings: &HubSettings,
     job: &Job,
@@ -218,11 +225,9 @@ fn fetch_file(
         .map_err(|e| Error::io("cannot create", &lock_path, e))?;
     lock.lock()
         .map_err(|e| Error::io("cannot lock", &lock_path, e))?;
-    let blob = cache::blob_path(&job.repo_dir, &file.etag);
-    if !blob.exists() {
+    if !cache::blob_path(&job.repo_dir, &file.etag).exists() {
         download_blob(client, settings, job, file, progress)?;
     }
-    cache::link_pointer(&job.repo_dir, &job.commit, &file.name, &file.etag)?;
     drop(lock);
     Ok(())
 }

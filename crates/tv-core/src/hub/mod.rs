@@ -53,6 +53,7 @@ pub fn ensure_with(
     progress: &dyn Progress,
 ) -> Result<Vec<String>> {
     let mut wanted: Vec<HubId> = Vec::new();
+    let mut notes = Vec::new();
     for spec in specs {
         if Path::new(spec).exists() {
             continue;
@@ -63,16 +64,23 @@ pub fn ensure_with(
         if wanted.contains(&id) {
             continue;
         }
+        let cache_only = access == Access::CacheOnly || settings.offline;
         match cache::lookup(&settings.cache, &id)? {
             Cached::Complete(_) => {}
-            cached if access == Access::CacheOnly || settings.offline => {
+            Cached::Guessed(dir) if cache_only => notes.push(format!(
+                "{}: the cache names no revision {}; using its only snapshot {}",
+                id.display(),
+                id.revision,
+                dir.display()
+            )),
+            cached if cache_only => {
                 return Err(not_cached(&id, settings, access, &cached));
             }
             _ => wanted.push(id),
         }
     }
     if wanted.is_empty() {
-        return Ok(Vec::new());
+        return Ok(notes);
     }
     let client = Client::new(settings);
     let jobs = wanted
@@ -95,16 +103,16 @@ pub fn ensure_with(
     let fetched = download::fetch(&client, settings, &jobs, progress);
     progress.finish();
     fetched?;
-    Ok(jobs
-        .iter()
-        .map(|j| {
+    Ok(notes
+        .into_iter()
+        .chain(jobs.iter().map(|j| {
             format!(
                 "{} is in the cache: {} (commit {})",
                 j.id.display(),
                 j.repo_dir.join("snapshots").join(&j.commit).display(),
                 j.commit
             )
-        })
+        }))
         .collect())
 }
 
