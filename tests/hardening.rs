@@ -898,40 +898,6 @@ fn nonfinite_values_of_a_copied_base_tensor_are_refused_unless_allowed() {
     }
 }
 
-/// Rewrites `dir/model.safetensors` (written by [`write_model`]) with the
-/// tensors of `tensors` except those named in `raw`, which are stored with
-/// their own dtype and bytes (FP8 here, which the test helpers cannot
-/// encode).
-fn write_with_raw(
-    dir: &Path,
-    tensors: &[T],
-    raw: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)],
-) {
-    use safetensors::tensor::TensorView;
-    write_model(dir, tensors, 1, false);
-    let encoded: Vec<(String, Vec<u8>, &T)> = tensors
-        .iter()
-        .filter(|t| !raw.iter().any(|r| r.0 == t.name))
-        .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
-        .collect();
-    let mut views: Vec<(String, TensorView)> = encoded
-        .iter()
-        .map(|(n, b, t)| {
-            (
-                n.clone(),
-                TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    for (name, dtype, shape, bytes) in raw {
-        views.push((
-            name.to_string(),
-            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
-        ));
-    }
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
-}
-
 #[test]
 fn fp8_tensors_to_be_merged_or_analysed_are_refused() {
     use safetensors::Dtype;

@@ -610,6 +610,59 @@ fn bad_adapters_are_refused_by_name() {
         "lacks",
         &["model.layers.7.self_attn.q_proj", "not in the base"],
     );
+    // A base storing the adapted tensor as FP8: the adapter's change could
+    // not be merged, so it is refused rather than dropped.
+    let fp8 = fam.setup.path("fp8-base");
+    let up = format!("{UP0}.weight");
+    let n: usize = w(UP0).iter().product();
+    let raw = [(
+        up.as_str(),
+        safetensors::Dtype::F8_E4M3,
+        w(UP0),
+        vec![0x38u8; n],
+    )];
+    write_with_raw(&fp8, &base, &raw);
+    let l = lora(UP0, &w(UP0), 2, 1.0, false, 66);
+    write_adapter(
+        &fam.setup.path("fp8-lora"),
+        lora_config(2, 2.0, &["up_proj"]),
+        &[&l],
+        &[],
+        false,
+    );
+    let o = run(
+        "ta-merge",
+        &[
+            "--base-model-path",
+            &fp8.to_string_lossy(),
+            "--other-model-paths",
+            &fam.setup.path("fp8-lora").to_string_lossy(),
+            "--output-path",
+            &fam.setup.path("refused").to_string_lossy(),
+            "--lambdas",
+            "1",
+            "--quiet",
+        ],
+    );
+    assert_one_line_error(&o, &[UP0, "FP8", "dequantize"]);
+    assert!(!fam.setup.path("refused").exists());
+    // A factor stored twice (a second adapter name in one file).
+    let l = lora(UP0, &w(UP0), 2, 1.0, false, 67);
+    let twice = fam.setup.path("twice");
+    write_adapter(&twice, lora_config(2, 2.0, &["up_proj"]), &[&l], &[], false);
+    let mut factors: Vec<(String, &T)> = vec![
+        (
+            format!("base_model.model.{UP0}.lora_A.default.weight"),
+            &l.a,
+        ),
+        (
+            format!("base_model.model.{UP0}.lora_B.default.weight"),
+            &l.b,
+        ),
+    ];
+    factors.push((format!("base_model.model.{UP0}.lora_A.other.weight"), &l.a));
+    write_safetensors(&twice.join("adapter_model.safetensors"), &factors, false);
+    refused(&fam, "twice", &[UP0, "stored twice"]);
     // Factors that do not fit the base's tensor.
     let l = lora(UP0, &[16, 16], 2, 1.0, false, 61);
     write_adapter(

@@ -265,6 +265,39 @@ pub fn storage_order(dir: &Path) -> Vec<String> {
     order
 }
 
+/// Rewrites `dir/model.safetensors` (written by [`write_model`]) with the
+/// tensors of `tensors` except those named in `raw`, which are stored with
+/// their own dtype and bytes (FP8 here, which the test helpers cannot
+/// encode).
+pub fn write_with_raw(
+    dir: &Path,
+    tensors: &[T],
+    raw: &[(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)],
+) {
+    write_model(dir, tensors, 1, false);
+    let encoded: Vec<(String, Vec<u8>, &T)> = tensors
+        .iter()
+        .filter(|t| !raw.iter().any(|r| r.0 == t.name))
+        .map(|t| (t.name.clone(), t.ty.encode(&t.values), t))
+        .collect();
+    let mut views: Vec<(String, TensorView)> = encoded
+        .iter()
+        .map(|(n, b, t)| {
+            (
+                n.clone(),
+                TensorView::new(t.ty.dtype(), t.shape.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    for (name, dtype, shape, bytes) in raw {
+        views.push((
+            name.to_string(),
+            TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        ));
+    }
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
 /// Writes `tensors` as a Hugging Face folder with `shards` files (1 gives
 /// model.safetensors) plus a config.
 pub fn write_model(dir: &Path, tensors: &[T], shards: usize, tied: bool) {

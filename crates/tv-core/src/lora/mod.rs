@@ -235,18 +235,20 @@ fn map_tensors(
                 tref.dtype
             )));
         }
+        let is_a = matches!(role, Role::LoraA { .. });
         match role {
             // Layers outside layers_to_transform: PEFT leaves them alone.
             Role::LoraA { module, .. } | Role::LoraB { module, .. }
                 if !config.transforms(&module) => {}
-            Role::LoraA { module, embedding } => {
+            Role::LoraA { module, embedding } | Role::LoraB { module, embedding } => {
                 let e = factors.entry(module).or_default();
-                e.0 = Some(tref.clone());
-                e.2 |= embedding;
-            }
-            Role::LoraB { module, embedding } => {
-                let e = factors.entry(module).or_default();
-                e.1 = Some(tref.clone());
+                let slot = if is_a { &mut e.0 } else { &mut e.1 };
+                // Two adapters' factors in one file (another adapter name)
+                // must not quietly replace each other.
+                if slot.is_some() {
+                    return Err(bad(format!("tensor '{}' is stored twice", esc(stored))));
+                }
+                *slot = Some(tref.clone());
                 e.2 |= embedding;
             }
             Role::Full(target) => {
@@ -261,6 +263,7 @@ fn map_tensors(
                 if tref.shape != b.shape {
                     return Err(shape_error(path, &target, &tref.shape, &b.shape));
                 }
+                refuse_unmergeable_base(path, &target, b)?;
                 let entry = out.entry(target).or_insert(AdapterTensor {
                     lora: None,
                     full: None,
@@ -288,6 +291,7 @@ fn map_tensors(
                 esc(&target)
             )));
         };
+        refuse_unmergeable_base(path, &target, w)?;
         if a.shape.len() != 2 || b.shape.len() != 2 || w.shape.len() != 2 {
             return Err(Error::Incompatible(format!(
                 "adapter {}: module '{}' has factors of shapes {:?} and {:?} for a tensor of shape {:?}; \
@@ -363,6 +367,23 @@ fn shape_error(path: &Path, target: &str, got: &[usize], base: &[usize]) -> Erro
             path.display()
         ))
     }
+}
+
+/// An adapter cannot change a base tensor that is not stored as floats
+/// (FP8 and other packed types): the merge would copy the base's and drop
+/// the adapter's change without a word.
+fn refuse_unmergeable_base(path: &Path, target: &str, w: &TensorRef) -> Result<()> {
+    if w.float_type().is_some() {
+        return Ok(());
+    }
+    let kind = crate::dtype::low_precision_kind(w.dtype)
+        .map_or_else(|| format!("{:?}", w.dtype), str::to_string);
+    Err(Error::Incompatible(format!(
+        "adapter {}: it changes '{}', which the base stores as {kind}; tensors of that type \
+         cannot be merged (dequantize the base first)",
+        path.display(),
+        crate::error::escape_controls(target)
+    )))
 }
 
 #[cfg(test)]
