@@ -527,3 +527,39 @@ fn interrupts_stop_a_conversion_and_leave_no_temporary_file() {
         assert_eq!(snapshot(&c.dir.path().join("in")), before);
     }
 }
+
+// Needs the conversion delay of debug builds.
+#[cfg(debug_assertions)]
+#[test]
+fn a_pickle_truncated_during_its_conversion_is_an_error_not_a_crash() {
+    let mut pkl = Pkl::new();
+    for k in 0..50 {
+        pkl.tensor(&format!("t{k:02}"), "FloatStorage", "0", 64, k, &[4], &[1]);
+    }
+    let bytes = archive(&pkl.done(), &[("0", &[0u8; 256])]);
+    let c = Case::new();
+    let file = c.input("slow.pt", &bytes);
+    let out = c.out().to_string_lossy().into_owned();
+    let child = std::process::Command::new(bin_path("ta-merge"))
+        .args(["--base-model-path", &file, "--other-model-paths", &file])
+        .args(["--lambdas", "0.5", "--output-path", &out, "--quiet"])
+        .env("TMPDIR", c.tmp())
+        .env("TV_TEST_PICKLE_DELAY_MS", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // 50 tensors at 100 ms each: still converting after half a second.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_one_line_error(&o, &["slow.pt", "truncated while being read"]);
+    assert!(!c.out().exists());
+    assert_eq!(entries(&c.tmp()), Vec::<String>::new());
+}

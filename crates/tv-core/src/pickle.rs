@@ -112,12 +112,20 @@ fn convert_file(file: &Path, guard: &mut Converted) -> Result<PathBuf> {
     // SAFETY: mapped read-only; the tools never write their inputs (see
     // checkpoint.rs for the same mapping of safetensors files).
     let map = unsafe { memmap2::Mmap::map(&f) }.map_err(|e| Error::io("cannot map", file, e))?;
+    // A file truncated while it is converted faults (SIGBUS) like a
+    // truncated safetensors shard: the guard turns that into an error.
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::io("cannot read", file, e))?;
+    let _watch = crate::guard::watch(file, &meta, &map);
     let tmp = std::env::temp_dir();
     let cannot_write = |e| Error::io("cannot write a converted copy of a pickle file in", &tmp, e);
     let fail = |f: Fail| match f {
-        Fail::Bad(msg) => {
+        // Zeros read from a file truncated under the mapping look like a
+        // damaged archive: say what happened instead.
+        Fail::Bad(msg) => crate::guard::check().err().unwrap_or_else(|| {
             Error::bad_file(file, format!("not a readable PyTorch checkpoint: {msg}"))
-        }
+        }),
         Fail::Interrupted => Error::Interrupted,
         Fail::Io(e) => cannot_write(e),
     };
@@ -134,6 +142,7 @@ fn convert_file(file: &Path, guard: &mut Converted) -> Result<PathBuf> {
     })
     .map_err(fail)?;
     w.flush().map_err(cannot_write)?;
+    crate::guard::check()?;
     Ok(path)
 }
 
@@ -258,7 +267,7 @@ pub struct Planned {
     pub name: String,
     pub dtype: Dtype,
     pub size: usize,
-    pub view: View,
+    pub view: std::rc::Rc<View>,
 }
 
 impl Planned {

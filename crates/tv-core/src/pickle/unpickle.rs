@@ -27,6 +27,8 @@ pub const MAX_OBJECTS: usize = 1 << 21;
 pub const MAX_ITEMS: usize = 1 << 23;
 /// Dimensions of one tensor.
 pub const MAX_DIMS: usize = 64;
+/// Tensors of one state dict.
+pub const MAX_TENSORS: usize = 1 << 20;
 /// Length of a global's module or name.
 const MAX_NAME: usize = 256;
 
@@ -67,7 +69,8 @@ pub struct View {
 /// One value of the state dict that is a tensor.
 #[derive(Debug, Clone)]
 pub enum Item {
-    Tensor(View),
+    /// Shared: a hostile file may store one view under a million names.
+    Tensor(Rc<View>),
     /// A tensor of a kind we cannot convert (quantized, sparse, nested...),
     /// named by the function that would rebuild it.
     Unsupported(Rc<str>),
@@ -116,7 +119,7 @@ enum Obj {
     Dict(Dict),
     Set(Vec<Value>),
     Storage(Storage),
-    Tensor(View),
+    Tensor(Rc<View>),
     Unsupported(Rc<str>),
     Opaque,
 }
@@ -711,13 +714,13 @@ impl<'a> Machine<'a> {
                 } else {
                     storage.kind.clone()
                 };
-                self.new_obj(Obj::Tensor(View {
+                self.new_obj(Obj::Tensor(Rc::new(View {
                     storage,
                     kind,
                     offset,
                     shape,
                     stride,
-                }))
+                })))
             }
             Global::RebuildParameter => {
                 // (data, requires_grad, backward_hooks[, state]): the data.
@@ -832,7 +835,14 @@ impl<'a> Machine<'a> {
         let mut seen = vec![false; self.objs.len()];
         for (k, v) in &d.items {
             match (k, item(v)) {
-                (Value::Str(name), Some(item)) => out.push((name.to_string(), item)),
+                (Value::Str(name), Some(item)) => {
+                    if out.len() == MAX_TENSORS {
+                        return Err(format!(
+                            "data.pkl's state dict holds more than {MAX_TENSORS} tensors"
+                        ));
+                    }
+                    out.push((name.to_string(), item))
+                }
                 (_, Some(_)) => {
                     return Err("data.pkl stores a tensor under a key that is not a string".into())
                 }
@@ -1165,6 +1175,47 @@ mod tests {
             memo.extend(b"N\x940");
         }
         assert!(err(&memo).contains("memoizes more than"));
+    }
+
+    #[test]
+    fn one_view_under_many_names_is_shared_and_capped() {
+        // {k0: tensor, k1: <memo 0>, k2: <memo 0>, ...}, in batches of
+        // SETITEMS so the stack stays small.
+        let dict = |names: usize| {
+            let tensor = one_tensor("k");
+            // one_tensor's value: after PROTO, EMPTY_DICT, MARK and the key.
+            let value = &tensor[4 + 1 + 1 + 1..tensor.len() - 2];
+            let mut p = b"\x80\x02}".to_vec();
+            for batch in 0..names.div_ceil(1000) {
+                p.push(b'(');
+                for k in batch * 1000..(batch * 1000 + 1000).min(names) {
+                    let key = format!("k{k:07}");
+                    p.push(b'X');
+                    p.extend((key.len() as u32).to_le_bytes());
+                    p.extend(key.as_bytes());
+                    if k == 0 {
+                        p.extend(value);
+                        p.extend(b"q\x00");
+                    } else {
+                        p.extend(b"h\x00");
+                    }
+                }
+                p.push(b'u');
+            }
+            p.push(b'.');
+            p
+        };
+        let got = run(&dict(3)).unwrap();
+        let views: Vec<&Rc<View>> = got
+            .iter()
+            .map(|(_, item)| match item {
+                Item::Tensor(v) => v,
+                Item::Unsupported(_) => panic!("not a tensor"),
+            })
+            .collect();
+        assert_eq!(views.len(), 3);
+        assert!(views.iter().all(|v| Rc::ptr_eq(v, views[0])));
+        assert!(err(&dict(MAX_TENSORS + 1)).contains("more than 1048576 tensors"));
     }
 
     #[test]
