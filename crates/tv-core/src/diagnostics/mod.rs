@@ -22,6 +22,7 @@ use crate::kernels::DeltaAcc;
 use crate::lanes::PairSigns;
 use crate::magnitude::{kept_count, lower_edge, top_energy, Histogram, TensorMagnitudes};
 use crate::methods::inputs::TensorInputs;
+use crate::methods::model_stock::interpolation;
 use crate::stats::group_of;
 use agreement::{ties_agreement, TensorCuts};
 pub use suggest::Suggestions;
@@ -76,24 +77,6 @@ pub fn cosine_matrix(dots: &[f64], k: usize) -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
-}
-
-/// Model Stock's t = N c / (1 + (N − 1) c), c the mean cosine over pairs;
-/// None for fewer than two models or where |1 + (N − 1) c| < 1e-6 (the
-/// merge keeps the base there).
-pub fn model_stock_t(cos: &[Vec<f64>]) -> Option<f64> {
-    let n = cos.len();
-    if n < 2 {
-        return None;
-    }
-    let pairs: Vec<f64> = (0..n)
-        .flat_map(|i| (i + 1..n).map(move |j| (i, j)))
-        .map(|(i, j)| cos[i][j])
-        .collect();
-    let c = pairs.iter().sum::<f64>() / pairs.len() as f64;
-    let nf = n as f64;
-    let denom = 1.0 + (nf - 1.0) * c;
-    (denom.abs() >= 1e-6).then(|| nf * c / denom)
 }
 
 /// Running sums of the diagnostics over the tensors.
@@ -210,13 +193,14 @@ impl<'a> Collector<'a> {
         let sign_conflict_weighted = matrix(&|s| ratio(s.weight_conflict, s.weight));
         let mut groups = self.groups;
         groups.sort_by_key(|(g, _)| crate::analyze::natural_key(g));
+        // Model Stock's t per group, by the merge's own rule.
+        let model_stock_t = groups
+            .iter()
+            .map(|(g, dots)| (g.clone(), interpolation(dots, k)))
+            .collect();
         let cosine_by_layer: Vec<(String, Vec<Vec<f64>>)> = groups
             .into_iter()
             .map(|(g, dots)| (g, cosine_matrix(&dots, k)))
-            .collect();
-        let model_stock_t = cosine_by_layer
-            .iter()
-            .map(|(g, cos)| (g.clone(), model_stock_t(cos)))
             .collect();
         let fraction = |kept: f64, total: f64, bad: bool| {
             let f = kept / total;

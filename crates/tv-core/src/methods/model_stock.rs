@@ -14,8 +14,12 @@ pub(crate) struct ModelStock {
     pub filter_wise: bool,
 }
 
-/// Model Stock's t from the models' pairwise dot products (`dots[i*k+j]`).
-pub(crate) fn interpolation(dots: &[f64], k: usize) -> f64 {
+/// Model Stock's t = N c / (1 + (N − 1) c) from the models' pairwise dot
+/// products (`dots[i*k+j]`), c the mean over pairs of their cosines (each
+/// clamped to [−1, 1], norms floored at 1e-6); `None` for fewer than two
+/// models or where |1 + (N − 1) c| < 1e-6, where the merge keeps the base.
+/// The analysis' `model_stock_t` uses it too, so both agree.
+pub(crate) fn interpolation(dots: &[f64], k: usize) -> Option<f64> {
     let mut sum = 0.0;
     let mut pairs = 0;
     for i in 0..k {
@@ -26,16 +30,12 @@ pub(crate) fn interpolation(dots: &[f64], k: usize) -> f64 {
         }
     }
     if pairs == 0 {
-        return 0.0;
+        return None;
     }
     let c = sum / pairs as f64;
     let n = k as f64;
     let denominator = 1.0 + (n - 1.0) * c;
-    if denominator.abs() < 1e-6 {
-        0.0
-    } else {
-        n * c / denominator
-    }
+    (denominator.abs() >= 1e-6).then(|| n * c / denominator)
 }
 
 /// Adds Σ d_i d_j over `range` of `block` to `dots`.
@@ -121,7 +121,7 @@ impl Method for ModelStock {
                 dots[a * k + b] = dots[b * k + a];
             }
         }
-        Ok(interpolation(&dots, k))
+        Ok(interpolation(&dots, k).unwrap_or(0.0))
     }
 
     #[inline(always)]
@@ -145,7 +145,7 @@ impl Method for ModelStock {
             let range = start..(start + row).min(block.len);
             dots.fill(0.0);
             add_dots(block, k, range.clone(), &mut dots);
-            blend(block, k, interpolation(&dots, k), range, out);
+            blend(block, k, interpolation(&dots, k).unwrap_or(0.0), range, out);
         }
     }
 }
