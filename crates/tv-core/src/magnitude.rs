@@ -1,9 +1,8 @@
 //! Histograms of task-vector magnitudes |d|, and the energy trimming keeps.
 //!
 //! An entry's bucket is the bits of |d| as an f64 shifted right by
-//! [`SHIFT`]: the 11 exponent bits and the top 10 mantissa bits, the key the
-//! merge's selection ranks entries by (`methods::select`), cut 5 bits finer
-//! than its first radix level. A bucket [lo, hi) spans at most 2^-10 of its
+//! [`SHIFT`]: the 11 exponent bits and the top 10 mantissa bits of the key
+//! the merge's selection ranks entries by (`methods::select`). A bucket [lo, hi) spans at most 2^-10 of its
 //! own values (hi ≤ lo · (1 + 2^-10)), so counting each of its entries as
 //! (lo² + hi²)/2 is within (2^-10 + 2^-21) · d² of the entry's own d²: the
 //! energy of any set of entries estimated from bucket counts is within
@@ -21,8 +20,9 @@ use rayon::prelude::*;
 
 /// Bits of |d| (as f64) dropped for a bucket: 10 mantissa bits are kept.
 pub const SHIFT: u32 = 42;
-/// The shift of the merge selection's first radix level (16 bits).
-pub const SELECT_SHIFT: u32 = 47;
+/// The shift of the compact histogram `analysis.json` records: the top 16
+/// bits of |d| (exponent and 4 mantissa bits).
+pub const COARSE_SHIFT: u32 = 47;
 /// Relative bound on an energy estimated from buckets: 2^-10 + 2^-21.
 pub const ENERGY_BOUND: f64 = 1.0 / 1024.0 + 1.0 / 2_097_152.0;
 /// Buckets per binade (one exponent value).
@@ -302,12 +302,12 @@ impl Histogram {
             })
     }
 
-    /// The counts at the merge selection's first radix level (bits of |d|
-    /// shifted by [`SELECT_SHIFT`]) as runs of consecutive buckets: (first
+    /// The counts by the top 16 bits of |d| (shifted by [`COARSE_SHIFT`])
+    /// as runs of consecutive buckets: (first
     /// bucket, counts), ascending; gaps of more than [`RUN_GAP`] empty
     /// buckets start a new run.
-    pub fn select_level_runs(&self) -> Vec<(u64, Vec<u64>)> {
-        let coarse = SELECT_SHIFT - SHIFT;
+    pub fn coarse_runs(&self) -> Vec<(u64, Vec<u64>)> {
+        let coarse = COARSE_SHIFT - SHIFT;
         let mut asc: Vec<(u64, u64)> = Vec::new();
         for (b, c) in self.descending() {
             let k = b >> coarse;
@@ -392,13 +392,13 @@ mod tests {
         h.add(&t64);
         h.add(&TensorMagnitudes::zeros(10));
         assert_eq!(h.entries, n + 10);
-        let asc: u64 = h.select_level_runs().iter().flat_map(|r| r.1.iter()).sum();
+        let asc: u64 = h.coarse_runs().iter().flat_map(|r| r.1.iter()).sum();
         assert_eq!(asc, n + 10);
-        let runs = h.select_level_runs();
+        let runs = h.coarse_runs();
         assert_eq!(runs[0].0, 0);
         let lowest = values
             .iter()
-            .filter(|v| v.abs().to_bits() >> SELECT_SHIFT == 0)
+            .filter(|v| v.abs().to_bits() >> COARSE_SHIFT == 0)
             .count() as u64;
         assert_eq!(runs[0].1[0], lowest + 10);
     }

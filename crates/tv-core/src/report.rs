@@ -429,10 +429,10 @@ fn diagnostics_json(d: &Diagnostics, names: &[&str]) -> Value {
         },
         "magnitude_histogram": {
             "key": "bits of |d| as f64, shifted right by `shift`",
-            "shift": crate::magnitude::SELECT_SHIFT,
+            "shift": crate::magnitude::COARSE_SHIFT,
             "models": per_model(&|i| {
                 let h = &d.histograms[i];
-                json!({"entries": h.entries, "runs": h.select_level_runs()})
+                json!({"entries": h.entries, "runs": h.coarse_runs()})
             }),
         },
     })

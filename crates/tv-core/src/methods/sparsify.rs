@@ -78,13 +78,12 @@ impl Pending {
             return Pending::Ready(Mask::All);
         }
         if kind == Sparsification::Magnitude {
-            if rho <= 0.0 {
+            // The one rule, shared with the analysis' trim energy.
+            let rank = crate::magnitude::kept_count(rho, n);
+            if rank == 0 {
                 return Pending::Ready(Mask::Nothing);
             }
-            targets.push(Target {
-                model,
-                rank: keep_count(rho, n).max(1),
-            });
+            targets.push(Target { model, rank });
             return Pending::Top(targets.len() - 1);
         }
         let (drop, keep) = outlier_window(rho, gamma, n);
