@@ -155,10 +155,25 @@ pub struct ShardWriter {
     path: PathBuf,
     expected: u64,
     written: u64,
-    to_file: Option<SyncSender<Vec<u8>>>,
+    to_file: Option<SyncSender<Msg>>,
     recycled: Receiver<Vec<u8>>,
+    /// A buffer to fill next, for [`ShardWriter::write`].
+    spare: Vec<u8>,
     thread: Option<JoinHandle<std::io::Result<()>>>,
 }
+
+/// What the writing thread receives.
+enum Msg {
+    Data(Vec<u8>),
+    /// Every byte is sent: flush and fsync. Without it (the writer dropped
+    /// after an error or an interrupt) the thread stops without syncing a
+    /// shard that is about to be deleted.
+    Finish,
+}
+
+/// Bytes [`ShardWriter::write`] copies into one buffer at most, so that
+/// copying a large tensor verbatim holds a bounded amount of memory.
+pub(crate) const COPY_CHUNK: usize = 16 << 20;
 
 /// Bytes written between two requests that the kernel start writing back.
 const WRITEBACK_STEP: u64 = 64 << 20;
@@ -185,17 +200,25 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 }
 
 /// The writing thread: appends every buffer it receives, starts writeback
-/// every [`WRITEBACK_STEP`], hands the buffer back; at the end (the sender
-/// dropped) flushes and fsyncs. Stops at the first error.
+/// every [`WRITEBACK_STEP`], hands the buffer back; on [`Msg::Finish`]
+/// flushes and fsyncs. Stops at the first error, or without syncing when
+/// the sender goes away unfinished.
 fn write_file(
     file: File,
     header_len: u64,
-    buffers: Receiver<Vec<u8>>,
+    messages: Receiver<Msg>,
     recycle: SyncSender<Vec<u8>>,
 ) -> std::io::Result<()> {
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let (mut end, mut queued) = (header_len, 0u64);
-    for buffer in buffers {
+    for message in messages {
+        let buffer = match message {
+            Msg::Data(buffer) => buffer,
+            Msg::Finish => {
+                let file = out.into_inner().map_err(|e| e.into_error())?;
+                return file.sync_all();
+            }
+        };
         crate::testhooks::before_write(buffer.len())?;
         out.write_all(&buffer)?;
         end += buffer.len() as u64;
@@ -207,8 +230,7 @@ fn write_file(
         // The caller may have stopped taking buffers back; that is fine.
         let _ = recycle.try_send(buffer);
     }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
+    Ok(())
 }
 
 impl ShardWriter {
@@ -220,12 +242,12 @@ impl ShardWriter {
         let header = layout.header(k);
         file.write_all(&header)
             .map_err(|e| Error::io("cannot write", &path, e))?;
-        let (to_file, buffers) = sync_channel::<Vec<u8>>(1);
+        let (to_file, messages) = sync_channel::<Msg>(1);
         let (recycle, recycled) = sync_channel::<Vec<u8>>(2);
         let header_len = header.len() as u64;
         let thread = std::thread::Builder::new()
             .name("shard-writer".into())
-            .spawn(move || write_file(file, header_len, buffers, recycle))
+            .spawn(move || write_file(file, header_len, messages, recycle))
             .map_err(|e| Error::io("cannot start a writer for", &path, e))?;
         Ok(Self {
             path,
@@ -233,42 +255,58 @@ impl ShardWriter {
             written: 0,
             to_file: Some(to_file),
             recycled,
+            spare: Vec::new(),
             thread: Some(thread),
         })
     }
 
-    /// Appends tensor data (copied into a buffer of the writer's).
+    /// Appends tensor data, copied into buffers of the writer's of at most
+    /// [`COPY_CHUNK`] bytes.
     pub fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        let mut buffer = self.recycled.try_recv().unwrap_or_default();
-        buffer.clear();
-        buffer.extend_from_slice(bytes);
-        self.write_owned(buffer).map(|_| ())
+        for chunk in bytes.chunks(COPY_CHUNK) {
+            let mut buffer = std::mem::take(&mut self.spare);
+            buffer.clear();
+            buffer.extend_from_slice(chunk);
+            self.spare = self.write_owned(buffer)?;
+        }
+        Ok(())
     }
 
     /// Appends `buffer` and returns an emptied buffer to fill next (one the
     /// writing thread is done with, when there is one).
     pub fn write_owned(&mut self, buffer: Vec<u8>) -> Result<Vec<u8>> {
         self.written += buffer.len() as u64;
-        let sent = self.to_file.as_ref().map(|tx| tx.send(buffer));
-        if !matches!(sent, Some(Ok(()))) {
-            // The thread stopped: its error says why.
-            return Err(self.stop());
-        }
+        self.send(Msg::Data(buffer))?;
         Ok(self.recycled.try_recv().unwrap_or_default())
     }
 
-    /// Ends the writing thread and returns its outcome as this shard's error.
-    fn stop(&mut self) -> Error {
-        self.to_file = None;
-        let outcome = self.thread.take().map(|t| t.join());
-        match outcome {
-            Some(Ok(Err(e))) => Error::io("cannot write", &self.path, e),
-            _ => Error::io(
-                "cannot write",
-                &self.path,
-                std::io::Error::other("the writing thread stopped"),
-            ),
+    /// Hands `message` to the writing thread; its error if it stopped.
+    fn send(&mut self, message: Msg) -> Result<()> {
+        let sent = self.to_file.as_ref().map(|tx| tx.send(message));
+        if matches!(sent, Some(Ok(()))) {
+            Ok(())
+        } else {
+            // The thread stopped: its error says why.
+            self.join().and(Err(self.thread_stopped()))
         }
+    }
+
+    /// Ends the writing thread (closing its channel) and returns its outcome.
+    fn join(&mut self) -> Result<()> {
+        self.to_file = None;
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::io("cannot write", &self.path, e)),
+            _ => Err(self.thread_stopped()),
+        }
+    }
+
+    fn thread_stopped(&self) -> Error {
+        Error::io(
+            "cannot write",
+            &self.path,
+            std::io::Error::other("the writing thread stopped"),
+        )
     }
 
     /// Flushes and fsyncs the shard; checks that exactly the planned number
@@ -283,26 +321,16 @@ impl ShardWriter {
                 ),
             ));
         }
-        self.to_file = None;
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(Error::io("cannot write", &self.path, e)),
-            _ => Err(Error::io(
-                "cannot write",
-                &self.path,
-                std::io::Error::other("the writing thread stopped"),
-            )),
-        }
+        self.send(Msg::Finish)?;
+        self.join()
     }
 }
 
 impl Drop for ShardWriter {
     fn drop(&mut self) {
-        // Unfinished (an error elsewhere): let the thread end, result unused.
-        self.to_file = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        // Unfinished (an error elsewhere): the thread ends without syncing;
+        // its result is not needed.
+        let _ = self.join();
     }
 }
 

@@ -128,11 +128,15 @@ impl MergePlan {
             let mut writer = ShardWriter::create(dir, &self.layout, k)?;
             for planned in &self.tensors[shard.tensors.clone()] {
                 if planned.out_type.is_none() {
-                    // Not a float tensor: the base's bytes, verbatim.
+                    // Not a float tensor: the base's bytes, verbatim, a
+                    // chunk at a time so that its pages do not pile up.
                     let bytes = family.base.bytes(&planned.base);
-                    writer.write(bytes)?;
-                    family.base.release(&planned.base, 0, bytes.len());
-                    progress.advance(bytes.len() as u64);
+                    for (i, chunk) in bytes.chunks(crate::writer::COPY_CHUNK).enumerate() {
+                        writer.write(chunk)?;
+                        let from = i * crate::writer::COPY_CHUNK;
+                        family.base.release(&planned.base, from, from + chunk.len());
+                        progress.advance(chunk.len() as u64);
+                    }
                     continue;
                 }
                 let mut out = Out {
