@@ -102,6 +102,8 @@ pub fn verify(dir: &Path, progress: &dyn Progress) -> Result<VerifyReport> {
         progress.advance(t.nbytes() as u64);
     }
     progress.finish();
+    // A shard truncated while it was read reads as zeros: say so.
+    crate::guard::check()?;
     Ok(VerifyReport {
         tensors: ckpt.len(),
         shards: ckpt.shards.len(),

@@ -69,12 +69,14 @@ pub(crate) fn sample(
     let blocks: usize = tensors.iter().map(|t| t.numel().div_ceil(BLOCK)).sum();
     let every = (blocks / tuning.min_sampled_blocks.max(1))
         .clamp(1, SAMPLE_EVERY.max(blocks * BLOCK / MOST_SAMPLED));
-    let mut keys: Vec<Vec<u64>> = (0..models.len()).map(|_| Vec::new()).collect();
+    // Reserved once, for every tensor each model stores.
+    let mut capacity = vec![0usize; models.len()];
     for t in tensors {
         for (_, s) in sources_of(t, models) {
-            keys[s].reserve(t.numel().div_ceil(every) + BLOCK);
+            capacity[s] += t.numel().div_ceil(every) + BLOCK;
         }
     }
+    let mut keys: Vec<Vec<u64>> = capacity.into_iter().map(Vec::with_capacity).collect();
     let mut scratch = super::inputs::Scratch::default();
     let mut expanded = super::inputs::Expanded::default();
     let mut global = 0;
