@@ -15,20 +15,9 @@ use tv_core::family::Family;
 use tv_core::merge::{MergeOptions, MergePlan};
 use tv_core::progress::Silent;
 
+/// The committed checkpoint corpus.
 fn corpus() -> Vec<(String, Vec<u8>)> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-corpus");
-    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| {
-            let p = e.unwrap().path();
-            (
-                p.file_name().unwrap().to_string_lossy().into_owned(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
+    files_in("tests/fuzz-corpus")
 }
 
 /// Files of `dir` under the package root, sorted by name.
@@ -56,16 +45,6 @@ fn pickle_corpus() -> &'static [(String, Vec<u8>)] {
         files.extend(files_in("tests/pickle-fixtures"));
         files
     })
-}
-
-/// Runs the pickle reader as the fuzz target does: a whole archive when
-/// the bytes start like a zip, else a bare data.pkl. Must not panic.
-fn read_pickle(bytes: &[u8]) -> Result<usize, String> {
-    if bytes.starts_with(b"PK") {
-        tv_core::pickle::fuzzing::archive(bytes)
-    } else {
-        tv_core::pickle::fuzzing::pickle(bytes)
-    }
 }
 
 /// Opens `bytes` as the `pytorch_model.bin` of a model folder and reads
@@ -126,47 +105,20 @@ fn the_pickle_corpus_is_converted_or_refused() {
     let corpus = pickle_corpus();
     assert!(corpus.len() > 20, "{} files", corpus.len());
     for (_, bytes) in corpus {
-        let _ = read_pickle(bytes);
+        let _ = tv_core::pickle::fuzzing::input(bytes);
     }
     // The torch.save fixtures: all but the complex one convert.
     for (name, bytes) in files_in("tests/pickle-fixtures") {
-        let got = read_pickle(&bytes);
+        let got = tv_core::pickle::fuzzing::input(&bytes);
         assert_eq!(got.is_ok(), name != "complex.pt", "{name}: {got:?}");
         assert_eq!(exercise_pickle(&bytes), name != "complex.pt", "{name}");
     }
 }
 
-/// Replays an input of the `checkpoint` fuzz target (fuzz/fuzz_targets/
-/// checkpoint.rs): a mode byte, then a single safetensors file, or an
-/// index, a NUL byte and one shard (safetensors or pickle).
+/// Replays an input of the `checkpoint` fuzz target in a folder of its own.
 fn open_layout(data: &[u8]) {
-    let Some((&mode, rest)) = data.split_first() else {
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let (index, shard) = match rest.iter().position(|&b| b == 0) {
-        Some(i) => (&rest[..i], &rest[i + 1..]),
-        None => (rest, &[][..]),
-    };
-    let write = |name: &str, bytes: &[u8]| std::fs::write(root.join(name), bytes).unwrap();
-    match mode % 3 {
-        0 => write("model.safetensors", rest),
-        1 => {
-            write("model.safetensors.index.json", index);
-            write("model-00001-of-00001.safetensors", shard);
-        }
-        _ => {
-            write("pytorch_model.bin.index.json", index);
-            write("pytorch_model-00001-of-00001.bin", shard);
-        }
-    }
-    if let Ok(c) = tv_core::checkpoint::Checkpoint::open(&root.to_string_lossy()) {
-        for name in c.names() {
-            let t = c.get(name).unwrap();
-            assert_eq!(c.bytes(t).len(), t.nbytes());
-        }
-    }
+    tv_core::checkpoint::fuzzing::open_layout(dir.path(), data);
 }
 
 #[test]
@@ -243,7 +195,7 @@ proptest! {
         for m in &mutations {
             apply(&mut bytes, m);
         }
-        let _ = read_pickle(&bytes);
+        let _ = tv_core::pickle::fuzzing::input(&bytes);
     }
 
     #[test]

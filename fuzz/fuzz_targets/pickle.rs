@@ -6,9 +6,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = if data.starts_with(b"PK") {
-        tv_core::pickle::fuzzing::archive(data)
-    } else {
-        tv_core::pickle::fuzzing::pickle(data)
-    };
+    let _ = tv_core::pickle::fuzzing::input(data);
 });

@@ -359,3 +359,52 @@ fn describe(e: safetensors::SafeTensorError) -> String {
         other => format!("invalid safetensors file: {other}"),
     }
 }
+
+/// The `checkpoint` fuzz target's input layout, shared with the test that
+/// replays its corpus.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::Checkpoint;
+    use std::path::Path;
+
+    /// Writes `data` as a model folder into the empty folder `root` (the
+    /// first byte picks the layout: 0, a single `model.safetensors` of the
+    /// rest; 1, a `model.safetensors.index.json` of the rest up to its first
+    /// NUL byte and one shard of what follows; 2, the same with a
+    /// `pytorch_model.bin` index and pickle shard), opens it and reads
+    /// every tensor. Returns whether it opened; panics if an opened tensor's
+    /// bytes do not have its size.
+    pub fn open_layout(root: &Path, data: &[u8]) -> bool {
+        let Some((&mode, rest)) = data.split_first() else {
+            return false;
+        };
+        let (index, shard) = match rest.iter().position(|&b| b == 0) {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, &[][..]),
+        };
+        let write = |name: &str, bytes: &[u8]| std::fs::write(root.join(name), bytes).unwrap();
+        match mode % 3 {
+            0 => write("model.safetensors", rest),
+            1 => {
+                write("model.safetensors.index.json", index);
+                write("model-00001-of-00001.safetensors", shard);
+            }
+            _ => {
+                write("pytorch_model.bin.index.json", index);
+                write("pytorch_model-00001-of-00001.bin", shard);
+            }
+        }
+        let Ok(ckpt) = Checkpoint::open(&root.to_string_lossy()) else {
+            return false;
+        };
+        let mut sum = 0u64;
+        for name in ckpt.names() {
+            let t = ckpt.get(name).expect("listed");
+            let bytes = ckpt.bytes(t);
+            assert_eq!(bytes.len(), t.nbytes(), "tensor {name}");
+            sum += bytes.iter().map(|&b| u64::from(b)).sum::<u64>();
+        }
+        std::hint::black_box(sum);
+        true
+    }
+}

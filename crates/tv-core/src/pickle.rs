@@ -529,6 +529,16 @@ fn flush(
 pub mod fuzzing {
     use super::*;
 
+    /// What the `pickle` fuzz target reads: a whole archive when `bytes`
+    /// start like a zip file, else a bare data.pkl.
+    pub fn input(bytes: &[u8]) -> std::result::Result<usize, String> {
+        if bytes.starts_with(b"PK") {
+            archive(bytes)
+        } else {
+            pickle(bytes)
+        }
+    }
+
     /// A `torch.save` zip archive: read, checked, converted.
     pub fn archive(bytes: &[u8]) -> std::result::Result<usize, String> {
         let run = || -> Result<usize, Fail> {
