@@ -429,6 +429,28 @@ fn diagnostics_of_a_bf16_family_with_a_copy_of_the_base_and_a_missing_tensor() {
     assert!(f(&a["sign_conflict"]["matrix"][0][3]) > 0.8);
 }
 
+/// Every fine-tune equal to the base: no flags are suggested (ta-merge
+/// would refuse them: every norm is 0), and the analysis says why.
+#[test]
+fn no_merge_is_suggested_when_nothing_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_tensors(Ty::BF16, false);
+    write_model(&dir.path().join("base"), &base, 1, false);
+    for m in ["m0", "m1"] {
+        write_model(
+            &dir.path().join(m),
+            &fine_tune(&base, 1, 0.0, Ty::BF16),
+            1,
+            false,
+        );
+    }
+    let out = analyze(dir.path(), &["m0", "m1"]);
+    let a = json(&out.join("analysis.json"));
+    assert_eq!(a["suggestions"]["flags"], "");
+    let reason = a["suggestions"]["method"]["reason"].as_str().unwrap();
+    assert!(reason.contains("nothing to merge"), "{reason}");
+}
+
 #[test]
 fn diagnostics_of_a_tied_f16_family() {
     let dir = tempfile::tempdir().unwrap();

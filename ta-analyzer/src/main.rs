@@ -110,11 +110,16 @@ fn run(args: Args) -> Result<()> {
     for line in tv_core::html::summary_table(&analysis, &shown) {
         tv_cli::sayln!("{line}");
     }
-    tv_cli::sayln!(
-        "suggested: {} ({}; see report.html)",
-        analysis.diagnostics.suggestions.flags,
-        analysis.diagnostics.suggestions.method.reason
-    );
+    let suggestions = &analysis.diagnostics.suggestions;
+    if suggestions.flags.is_empty() {
+        tv_cli::sayln!("suggested: {}", suggestions.method.reason);
+    } else {
+        tv_cli::sayln!(
+            "suggested: {} ({}; see report.html)",
+            suggestions.flags,
+            suggestions.method.reason
+        );
+    }
     if let Some((rows, seconds)) = &analysis.spectral {
         tv_cli::sayln!(
             "spectral: {} tensor sketches in {seconds:.1} s (spectral.csv)",

@@ -34,7 +34,8 @@ pub struct Suggestion {
 }
 
 /// The suggested method, density and weighting mode, and the flags that
-/// give them to `ta-merge`.
+/// give them to `ta-merge` (empty, with the method's reason saying why,
+/// where no merge makes sense).
 #[derive(Debug, Clone, Default)]
 pub struct Suggestions {
     pub method: Suggestion,
@@ -138,11 +139,26 @@ pub(crate) fn suggest(d: &Diagnostics, names: &[String], norms: &[f64]) -> Sugge
             format!("linear: norms within a factor {spread:.1}, inverse norms balance the models")
         },
     };
-    let mut flags = format!("--method {}", method.value.as_str().unwrap_or_default());
-    if ties && rho < 1.0 {
-        flags += &format!(" --density {rho}");
-    }
-    flags += &format!(" --mode {}", mode.value.as_str().unwrap_or_default());
+    // No flags where ta-merge would refuse any weighting: nothing changed,
+    // or a norm that is not finite.
+    let mut method = method;
+    let nonfinite = norms.iter().position(|n| !n.is_finite());
+    let flags = if let Some(i) = nonfinite {
+        method.reason = format!(
+            "no merge: model '{}' has non-finite deltas (its norm is {})",
+            names[i], norms[i]
+        );
+        String::new()
+    } else if live.is_empty() {
+        method.reason = "no merge: every task vector is zero, nothing to merge".into();
+        String::new()
+    } else {
+        let mut flags = format!("--method {}", method.value.as_str().unwrap_or_default());
+        if ties && rho < 1.0 {
+            flags += &format!(" --density {rho}");
+        }
+        flags + &format!(" --mode {}", mode.value.as_str().unwrap_or_default())
+    };
     Suggestions {
         method,
         density,
