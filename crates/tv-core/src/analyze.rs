@@ -766,7 +766,11 @@ impl Buffers {
             .fold(0xcbf2_9ce4_8422_2325u64 ^ model as u64, |h, b| {
                 (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
             });
-        crate::spectral::spectrum(&self.f64s[..numel], rows, cols, device, seed)
+        // The buffer becomes the sketch's matrix (no copy); the next tensor
+        // allocates a new one.
+        let mut values = std::mem::take(&mut self.f64s);
+        values.truncate(numel);
+        crate::spectral::spectrum(values, rows, cols, device, seed)
     }
 }
 

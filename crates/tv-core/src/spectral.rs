@@ -54,9 +54,10 @@ fn candle(e: candle_core::Error) -> Error {
 }
 
 /// The spectrum of the `rows` × `cols` row-major matrix `a`, sketched on
-/// `device` with Gaussian draws from `seed`.
+/// `device` with Gaussian draws from `seed`. Takes the matrix by value: on
+/// the CPU it becomes the tensor without a copy.
 pub fn spectrum(
-    a: &[f64],
+    a: Vec<f64>,
     rows: usize,
     cols: usize,
     device: &Device,
@@ -71,7 +72,7 @@ pub fn spectrum(
             sigma: Vec::new(),
         });
     }
-    let m = Tensor::from_slice(a, (rows, cols), device).map_err(candle)?;
+    let m = Tensor::from_vec(a, (rows, cols), device).map_err(candle)?;
     let gram = if n <= width {
         // Small side within the sketch: exact, from the Gram matrix.
         if rows <= cols {
@@ -202,7 +203,7 @@ mod tests {
             (100, 90, 20, 0.3),
         ] {
             let a = matrix(rows, cols, rank, noise, rows as u64);
-            let got = spectrum(&a, rows, cols, &Device::Cpu, 42).unwrap();
+            let got = spectrum(a.clone(), rows, cols, &Device::Cpu, 42).unwrap();
             let svd = DMatrix::from_row_slice(rows, cols, &a).svd(false, false);
             let mut s: Vec<f64> = svd.singular_values.iter().copied().collect();
             s.sort_by(|x, y| y.total_cmp(x));
