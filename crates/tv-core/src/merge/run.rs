@@ -458,11 +458,15 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
 /// input, as for Task Arithmetic.
 #[inline(always)]
 fn propagate_nonfinite(block: &Block<'_>, merged: &mut [f64]) {
+    // Reading is cheaper than rewriting: look first (inputs are nearly
+    // always finite), rewrite only a block that holds a non-finite input.
+    let finite = |xs: &[f64]| xs.iter().fold(true, |all, x| all & x.is_finite());
+    if finite(block.base) && finite(block.models) {
+        return;
+    }
     for input in std::iter::once(block.base).chain(block.models.chunks(block.len.max(1))) {
         for (m, &x) in merged.iter_mut().zip(input) {
-            if !x.is_finite() {
-                *m = f64::NAN;
-            }
+            *m = crate::simd::nan_if(*m, !x.is_finite());
         }
     }
 }

@@ -14,6 +14,7 @@ use super::inputs::{Block, TensorInputs};
 use super::sparsify::{ModelCut, Sparsifier};
 use super::{Method, MethodSettings, Scratch, Sparsification, TensorParams};
 use crate::error::Result;
+use crate::simd::keep_or_zero;
 
 /// A method of the family, with its whole-model cuts when the density
 /// scope is the model.
@@ -75,9 +76,15 @@ impl Method for Gta {
             let w = p.weight[m];
             weight_sum += w;
             let vi = &mut v[i * len..(i + 1) * len];
-            self.weighted(sparsifiers, i, w, t, block, scratch, vi);
-            for (s, x) in total.iter_mut().zip(vi.iter()) {
-                *s += x;
+            match sparsifiers.get(i) {
+                Some(s) => s.accumulate(t, i, w, block, scratch, vi, &mut total),
+                None => {
+                    let pairs = block.model(i).iter().zip(block.base);
+                    for ((x, s), (&m, &b)) in vi.iter_mut().zip(total.iter_mut()).zip(pairs) {
+                        *x = (m - b) * w;
+                        *s += *x;
+                    }
+                }
             }
         }
         if self.elect {
@@ -92,8 +99,8 @@ impl Method for Gta {
                 for (((o, d), &x), &s) in out.iter_mut().zip(divisor.iter_mut()).zip(vi).zip(&total)
                 {
                     let agrees = if s >= 0.0 { x > 0.0 } else { x < 0.0 };
-                    *o += if agrees { x } else { 0.0 };
-                    *d += if agrees { w } else { 0.0 };
+                    *o += keep_or_zero(x, agrees);
+                    *d += keep_or_zero(w, agrees);
                 }
             }
             for ((o, &d), &b) in out.iter_mut().zip(&divisor).zip(block.base) {
@@ -117,33 +124,5 @@ impl Method for Gta {
         }
         scratch.c = v;
         scratch.total = total;
-    }
-}
-
-impl Gta {
-    /// Model `i`'s weighted, thinned deltas of `block` into `v`.
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    fn weighted(
-        &self,
-        sparsifiers: &[Sparsifier],
-        i: usize,
-        w: f64,
-        t: &TensorInputs<'_>,
-        block: &Block<'_>,
-        scratch: &mut Scratch,
-        v: &mut [f64],
-    ) {
-        match sparsifiers.get(i) {
-            Some(s) => s.apply(t, i, block, scratch, v),
-            None => {
-                for ((x, &m), &b) in v.iter_mut().zip(block.model(i)).zip(block.base) {
-                    *x = m - b;
-                }
-            }
-        }
-        for x in v.iter_mut() {
-            *x *= w;
-        }
     }
 }

@@ -15,6 +15,8 @@
 use super::inputs::{per_thread, Block, TensorInputs, Visit, BLOCK};
 use super::window::{self, Tuning, Window, WindowAcc, WindowPass};
 use crate::error::{Error, Result};
+use crate::simd::keep_or_zero;
+use rayon::prelude::*;
 
 /// The key of a task-vector entry: the bits of |d| (NaN sorts highest).
 #[inline(always)]
@@ -116,11 +118,9 @@ impl Cut {
     pub fn apply(&self, ordinal: usize, first: usize, out: &mut [f64]) {
         // Only the block where the kept ties run out needs counting; before
         // it every equal key is kept, after it none.
-        if let Some(ties_kept) = self.plain(ordinal, first / BLOCK) {
+        if let Some(cut) = self.threshold(ordinal, first / BLOCK) {
             for d in out.iter_mut() {
-                let k = key(*d);
-                let kept = k > self.key || (ties_kept && k == self.key);
-                *d = if kept { *d } else { 0.0 };
+                *d = keep_or_zero(*d, cut.keeps(key(*d)));
             }
             return;
         }
@@ -137,14 +137,15 @@ impl Cut {
     #[inline(always)]
     pub fn apply_without(&self, inner: &Cut, ordinal: usize, first: usize, out: &mut [f64]) {
         let block = first / BLOCK;
-        let (outer_plain, inner_plain) = (self.plain(ordinal, block), inner.plain(ordinal, block));
-        if let (Some(outer_ties), Some(inner_ties)) = (outer_plain, inner_plain) {
+        let (outer_plain, inner_plain) = (
+            self.threshold(ordinal, block),
+            inner.threshold(ordinal, block),
+        );
+        if let (Some(outer), Some(inner)) = (outer_plain, inner_plain) {
             // Vectorised: no cut has to count its ties in this block.
             for d in out.iter_mut() {
                 let k = key(*d);
-                let outer = k > self.key || (outer_ties && k == self.key);
-                let outlier = k > inner.key || (inner_ties && k == inner.key);
-                *d = if outer && !outlier { *d } else { 0.0 };
+                *d = keep_or_zero(*d, outer.keeps(k) && !inner.keeps(k));
             }
             return;
         }
@@ -162,6 +163,16 @@ impl Cut {
         }
     }
 
+    /// The cut in block `block` of tensor `ordinal` as a plain threshold,
+    /// unless it is the one block where the kept ties run out.
+    #[inline(always)]
+    pub fn threshold(&self, ordinal: usize, block: usize) -> Option<Threshold> {
+        self.plain(ordinal, block).map(|ties_kept| Threshold {
+            key: self.key,
+            ties_kept,
+        })
+    }
+
     /// Whether every key equal to the threshold in block `block` is kept
     /// (`Some(true)`) or dropped (`Some(false)`); `None` for the one block
     /// where the kept ties run out.
@@ -172,6 +183,23 @@ impl Cut {
         } else {
             None
         }
+    }
+}
+
+/// A cut within one block that needs no counting: keys above `key` are
+/// kept, and keys equal to it when `ties_kept`. A copy of the cut's numbers,
+/// so that a loop testing it keeps them in registers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Threshold {
+    key: u64,
+    ties_kept: bool,
+}
+
+impl Threshold {
+    /// Whether an entry of key `key` is kept.
+    #[inline(always)]
+    pub fn keeps(self, key: u64) -> bool {
+        key > self.key || (self.ties_kept && key == self.key)
     }
 }
 
@@ -282,15 +310,27 @@ pub(crate) fn select_tuned(
                 },
             )?;
         }
-        let acc = accs
-            .into_iter()
-            .reduce(|a, b| {
-                let parts = a.into_iter().zip(b);
-                parts.map(|(a, b)| a.merge(b, &tuning)).collect()
+        // Per target: the thread parts' findings, merged and resolved, the
+        // targets spread over the threads (sorting candidates takes time).
+        let mut by_target: Vec<Vec<WindowAcc>> = (0..open.len()).map(|_| Vec::new()).collect();
+        for part in accs {
+            for (o, acc) in part.into_iter().enumerate() {
+                by_target[o].push(acc);
+            }
+        }
+        let resolved: Vec<Search> = by_target
+            .into_par_iter()
+            .zip(open.par_iter().zip(&windows))
+            .map(|(parts, (&k, w))| {
+                let acc = parts
+                    .into_iter()
+                    .reduce(|a, b| a.merge(b, &tuning))
+                    .expect("one part");
+                w.resolve(acc, targets[k].rank)
             })
-            .expect("one part");
-        for ((&k, w), a) in open.iter().zip(&windows).zip(acc) {
-            searches[k] = w.resolve(a, targets[k].rank);
+            .collect();
+        for (&k, search) in open.iter().zip(resolved) {
+            searches[k] = search;
         }
     }
 

@@ -9,11 +9,12 @@
 //! Both the pre-pass and the merge call `apply`, so the entries counted for
 //! the L1 norm are exactly the entries merged.
 
-use super::inputs::{fixed_parts, Block, TensorInputs, Visit};
+use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
-use super::select::{self, Cut, Target};
+use super::select::{self, key, Cut, Target};
 use super::{DellaScratch, MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
 use crate::error::{Error, Result};
+use crate::simd::keep_or_zero;
 use std::sync::Arc;
 
 /// Which entries of one model's task vector survive.
@@ -220,7 +221,7 @@ impl Sparsifier {
                 draws.fill(block.first, &mut scratch.a);
                 let scale = if self.inverse { 1.0 / p } else { 1.0 };
                 for (o, &u) in out.iter_mut().zip(&scratch.a) {
-                    *o = if u < *p { *o * scale } else { 0.0 };
+                    *o = keep_or_zero(*o * scale, u < *p);
                 }
             }
             Mask::Della {
@@ -248,6 +249,89 @@ impl Sparsifier {
             for o in out.iter_mut() {
                 *o *= self.factor;
             }
+        }
+    }
+}
+
+impl Sparsifier {
+    /// Writes `w` times model `i`'s thinned and rescaled deltas of `block`
+    /// into `v` and adds them to `total`: what [`apply`](Self::apply)
+    /// followed by a product and a sum computes, in one loop over the block
+    /// for the common masks (the operations and their order are the same,
+    /// so the values are too). Multiplying by a factor of 1 is exact.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    pub fn accumulate(
+        &self,
+        t: &TensorInputs<'_>,
+        i: usize,
+        w: f64,
+        block: &Block<'_>,
+        scratch: &mut Scratch,
+        v: &mut [f64],
+        total: &mut [f64],
+    ) {
+        let fused = Fused {
+            models: block.model(i),
+            base: block.base,
+            factor: self.factor,
+            w,
+        };
+        let here = block.first / BLOCK;
+        match &self.mask {
+            Mask::All => return fused.run(v, total, |_, d| d),
+            Mask::Top(cut) => {
+                if let Some(cut) = cut.threshold(t.ordinal, here) {
+                    return fused.run(v, total, |_, d| keep_or_zero(d, cut.keeps(key(d))));
+                }
+            }
+            Mask::Window { outer, inner } => {
+                let ordinal = t.ordinal;
+                let (o, n) = (
+                    outer.threshold(ordinal, here),
+                    inner.threshold(ordinal, here),
+                );
+                if let (Some(outer), Some(inner)) = (o, n) {
+                    return fused.run(v, total, |_, d| {
+                        let k = key(d);
+                        keep_or_zero(d, outer.keeps(k) && !inner.keeps(k))
+                    });
+                }
+            }
+            Mask::Random { p, draws } => {
+                scratch.a.resize(block.len, 0.0);
+                draws.fill(block.first, &mut scratch.a);
+                let (p, rescale) = (*p, if self.inverse { 1.0 / p } else { 1.0 });
+                let u = &scratch.a[..block.len];
+                return fused.run(v, total, |j, d| keep_or_zero(d * rescale, u[j] < p));
+            }
+            Mask::Nothing | Mask::Della { .. } => {}
+        }
+        self.apply(t, i, block, scratch, v);
+        for (x, s) in v.iter_mut().zip(total.iter_mut()) {
+            *x *= w;
+            *s += *x;
+        }
+    }
+}
+
+/// One model's deltas of a block, for [`Sparsifier::accumulate`]'s loop.
+struct Fused<'a> {
+    models: &'a [f64],
+    base: &'a [f64],
+    factor: f64,
+    w: f64,
+}
+
+impl Fused<'_> {
+    /// v_j = thin(j, m_j − b_j) · factor · w, and total_j += v_j.
+    #[inline(always)]
+    fn run(&self, v: &mut [f64], total: &mut [f64], thin: impl Fn(usize, f64) -> f64) {
+        let (factor, w) = (self.factor, self.w);
+        let pairs = self.models.iter().zip(self.base);
+        for (j, ((x, s), (&m, &b))) in v.iter_mut().zip(total.iter_mut()).zip(pairs).enumerate() {
+            *x = thin(j, m - b) * factor * w;
+            *s += *x;
         }
     }
 }
@@ -323,7 +407,7 @@ fn della_row(
     // Branch-free, so that it vectorises.
     for ((d, &u), &p) in row.iter_mut().zip(draws).zip(probability.iter()) {
         let kept = if inverse { *d / p } else { *d };
-        *d = if u < p { kept } else { 0.0 };
+        *d = keep_or_zero(kept, u < p);
     }
 }
 
