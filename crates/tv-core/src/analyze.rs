@@ -567,6 +567,7 @@ fn tensor_inputs<'a>(
             .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
             .collect(),
         device: device.candle(),
+        keep_pages: false,
     }
 }
 

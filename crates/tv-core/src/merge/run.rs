@@ -187,6 +187,7 @@ impl MergePlan {
                 .map(|(i, held)| (*i, ModelInput::new(family.models[*i].checkpoint(), held)))
                 .collect(),
             device: device.candle(),
+            keep_pages: false,
         }
     }
 
@@ -306,7 +307,8 @@ impl MergePlan {
         let Some(params) = &planned.params else {
             return self.write_fused(family, &Device::Cpu, planned, out);
         };
-        let inputs = self.inputs(family, planned, device);
+        let mut inputs = self.inputs(family, planned, device);
+        inputs.keep_pages_if_small();
         let state = method.prepare(&inputs, params)?;
         let out_type = planned.out_type.expect("float tensor");
         let block = inputs.block_len(method.rows());

@@ -21,6 +21,9 @@ use rayon::prelude::*;
 
 /// Elements per segment of a pass: bounds the pages resident at once.
 pub(crate) const SEGMENT: usize = 1 << 22;
+/// Most bytes of one tensor's inputs that a pre-pass leaves resident for
+/// the merge pass right after it.
+pub(crate) const KEEP_RESIDENT: usize = 64 << 20;
 /// Elements per block handed to a visitor or a combine step. Blocks of a
 /// tensor start at multiples of this (unless whole rows are asked for).
 pub(crate) const BLOCK: usize = 2048;
@@ -136,6 +139,9 @@ pub(crate) struct TensorInputs<'a> {
     pub models: Vec<(usize, ModelInput<'a>)>,
     /// Where adapters' products are computed.
     pub device: candle_core::Device,
+    /// Whether a pass leaves the tensor's pages resident, for a pass that
+    /// follows at once (see [`TensorInputs::keep_pages_if_small`]).
+    pub keep_pages: bool,
 }
 
 /// A decoded block: elements `first..first + len` of the base and of every
@@ -252,6 +258,22 @@ impl<'a> TensorInputs<'a> {
         }
     }
 
+    /// Lets a pre-pass leave the tensor's pages resident for the merge
+    /// pass that follows, when every input's bytes together come to at most
+    /// [`KEEP_RESIDENT`]: the merge then finds them mapped instead of
+    /// faulting them in a second time. Larger tensors are released segment
+    /// by segment as usual, so resident memory stays bounded.
+    pub fn keep_pages_if_small(&mut self) {
+        let n = self.numel();
+        let bytes = self.base.ty.byte_range(0, n).len()
+            + self
+                .models
+                .iter()
+                .map(|(_, m)| m.read_len(0, n))
+                .sum::<usize>();
+        self.keep_pages = bytes <= KEEP_RESIDENT;
+    }
+
     /// Drops the pages of elements `start..end` of every input.
     pub fn release(&self, start: usize, end: usize) {
         self.base.release(start, end);
@@ -306,7 +328,9 @@ impl<'a> TensorInputs<'a> {
                     block,
                 })
             });
-            self.release(start, end);
+            if !self.keep_pages {
+                self.release(start, end);
+            }
             crate::guard::check()?;
             start = end;
         }

@@ -745,6 +745,7 @@ mod tests {
                     .map(|(m, ckpt)| (m, ModelInput::Stored(input(ckpt, name))))
                     .collect(),
                 device: candle_core::Device::Cpu,
+                keep_pages: false,
             })
             .collect()
     }

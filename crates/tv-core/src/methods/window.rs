@@ -105,9 +105,11 @@ pub(crate) fn sample(
             }
             // The kernel maps an aligned 64 KiB around a fault too, before
             // and after it: drop what was mapped, so that a sampled tensor
-            // is not left resident.
+            // is not left resident (unless the passes after keep it).
             let end = (first + BLOCK + FAULT_AROUND).min(n);
-            t.release(released.min(first), end);
+            if !t.keep_pages {
+                t.release(released.min(first), end);
+            }
             released = end;
         }
         global += count;
@@ -424,14 +426,16 @@ impl WindowPass<'_> {
     fn count(&self, acc: &mut WindowAcc, w: &Window, keys: &[u64], block: usize) {
         let (mut above, mut equal) = (0u64, 0u64);
         // Branch-free, so that it vectorises: the counts, and a bit for each
-        // key inside the window other than `pred`.
-        let span = w.hi - w.lo;
+        // key inside the window other than `pred`. Keys and bounds are at
+        // most MAX_KEY, so they compare as signed integers, which AVX2 has.
+        let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
         let mut inside = 0u64;
         for (j, &k) in keys.iter().enumerate() {
-            above += u64::from(k > w.hi);
-            let is_pred = k == w.pred;
+            let k = k as i64;
+            above += u64::from(k > hi);
+            let is_pred = k == pred;
             equal += u64::from(is_pred);
-            let held = (k.wrapping_sub(w.lo) <= span) & !is_pred;
+            let held = (k >= lo) & (k <= hi) & !is_pred;
             inside |= u64::from(held) << j;
         }
         acc.above += above;
