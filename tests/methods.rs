@@ -742,6 +742,64 @@ fn whole_model_density_keeps_the_top_entries_over_all_tensors() {
     }
 }
 
+/// `--from-analysis` with `--density-scope model` places the thresholds by
+/// the analysis' magnitude counts (saying so) and writes the same bytes as
+/// the sampled selection of an analysis folder without them.
+#[test]
+fn whole_model_ties_from_an_analysis_uses_its_counts_and_writes_the_same_bytes() {
+    let f = fam(Ty::BF16, 2, false, &SCALES);
+    let stats = f.dir.path().join("stats");
+    let (base, models) = (f.path("base"), f.models());
+    let stats_s = stats.to_string_lossy().into_owned();
+    let mut args = vec!["--base", &base, "--models"];
+    args.extend(models.iter().map(String::as_str));
+    args.extend(["--outdir", &stats_s, "--quiet"]);
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The same analysis without analysis.json: summaries only.
+    let bare = f.dir.path().join("bare");
+    for name in ["m0", "m1", "m2"] {
+        std::fs::create_dir_all(bare.join(name)).unwrap();
+        std::fs::copy(
+            stats.join(name).join("summary.json"),
+            bare.join(name).join("summary.json"),
+        )
+        .unwrap();
+    }
+    let mut outputs = Vec::new();
+    for (dir, counted) in [(&stats, true), (&bare, false)] {
+        let out = f.dir.path().join(format!("out-{counted}"));
+        let dir_s = dir.to_string_lossy().into_owned();
+        let flags = [
+            "--from-analysis",
+            &dir_s,
+            "--mode",
+            "exp",
+            "--method",
+            "ties",
+            "--density",
+            "0.2",
+            "--density-scope",
+            "model",
+        ];
+        let out_s = out.to_string_lossy().into_owned();
+        let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
+        args.extend(models.iter().map(String::as_str));
+        args.extend(["--output-path", &out_s]);
+        args.extend(flags);
+        let o = run("ta-merge", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let said = stdout(&o).contains("placed by the analysis' magnitude counts for 3 of 3");
+        assert_eq!(said, counted, "{}", stdout(&o));
+        let bytes: BTreeMap<String, Vec<u8>> = read_model(&out)
+            .into_iter()
+            .map(|(name, t)| (name, t.bytes))
+            .collect();
+        outputs.push(bytes);
+    }
+    assert!(outputs[0] == outputs[1], "the counts changed the merge");
+}
+
 #[test]
 fn every_method_reproduces_from_its_written_config() {
     let f = fam(Ty::BF16, 2, false, &SCALES);

@@ -13,7 +13,7 @@ use tv_core::device::{Device, DeviceRequest};
 use tv_core::dtype::FloatType;
 use tv_core::family::Family;
 use tv_core::merge::{human_bytes, parse_size, MergeOptions, MergePlan};
-use tv_core::methods::MethodKind;
+use tv_core::methods::{DensityScope, MethodKind};
 use tv_core::params::{FilterEntry, ParamValue};
 use tv_core::recipe;
 use tv_core::report;
@@ -99,7 +99,20 @@ fn run(args: Args) -> Result<()> {
     }
     // A weight that varies by tensor (--granularity group|tensor) is shown
     // as such, not as the model-level weight no tensor is merged with.
-    let recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    if let (Some(dir), DensityScope::Model) = (&args.from_analysis, recipe.settings.density_scope) {
+        // The analysis' magnitude counts place each model's threshold
+        // without a sample (README: "The histogram for whole-model trimming").
+        recipe.magnitude_counts = report::magnitude_counts_from_analysis(dir, &family.names)?;
+        let counted = recipe.magnitude_counts.iter().flatten().count();
+        if counted > 0 {
+            tv_cli::say(format!(
+                "whole-model thresholds placed by the analysis' magnitude counts for {counted} of {} \
+                 models (where they count the entries merged)\n",
+                family.names.len()
+            ));
+        }
+    }
     let options = MergeOptions {
         out_type: config.out_dtype(),
         max_shard_size,

@@ -34,6 +34,50 @@ pub const RUN_GAP: u64 = 8;
 /// Binades of an f64 (exponent values).
 const BINADES: usize = 2048;
 
+/// A whole task vector's entries counted by the top 16 bits of their keys
+/// (`key >> COARSE_SHIFT`), as the analysis records them in
+/// `magnitude_histogram`: what lets a whole-model selection place its
+/// window without a sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoarseCounts {
+    /// Entries counted in all.
+    pub entries: u64,
+    /// Runs of consecutive buckets, ascending: (first bucket, counts).
+    pub runs: Vec<(u64, Vec<u64>)>,
+}
+
+/// Where the `rank`-th largest key lies by [`CoarseCounts`]: its bucket
+/// (keys `bucket << COARSE_SHIFT` to the next bucket's first minus one),
+/// how many keys lie in higher buckets, and how many in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoarseBucket {
+    pub bucket: u64,
+    pub above: u64,
+    pub count: u64,
+}
+
+impl CoarseCounts {
+    /// The bucket holding the `rank`-th largest key (rank from 1), if the
+    /// counts reach that far.
+    pub fn bucket_of_rank(&self, rank: u64) -> Option<CoarseBucket> {
+        let mut above = 0u64;
+        for (first, counts) in self.runs.iter().rev() {
+            for (i, &count) in counts.iter().enumerate().rev() {
+                if above + count >= rank && count > 0 {
+                    let bucket = first + i as u64;
+                    return Some(CoarseBucket {
+                        bucket,
+                        above,
+                        count,
+                    });
+                }
+                above += count;
+            }
+        }
+        None
+    }
+}
+
 /// The bucket of an entry with delta `d`.
 #[inline(always)]
 pub fn bucket(d: f64) -> u64 {

@@ -108,6 +108,7 @@ pub fn from_config<'a>(
             layers: layer_count(names),
             needs_weights,
         }),
+        magnitude_counts: Vec::new(),
     })
 }
 

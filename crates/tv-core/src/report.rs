@@ -463,6 +463,63 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
         .collect()
 }
 
+/// Each model's `magnitude_histogram` entry from `DIR/analysis.json`, for
+/// a whole-model selection (`ta-merge --from-analysis --density-scope
+/// model`). `None` for a model the file does not describe, and for every
+/// model when the file is absent or records another bucket width: the
+/// selection then samples, as without an analysis. A file that is present
+/// but malformed is an error naming it.
+pub fn magnitude_counts_from_analysis(
+    dir: &Path,
+    names: &[String],
+) -> Result<Vec<Option<crate::magnitude::CoarseCounts>>> {
+    let path = dir.join("analysis.json");
+    let none = || names.iter().map(|_| None).collect();
+    let Some(text) = crate::sidecar::read_side_text_if_present(&path)? else {
+        return Ok(none());
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
+    let Some(h) = v.get("magnitude_histogram") else {
+        return Ok(none());
+    };
+    if h.get("shift").and_then(Value::as_u64) != Some(u64::from(crate::magnitude::COARSE_SHIFT)) {
+        return Ok(none());
+    }
+    let bad = |what: &str| Error::bad_file(&path, format!("magnitude_histogram: {what}"));
+    names
+        .iter()
+        .map(|name| {
+            let Some(m) = h.get("models").and_then(|m| m.get(name)) else {
+                return Ok(None);
+            };
+            let entries = m
+                .get("entries")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| bad(&format!("model '{name}' has no entries count")))?;
+            let runs =
+                m.get("runs")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad(&format!("model '{name}' has no runs")))?
+                    .iter()
+                    .map(|run| {
+                        let first = run.get(0).and_then(Value::as_u64);
+                        let counts = run.get(1).and_then(Value::as_array).and_then(|c| {
+                            c.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>()
+                        });
+                        match (first, counts) {
+                            (Some(first), Some(counts)) => Ok((first, counts)),
+                            _ => Err(bad(&format!(
+                                "a run of model '{name}' is not [bucket, [counts]]"
+                            ))),
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+            Ok(Some(crate::magnitude::CoarseCounts { entries, runs }))
+        })
+        .collect()
+}
+
 /// Each tensor's L2 norm per model from an analysis folder, for weights per
 /// group or per tensor (`ta-merge --from-analysis --granularity`):
 /// `result[t][i]` for tensor `tensors[t]` and model `names[i]`, from

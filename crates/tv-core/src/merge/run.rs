@@ -389,7 +389,7 @@ impl MergePlan {
         let cuts: Vec<Arc<_>> = if targets.is_empty() {
             Vec::new()
         } else {
-            select::select(&inputs, &targets)?
+            select::select_counted(&inputs, &targets, &self.recipe.magnitude_counts)?
                 .into_iter()
                 .map(Arc::new)
                 .collect()

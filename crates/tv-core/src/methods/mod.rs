@@ -397,6 +397,9 @@ pub struct Recipe {
     /// where it varies by tensor (per-layer anchors, filters).
     pub weights: Vec<Option<f64>>,
     pub params: Box<dyn ParamSource>,
+    /// Per model, its whole task vector's magnitudes counted by an analysis
+    /// (`--from-analysis`), for a whole-model selection; empty without.
+    pub magnitude_counts: Vec<Option<crate::magnitude::CoarseCounts>>,
 }
 
 impl Recipe {
@@ -406,6 +409,7 @@ impl Recipe {
             settings: MethodSettings::new(MethodKind::TaskArithmetic),
             params: Box::new(Uniform(TensorParams::with_weights(weights.clone()))),
             weights: weights.into_iter().map(Some).collect(),
+            magnitude_counts: Vec::new(),
         }
     }
 }

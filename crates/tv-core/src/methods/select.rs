@@ -15,6 +15,7 @@
 use super::inputs::{per_thread, Block, TensorInputs, Visit, BLOCK};
 use super::window::{self, Tuning, Window, WindowAcc, WindowPass};
 use crate::error::{Error, Result};
+use crate::magnitude::{CoarseBucket, CoarseCounts};
 use crate::simd::keep_or_zero;
 use rayon::prelude::*;
 
@@ -236,14 +237,26 @@ pub(crate) enum Search {
 /// that holds it until a bucket holds one value or is kept whole, and a
 /// last pass counts the keys equal to the threshold block by block.
 pub(crate) fn select(tensors: &[TensorInputs<'_>], targets: &[Target]) -> Result<Vec<Cut>> {
-    select_tuned(tensors, targets, Tuning::default())
+    select_tuned(tensors, targets, Tuning::default(), &[])
 }
 
-/// [`select`] with its knobs given.
+/// [`select`] with each model's magnitudes counted beforehand (indexed by
+/// family model; see [`window::Placement`]): a count that holds for the
+/// entries selected over places that model's window without a sample.
+pub(crate) fn select_counted(
+    tensors: &[TensorInputs<'_>],
+    targets: &[Target],
+    counts: &[Option<CoarseCounts>],
+) -> Result<Vec<Cut>> {
+    select_tuned(tensors, targets, Tuning::default(), counts)
+}
+
+/// [`select`] with its knobs and any counts given.
 pub(crate) fn select_tuned(
     tensors: &[TensorInputs<'_>],
     targets: &[Target],
     tuning: Tuning,
+    counts: &[Option<CoarseCounts>],
 ) -> Result<Vec<Cut>> {
     let models: Vec<usize> = {
         let mut m: Vec<usize> = targets.iter().map(|t| t.model).collect();
@@ -276,12 +289,50 @@ pub(crate) fn select_tuned(
         .filter(|&k| matches!(searches[k], Search::Open))
         .collect();
     if !open.is_empty() {
-        let (mut samples, complete) = window::sample(tensors, &models, &tuning)?;
-        let windows: Vec<Window> = open
+        // Each target's bucket by the counts that hold for its model.
+        let buckets: Vec<Option<CoarseBucket>> = open
             .iter()
             .map(|&k| {
-                let (s, rank) = (slot(targets[k].model), targets[k].rank);
-                Window::place(&mut samples[s], totals[s], rank, complete, tuning.skew)
+                let Target { model, rank } = targets[k];
+                let counts = counts.get(model)?.as_ref()?;
+                (counts.entries == totals[slot(model)])
+                    .then(|| counts.bucket_of_rank(rank))
+                    .flatten()
+            })
+            .collect();
+        // Sample only the models that some target still needs it for.
+        let sampled: Vec<usize> = {
+            let mut m: Vec<usize> = open
+                .iter()
+                .zip(&buckets)
+                .filter(|(_, b)| !window::Placement::needs_no_sample(b.as_ref(), &tuning))
+                .map(|(&k, _)| targets[k].model)
+                .collect();
+            m.sort_unstable();
+            m.dedup();
+            m
+        };
+        let (mut samples, complete) = if sampled.is_empty() {
+            (Vec::new(), false)
+        } else {
+            window::sample(tensors, &sampled, &tuning)?
+        };
+        let windows: Vec<Window> = open
+            .iter()
+            .zip(&buckets)
+            .map(|(&k, bucket)| {
+                let Target { model, rank } = targets[k];
+                let sample = sampled
+                    .binary_search(&model)
+                    .ok()
+                    .map(|i| &mut samples[i][..]);
+                window::Placement {
+                    total: totals[slot(model)],
+                    rank,
+                    complete,
+                    skew: tuning.skew,
+                }
+                .place(sample, bucket.as_ref())
             })
             .collect();
         let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
@@ -775,6 +826,16 @@ mod tests {
     /// storage order), the cuts of `models` for several ranks over
     /// `tensors`, with each tuning.
     fn check(tensors: &[TensorInputs<'_>], models: &[usize], tunings: &[(Tuning, &str)]) {
+        check_counted(tensors, models, tunings, &[]);
+    }
+
+    /// [`check`] with magnitude counts handed to the selection.
+    fn check_counted(
+        tensors: &[TensorInputs<'_>],
+        models: &[usize],
+        tunings: &[(Tuning, &str)],
+        counts: &[Option<CoarseCounts>],
+    ) {
         for &model in models {
             let d = deltas(tensors, model);
             let mut order: Vec<(u64, usize, usize)> = d
@@ -789,7 +850,7 @@ mod tests {
             ranks.retain(|&r| r > 0 && r < n);
             let targets: Vec<Target> = ranks.iter().map(|&rank| Target { model, rank }).collect();
             for &(tuning, what) in tunings {
-                let cuts = select_tuned(tensors, &targets, tuning).unwrap();
+                let cuts = select_tuned(tensors, &targets, tuning, counts).unwrap();
                 for (target, cut) in targets.iter().zip(&cuts) {
                     let mut want: Vec<Option<Vec<u64>>> = d
                         .iter()
@@ -844,6 +905,68 @@ mod tests {
             check(std::slice::from_ref(t), &[0, 1, 2], &tunings());
         }
         check(&all, &[0, 1, 2], &tunings());
+    }
+
+    /// Each model's exact counts by `key >> COARSE_SHIFT`, as the analysis
+    /// records them (one run per bucket, written plainly).
+    fn exact_counts(tensors: &[TensorInputs<'_>], model: usize) -> CoarseCounts {
+        let mut by_bucket = std::collections::BTreeMap::<u64, u64>::new();
+        let mut entries = 0;
+        for d in deltas(tensors, model).into_iter().flatten() {
+            for x in d {
+                *by_bucket
+                    .entry(key(x) >> crate::magnitude::COARSE_SHIFT)
+                    .or_default() += 1;
+                entries += 1;
+            }
+        }
+        CoarseCounts {
+            entries,
+            runs: by_bucket.into_iter().map(|(b, c)| (b, vec![c])).collect(),
+        }
+    }
+
+    /// Counts from an analysis place the windows: exact counts (the sample
+    /// skipped where the threshold's bucket is small, which the sample
+    /// counter shows), counts of another size (ignored) and counts that lie
+    /// (a wrong bucket: more passes, the same cuts).
+    #[test]
+    fn counted_magnitudes_place_the_window_and_never_change_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, models) = family(dir.path());
+        let all = inputs(&base, &models);
+        let exact: Vec<Option<CoarseCounts>> =
+            (0..3).map(|m| Some(exact_counts(&all, m))).collect();
+        let before = window::samples_taken();
+        check_counted(&all, &[0, 1, 2], &tunings(), &exact);
+        let sampled_with_counts = window::samples_taken() - before;
+        let before = window::samples_taken();
+        check(&all, &[0, 1, 2], &tunings());
+        let sampled_without = window::samples_taken() - before;
+        assert!(
+            sampled_with_counts < sampled_without,
+            "counts should spare samples: {sampled_with_counts} vs {sampled_without}"
+        );
+        let resized: Vec<Option<CoarseCounts>> = exact
+            .iter()
+            .map(|c| {
+                let mut c = c.clone().unwrap();
+                c.entries += 1;
+                Some(c)
+            })
+            .collect();
+        check_counted(&all, &[0, 1, 2], &tunings(), &resized);
+        let lying: Vec<Option<CoarseCounts>> = exact
+            .iter()
+            .map(|c| {
+                let mut c = c.clone().unwrap();
+                for (first, _) in &mut c.runs {
+                    *first += 3;
+                }
+                Some(c)
+            })
+            .collect();
+        check_counted(&all, &[0, 1, 2], &tunings(), &lying);
     }
 
     /// Model 0 lacks "small", model 1 lacks "big" (so its sample, one block

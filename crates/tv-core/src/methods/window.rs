@@ -16,6 +16,7 @@
 use super::inputs::{Block, TensorInputs, Visit, BLOCK};
 use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
 use crate::error::{Error, Result};
+use crate::magnitude::{CoarseBucket, COARSE_SHIFT};
 
 /// At least one block in this many is sampled.
 const SAMPLE_EVERY: usize = 64;
@@ -66,6 +67,8 @@ pub(crate) fn sample(
     models: &[usize],
     tuning: &Tuning,
 ) -> Result<(Vec<Vec<u64>>, bool)> {
+    #[cfg(test)]
+    SAMPLES.with(|n| n.set(n.get() + 1));
     let blocks: usize = tensors.iter().map(|t| t.numel().div_ceil(BLOCK)).sum();
     let every = (blocks / tuning.min_sampled_blocks.max(1))
         .clamp(1, SAMPLE_EVERY.max(blocks * BLOCK / MOST_SAMPLED));
@@ -118,6 +121,18 @@ pub(crate) fn sample(
     Ok((keys, every == 1))
 }
 
+#[cfg(test)]
+thread_local! {
+    static SAMPLES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many samples this thread has taken (tests see which selections
+/// needed one).
+#[cfg(test)]
+pub(crate) fn samples_taken() -> usize {
+    SAMPLES.with(|n| n.get())
+}
+
 /// The block sampled in stride `stride` of `every` blocks: SplitMix64's
 /// output for the stride's index, modulo `every`.
 fn pick(stride: usize, every: usize) -> usize {
@@ -125,6 +140,61 @@ fn pick(stride: usize, every: usize) -> usize {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) % every as u64) as usize
+}
+
+/// What places one target's window: the selection's size and rank, and
+/// its model's sample and/or its bucket by an analysis' counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Placement {
+    /// Entries selected over.
+    pub total: u64,
+    pub rank: u64,
+    /// The sample holds every entry.
+    pub complete: bool,
+    pub skew: isize,
+}
+
+impl Placement {
+    /// Whether counts alone place the window well: its bucket holds few
+    /// enough keys to gather them all (with room for uneven thread parts),
+    /// so one pass finds the threshold whatever the sample would say.
+    pub fn needs_no_sample(bucket: Option<&CoarseBucket>, tuning: &Tuning) -> bool {
+        bucket.is_some_and(|b| b.count <= tuning.candidates as u64 / 2)
+    }
+
+    /// The window from the sample, narrowed to the bucket the counts say
+    /// holds the threshold; the bucket itself without a sample or when the
+    /// sample's window misses it. Counts that do not describe the inputs
+    /// only cost passes: the window pass checks what it finds.
+    pub fn place(self, sample: Option<&mut [u64]>, bucket: Option<&CoarseBucket>) -> Window {
+        let of_bucket = |b: &CoarseBucket| {
+            let lo = b.bucket << COARSE_SHIFT;
+            let hi = (((b.bucket + 1) << COARSE_SHIFT) - 1).min(MAX_KEY);
+            (lo, hi)
+        };
+        match (sample, bucket) {
+            (Some(sample), None) => {
+                Window::place(sample, self.total, self.rank, self.complete, self.skew)
+            }
+            (Some(sample), Some(b)) => {
+                let w = Window::place(sample, self.total, self.rank, self.complete, self.skew);
+                let (lo, hi) = of_bucket(b);
+                if w.hi < lo || w.lo > hi {
+                    Window::new(lo, hi, lo)
+                } else {
+                    let (lo, hi) = (w.lo.max(lo), w.hi.min(hi));
+                    Window::new(lo, hi, w.pred.clamp(lo, hi))
+                }
+            }
+            (None, Some(b)) => {
+                let (lo, hi) = of_bucket(b);
+                Window::new(lo, hi, lo)
+            }
+            // Not reached (a target without counts has its sample); every
+            // key then lies in the window.
+            (None, None) => Window::new(0, MAX_KEY, 0),
+        }
+    }
 }
 
 /// Where a target's threshold is expected: keys above `hi` are kept, keys
