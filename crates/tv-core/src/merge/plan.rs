@@ -290,9 +290,13 @@ impl MergePlan {
                 }
             ));
             for (name, c) in names.iter().zip(&a.counts) {
+                let missing = match c.missing {
+                    0 => "0 missing".to_string(),
+                    n => format!("{n} missing (it contributes nothing to their rows)"),
+                };
                 s.push_str(&format!(
-                    "      model '{name}': {} tokens matched, {} added, {} missing (it contributes nothing to their rows)\n",
-                    c.matched, c.added, c.missing
+                    "      model '{name}': {} tokens matched, {} added, {missing}\n",
+                    c.matched, c.added
                 ));
             }
         }
