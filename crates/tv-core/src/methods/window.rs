@@ -17,6 +17,7 @@ use super::inputs::{Block, TensorInputs, Visit, BLOCK};
 use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
 use crate::error::{Error, Result};
 use crate::magnitude::{CoarseBucket, COARSE_SHIFT};
+use rayon::prelude::*;
 
 /// At least one block in this many is sampled.
 const SAMPLE_EVERY: usize = 64;
@@ -72,51 +73,93 @@ pub(crate) fn sample(
     let blocks: usize = tensors.iter().map(|t| t.numel().div_ceil(BLOCK)).sum();
     let every = (blocks / tuning.min_sampled_blocks.max(1))
         .clamp(1, SAMPLE_EVERY.max(blocks * BLOCK / MOST_SAMPLED));
-    // Reserved once, for every tensor each model stores.
-    let mut capacity = vec![0usize; models.len()];
-    for t in tensors {
-        for (_, s) in sources_of(t, models) {
-            capacity[s] += t.numel().div_ceil(every) + BLOCK;
-        }
-    }
-    let mut keys: Vec<Vec<u64>> = capacity.into_iter().map(Vec::with_capacity).collect();
-    let mut scratch = super::inputs::Scratch::default();
-    let mut expanded = super::inputs::Expanded::default();
+    // The sampled blocks, in storage order: (tensor, first, last).
+    let mut picked: Vec<(usize, usize, usize)> = Vec::new();
     let mut global = 0;
-    for t in tensors {
-        if crate::interrupt::requested() {
-            return Err(Error::Interrupted);
-        }
-        let sources = sources_of(t, models);
+    for (ti, t) in tensors.iter().enumerate() {
         let n = t.numel();
         let count = n.div_ceil(BLOCK);
-        let mut released = 0;
         for stride in global / every..(global + count).div_ceil(every) {
             let Some(b) = (stride * every + pick(stride, every)).checked_sub(global) else {
                 continue;
             };
-            if b >= count {
-                continue;
+            if b < count {
+                picked.push((ti, b * BLOCK, ((b + 1) * BLOCK).min(n)));
             }
-            let (first, last) = (b * BLOCK, ((b + 1) * BLOCK).min(n));
-            // Adapters' task vectors of the sampled block only.
-            t.expand(first, last, &mut expanded)?;
-            let block = t.decode(first, last, &expanded, &mut scratch);
-            for &(i, s) in &sources {
-                let deltas = block.model(i).iter().zip(block.base);
-                keys[s].extend(deltas.map(|(&m, &b)| key(m - b)));
-            }
-            // The kernel maps an aligned 64 KiB around a fault too, before
-            // and after it: drop what was mapped, so that a sampled tensor
-            // is not left resident (unless the passes after keep it).
-            let end = (first + BLOCK + FAULT_AROUND).min(n);
-            if !t.keep_pages {
-                t.release(released.min(first), end);
-            }
-            released = end;
         }
         global += count;
     }
+    // Groups of consecutive blocks share out the threads; each writes its
+    // keys at their place in every model's sample, reserved exactly.
+    let sources: Vec<Vec<(usize, usize)>> = tensors.iter().map(|t| sources_of(t, models)).collect();
+    let groups = (rayon::current_num_threads() * 4).clamp(1, picked.len().max(1));
+    let chunks: Vec<&[(usize, usize, usize)]> = picked
+        .chunks(picked.len().div_ceil(groups).max(1))
+        .collect();
+    let lens: Vec<Vec<usize>> = chunks
+        .iter()
+        .map(|chunk| {
+            let mut len = vec![0usize; models.len()];
+            for &(ti, first, last) in chunk.iter() {
+                for &(_, s) in &sources[ti] {
+                    len[s] += last - first;
+                }
+            }
+            len
+        })
+        .collect();
+    let mut keys: Vec<Vec<u64>> = (0..models.len())
+        .map(|s| vec![0u64; lens.iter().map(|l| l[s]).sum()])
+        .collect();
+    let mut outs: Vec<Vec<&mut [u64]>> = chunks.iter().map(|_| Vec::new()).collect();
+    for (s, all) in keys.iter_mut().enumerate() {
+        let mut rest: &mut [u64] = all;
+        for (out, len) in outs.iter_mut().zip(&lens) {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len[s]);
+            out.push(head);
+            rest = tail;
+        }
+    }
+    chunks
+        .into_par_iter()
+        .zip(outs)
+        .try_for_each(|(chunk, mut out)| -> Result<()> {
+            let mut scratch = super::inputs::Scratch::default();
+            let mut expanded = super::inputs::Expanded::default();
+            let mut at = vec![0usize; models.len()];
+            // (tensor, end of what was released) of the previous block.
+            let mut released: Option<(usize, usize)> = None;
+            for &(ti, first, last) in chunk {
+                if crate::interrupt::requested() {
+                    return Err(Error::Interrupted);
+                }
+                let t = &tensors[ti];
+                // Adapters' task vectors of the sampled block only.
+                t.expand(first, last, &mut expanded)?;
+                let block = t.decode(first, last, &expanded, &mut scratch);
+                for &(i, s) in &sources[ti] {
+                    let dst = &mut out[s][at[s]..at[s] + block.len];
+                    for ((k, &m), &b) in dst.iter_mut().zip(block.model(i)).zip(block.base) {
+                        *k = key(m - b);
+                    }
+                    at[s] += block.len;
+                }
+                // The kernel maps an aligned 64 KiB around a fault too,
+                // before and after it: drop what was mapped, so that a
+                // sampled tensor is not left resident (unless the passes
+                // after keep it).
+                let from = match released {
+                    Some((tj, end)) if tj == ti => end.min(first),
+                    _ => first.saturating_sub(FAULT_AROUND),
+                };
+                let end = (first + BLOCK + FAULT_AROUND).min(t.numel());
+                if !t.keep_pages {
+                    t.release(from, end);
+                }
+                released = Some((ti, end));
+            }
+            Ok(())
+        })?;
     crate::guard::check()?;
     Ok((keys, every == 1))
 }
