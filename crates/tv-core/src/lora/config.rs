@@ -141,12 +141,14 @@ impl LoraConfig {
             _ => Vec::new(),
         };
         let layer_index = if names.is_empty() {
-            vec![Regex::new(r"^.*\.[^.]*\.(\d+)\.").expect("valid")]
+            vec![Regex::new(r"^.*\.[^.]*\.(?P<layer>\d+)\.").expect("valid")]
         } else {
             names
                 .iter()
                 .map(|p| {
-                    Regex::new(&format!(r"^.*\.{p}\.(\d+)\."))
+                    // The pattern is grouped, so an alternation in it or
+                    // a group of its own cannot take the layer's place.
+                    Regex::new(&format!(r"^.*\.(?:{p})\.(?P<layer>\d+)\."))
                         .map_err(|e| bad(format!("layers_pattern '{p}' is not a regex: {e}")))
                 })
                 .collect::<Result<_>>()?
@@ -198,7 +200,7 @@ impl LoraConfig {
         self.layer_index
             .iter()
             .find_map(|re| re.captures(&key))
-            .and_then(|c| c[1].parse::<u64>().ok())
+            .and_then(|c| c.name("layer")?.as_str().parse::<u64>().ok())
             .is_some_and(|i| layers.contains(&i))
     }
 }
@@ -270,6 +272,25 @@ mod tests {
         assert!(c.transforms("model.layers.2.mlp.up_proj"));
         assert!(!c.transforms("model.layers.1.mlp.up_proj"));
         assert!(!c.transforms("model.embed_tokens"));
+    }
+
+    /// A `layers_pattern` with an alternation or a group of its own still
+    /// finds the layer index (it used to panic, or read the wrong group).
+    #[test]
+    fn layer_patterns_with_alternations_and_groups() {
+        for pattern in [
+            r#""layers|h""#,
+            r#""(x)?layers""#,
+            r#"["blocks", "layers"]"#,
+        ] {
+            let c = config(&format!(
+                r#"{{"peft_type":"LORA","r":4,"lora_alpha":8,
+                    "layers_to_transform":[2],"layers_pattern":{pattern}}}"#
+            ))
+            .unwrap();
+            assert!(c.transforms("model.layers.2.mlp.up_proj"), "{pattern}");
+            assert!(!c.transforms("model.layers.1.mlp.up_proj"), "{pattern}");
+        }
     }
 
     #[test]

@@ -169,6 +169,9 @@ impl Adapter {
                     folder.display()
                 ))
             })?;
+        // A FIFO or device under the adapter's file name would block or
+        // stream forever: only regular files, as for every weight file.
+        crate::sidecar::check_regular_file(&weights)?;
         let weights_kind = if weights.extension().is_some_and(|e| e == "bin") {
             WeightFiles::Pickle(vec![weights.clone()])
         } else {
