@@ -57,6 +57,28 @@ pub struct CoarseBucket {
 }
 
 impl CoarseCounts {
+    /// Whether every bucket is one a key can fall in and the counts add up
+    /// to `entries`.
+    pub fn is_consistent(&self) -> bool {
+        let buckets = (i64::MAX as u64 >> COARSE_SHIFT) + 1;
+        let mut sum = 0u64;
+        for (first, counts) in &self.runs {
+            if first
+                .checked_add(counts.len() as u64)
+                .is_none_or(|end| end > buckets)
+            {
+                return false;
+            }
+            for &c in counts {
+                match sum.checked_add(c) {
+                    Some(s) => sum = s,
+                    None => return false,
+                }
+            }
+        }
+        sum == self.entries
+    }
+
     /// The bucket holding the `rank`-th largest key (rank from 1), if the
     /// counts reach that far.
     pub fn bucket_of_rank(&self, rank: u64) -> Option<CoarseBucket> {

@@ -467,7 +467,8 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
 /// a whole-model selection (`ta-merge --from-analysis --density-scope
 /// model`). `None` for a model the file does not describe, and for every
 /// model when the file is absent or records another bucket width: the
-/// selection then samples, as without an analysis. A file that is present
+/// selection then samples, as without an analysis (and where the counts
+/// are inconsistent, see `CoarseCounts::is_consistent`). A file that is present
 /// but malformed is an error naming it.
 pub fn magnitude_counts_from_analysis(
     dir: &Path,

@@ -295,7 +295,7 @@ pub(crate) fn select_tuned(
             .map(|&k| {
                 let Target { model, rank } = targets[k];
                 let counts = counts.get(model)?.as_ref()?;
-                (counts.entries == totals[slot(model)])
+                (counts.entries == totals[slot(model)] && counts.is_consistent())
                     .then(|| counts.bucket_of_rank(rank))
                     .flatten()
             })
@@ -967,6 +967,20 @@ mod tests {
             })
             .collect();
         check_counted(&all, &[0, 1, 2], &tunings(), &lying);
+        // Buckets past the largest key (a hand-edited analysis) are not
+        // used: no overflow, the same cuts.
+        let hostile: Vec<Option<CoarseCounts>> = exact
+            .iter()
+            .map(|c| {
+                let c = c.clone().unwrap();
+                let entries = c.entries;
+                Some(CoarseCounts {
+                    entries,
+                    runs: vec![(u64::MAX - 1, vec![entries])],
+                })
+            })
+            .collect();
+        check_counted(&all, &[0, 1, 2], &tunings(), &hostile);
     }
 
     /// Model 0 lacks "small", model 1 lacks "big" (so its sample, one block

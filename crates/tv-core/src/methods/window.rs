@@ -199,10 +199,12 @@ pub(crate) struct Placement {
 
 impl Placement {
     /// Whether counts alone place the window well: its bucket holds few
-    /// enough keys to gather them all (with room for uneven thread parts),
-    /// so one pass finds the threshold whatever the sample would say.
+    /// enough keys for every thread part to gather its share (with room
+    /// for uneven parts), so one pass finds the threshold whatever the
+    /// sample would say.
     pub fn needs_no_sample(bucket: Option<&CoarseBucket>, tuning: &Tuning) -> bool {
-        bucket.is_some_and(|b| b.count <= tuning.candidates as u64 / 2)
+        let share = tuning.candidates / rayon::current_num_threads().max(1);
+        bucket.is_some_and(|b| b.count <= share as u64 / 2)
     }
 
     /// The window from the sample, narrowed to the bucket the counts say
