@@ -70,11 +70,13 @@ pub(crate) fn keep_or_zero(x: f64, keep: bool) -> f64 {
     f64::from_bits(x.to_bits() & 0u64.wrapping_sub(u64::from(keep)))
 }
 
-/// NaN where `poison` holds, else `x`, as a bitwise OR (all bits set is a
-/// NaN); branch-free for the reason given at [`keep_or_zero`].
+/// `f64::NAN` (the same bits as everywhere else) where `poison` holds,
+/// else `x`; a bitwise select, branch-free for the reason given at
+/// [`keep_or_zero`].
 #[inline(always)]
 pub(crate) fn nan_if(x: f64, poison: bool) -> f64 {
-    f64::from_bits(x.to_bits() | 0u64.wrapping_sub(u64::from(poison)))
+    let mask = 0u64.wrapping_sub(u64::from(poison));
+    f64::from_bits((x.to_bits() & !mask) | (f64::NAN.to_bits() & mask))
 }
 
 /// A piece of generic work to run compiled for the CPU's widest vector
