@@ -5,9 +5,11 @@
 //! [`Sparsifier::for_tensor`] decides, per model of a tensor, which entries
 //! survive (running the exact selection of [`super::select`] when a
 //! magnitude threshold is needed, and a pass for L1 sums when rescaling to
-//! the L1 norm); [`Sparsifier::apply`] then writes a block's thinned deltas.
-//! Both the pre-pass and the merge call `apply`, so the entries counted for
-//! the L1 norm are exactly the entries merged.
+//! the L1 norm); [`Sparsifier::accumulate`] then writes a block's thinned,
+//! weighted deltas (in one loop for the common masks, through
+//! [`Sparsifier::apply`] for the others). Both the pre-pass (with weight 1)
+//! and the merge call `accumulate`, so the entries counted for the L1 norm
+//! are exactly the entries merged.
 
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
@@ -418,13 +420,17 @@ struct L1Sums<'a, 'b> {
 }
 
 impl Visit for L1Sums<'_, '_> {
-    type Acc = (Vec<f64>, Scratch, Vec<f64>);
+    /// Sums, scratch, the kept deltas, and a running sum the pass ignores.
+    type Acc = (Vec<f64>, Scratch, Vec<f64>, Vec<f64>);
 
     #[inline(always)]
-    fn visit(&self, (sums, scratch, kept): &mut Self::Acc, block: &Block<'_>) {
+    fn visit(&self, (sums, scratch, kept, unused): &mut Self::Acc, block: &Block<'_>) {
         for (i, s) in self.sparsifiers.iter().enumerate() {
             kept.resize(block.len, 0.0);
-            s.apply(self.t, i, block, scratch, kept);
+            unused.resize(block.len, 0.0);
+            // The merge's own step with weight 1 (exact): the entries summed
+            // here are exactly the entries merged.
+            s.accumulate(self.t, i, 1.0, block, scratch, kept, unused);
             sums[2 * i] += (0..block.len).map(|j| block.delta(i, j).abs()).sum::<f64>();
             sums[2 * i + 1] += kept.iter().map(|v| v.abs()).sum::<f64>();
         }
@@ -438,10 +444,13 @@ fn l1_factors(t: &TensorInputs<'_>, sparsifiers: &[Sparsifier]) -> Result<Vec<f6
     let rows = sparsifiers
         .iter()
         .any(|s| matches!(s.mask, Mask::Della { .. }));
-    let mut accs = fixed_parts(|| (vec![0f64; 2 * k], Scratch::default(), Vec::new()));
+    let mut accs = fixed_parts(|| {
+        let sums = vec![0f64; 2 * k];
+        (sums, Scratch::default(), Vec::new(), Vec::new())
+    });
     t.scan(rows, &mut accs, &L1Sums { t, sparsifiers })?;
     let mut sums = vec![0f64; 2 * k];
-    for (s, _, _) in accs {
+    for (s, _, _, _) in accs {
         for (a, b) in sums.iter_mut().zip(s) {
             *a += b;
         }
