@@ -308,9 +308,18 @@ impl Alignment {
         let mut counts = Vec::with_capacity(models.len());
         for (vocab, rows) in models {
             let Some(vocab) = vocab else {
-                maps.push((0..base_rows as u32).map(Some).collect());
+                // Row for row, as far as the model has rows.
+                let held = base_rows.min(*rows);
+                maps.push(
+                    (0..base_rows)
+                        .map(|r| (r < held).then_some(r as u32))
+                        .collect(),
+                );
                 counts.push(VocabCounts {
-                    matched: (0..base_rows).filter(|&r| base.token(r).is_some()).count(),
+                    matched: (0..held).filter(|&r| base.token(r).is_some()).count(),
+                    missing: (held..base_rows)
+                        .filter(|&r| base.token(r).is_some())
+                        .count(),
                     ..VocabCounts::default()
                 });
                 continue;
@@ -443,7 +452,10 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
     let below_base = |id: Option<u64>| id.is_some_and(|id| id < base_rows);
     edit_json(base_folder, dir, "tokenizer.json", |t| {
         let obj = t.as_object_mut()?;
-        let list = obj.entry("added_tokens").or_insert(json!([]));
+        let list = obj.entry("added_tokens").or_insert(Value::Null);
+        if list.is_null() {
+            *list = json!([]);
+        }
         let list = list.as_array_mut()?;
         list.retain(|e| below_base(e.get("id").and_then(Value::as_u64)));
         list.extend(entries.iter().map(|(_, e)| e.clone()));
@@ -451,7 +463,10 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
     })?;
     edit_json(base_folder, dir, "tokenizer_config.json", |t| {
         let obj = t.as_object_mut()?;
-        let decoder = obj.entry("added_tokens_decoder").or_insert(json!({}));
+        let decoder = obj.entry("added_tokens_decoder").or_insert(Value::Null);
+        if decoder.is_null() {
+            *decoder = json!({});
+        }
         let decoder = decoder.as_object_mut()?;
         decoder.retain(|id, _| below_base(id.parse().ok()));
         for (id, e) in &entries {

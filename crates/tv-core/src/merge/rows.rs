@@ -224,6 +224,7 @@ fn mean_row(ty: FloatType, bytes: &[u8], len: usize, release: &dyn Fn(usize, usi
     let n = bytes.len() / ty.size() / len.max(1);
     let mut sum = vec![0f64; len];
     let mut row = vec![0f64; len];
+    let mut released = 0;
     for r in 0..n {
         decode_f64(ty, &bytes[ty.byte_range(r * len, (r + 1) * len)], &mut row);
         for (s, &x) in sum.iter_mut().zip(&row) {
@@ -231,7 +232,8 @@ fn mean_row(ty: FloatType, bytes: &[u8], len: usize, release: &dyn Fn(usize, usi
         }
         if (r + 1) % (SEGMENT / len).max(1) == 0 || r + 1 == n {
             let done = ty.byte_range(0, (r + 1) * len).end;
-            release(0, done);
+            release(released, done);
+            released = done;
         }
     }
     for s in sum.iter_mut() {
