@@ -109,7 +109,7 @@ pub(crate) fn suggest(d: &Diagnostics, names: &[String], norms: &[f64]) -> Sugge
             Some(c) if ties => format!(
                 "ties, density {rho}: weighted sign conflict {c:.2}{}",
                 agreement.map_or(String::new(), |a| format!(
-                    "; election keeps {} of the trimmed weighted mass",
+                    "; election keeps {} of the trimmed mass weighted as --mode exp weighs it",
                     pct(a)
                 ))
             ),
