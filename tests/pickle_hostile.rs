@@ -475,34 +475,46 @@ fn hand_written_views_get_their_own_values() {
     assert!(got.values().all(|t| t.0 == Dtype::I32));
 }
 
+/// A pickle of 50 small tensors (distinct views, one per offset, so none
+/// is a tied duplicate): five seconds of conversion with the debug builds'
+/// 100 ms delay per tensor.
+#[cfg(debug_assertions)]
+fn slow_pickle() -> Vec<u8> {
+    let mut pkl = Pkl::new();
+    for k in 0..50 {
+        pkl.tensor(&format!("t{k:02}"), "FloatStorage", "0", 64, k, &[4], &[1]);
+    }
+    archive(&pkl.done(), &[("0", &[0u8; 256])])
+}
+
+/// A merge of `file` with itself, half a second into converting it.
+#[cfg(debug_assertions)]
+fn converting(c: &Case, file: &str) -> std::process::Child {
+    let out = c.out().to_string_lossy().into_owned();
+    let child = std::process::Command::new(bin_path("ta-merge"))
+        .args(["--base-model-path", file, "--other-model-paths", file])
+        .args(["--lambdas", "0.5", "--output-path", &out, "--quiet"])
+        .env("TMPDIR", c.tmp())
+        .env("TV_TEST_PICKLE_DELAY_MS", "100")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    child
+}
+
 // Needs the conversion delay of debug builds (`cargo test` without
 // --release).
 #[cfg(debug_assertions)]
 #[test]
 fn interrupts_stop_a_conversion_and_leave_no_temporary_file() {
     use std::time::{Duration, Instant};
-    let mut pkl = Pkl::new();
-    for k in 0..50 {
-        // Distinct views (one per offset), so none is a tied duplicate.
-        pkl.tensor(&format!("t{k:02}"), "FloatStorage", "0", 64, k, &[4], &[1]);
-    }
-    let bytes = archive(&pkl.done(), &[("0", &[0u8; 256])]);
     for signals in [1, 2] {
         let c = Case::new();
-        let file = c.input("slow.pt", &bytes);
+        let file = c.input("slow.pt", &slow_pickle());
         let before = snapshot(&c.dir.path().join("in"));
-        let out = c.out().to_string_lossy().into_owned();
-        let child = std::process::Command::new(bin_path("ta-merge"))
-            .args(["--base-model-path", &file, "--other-model-paths", &file])
-            .args(["--lambdas", "0.5", "--output-path", &out, "--quiet"])
-            .env("TMPDIR", c.tmp())
-            .env("TV_TEST_PICKLE_DELAY_MS", "100")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // 50 tensors at 100 ms each: still converting after half a second.
-        std::thread::sleep(Duration::from_millis(500));
+        let child = converting(&c, &file);
         let sent = Instant::now();
         for _ in 0..signals {
             let kill = std::process::Command::new("kill")
@@ -532,25 +544,9 @@ fn interrupts_stop_a_conversion_and_leave_no_temporary_file() {
 #[cfg(debug_assertions)]
 #[test]
 fn a_pickle_truncated_during_its_conversion_is_an_error_not_a_crash() {
-    let mut pkl = Pkl::new();
-    for k in 0..50 {
-        pkl.tensor(&format!("t{k:02}"), "FloatStorage", "0", 64, k, &[4], &[1]);
-    }
-    let bytes = archive(&pkl.done(), &[("0", &[0u8; 256])]);
     let c = Case::new();
-    let file = c.input("slow.pt", &bytes);
-    let out = c.out().to_string_lossy().into_owned();
-    let child = std::process::Command::new(bin_path("ta-merge"))
-        .args(["--base-model-path", &file, "--other-model-paths", &file])
-        .args(["--lambdas", "0.5", "--output-path", &out, "--quiet"])
-        .env("TMPDIR", c.tmp())
-        .env("TV_TEST_PICKLE_DELAY_MS", "100")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // 50 tensors at 100 ms each: still converting after half a second.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let file = c.input("slow.pt", &slow_pickle());
+    let child = converting(&c, &file);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&file)
