@@ -10,6 +10,7 @@
 //! sign is S (a zero never agrees), normalised by the sum of their weights
 //! (1 when none agree). The result is b + λ · delta.
 
+use super::fused::{self, Finish, Lane, ModelLane};
 use super::inputs::{Block, TensorInputs};
 use super::sparsify::{ModelCut, Sparsifier};
 use super::{Method, MethodSettings, Scratch, Sparsification, TensorParams};
@@ -34,6 +35,65 @@ impl Gta {
             elect: settings.kind.elects_sign(),
             model_cuts,
         }
+    }
+}
+
+impl Gta {
+    /// The combine in [`super::fused`]'s element-major form, when every
+    /// model's thinning of the block is one test for every entry; false
+    /// (nothing written) otherwise.
+    #[inline(always)]
+    fn combine_fused(
+        &self,
+        sparsifiers: &[Sparsifier],
+        t: &TensorInputs<'_>,
+        p: &TensorParams,
+        block: &Block<'_>,
+        scratch: &mut Scratch,
+        out: &mut [f64],
+    ) -> bool {
+        let len = block.len;
+        scratch.draws.resize(t.models.len() * len, 0.0);
+        let mut draws = scratch.draws.chunks_mut(len.max(1));
+        let mut lanes = Vec::with_capacity(t.models.len());
+        let mut weight_sum = 0.0;
+        for (i, &(m, _)) in t.models.iter().enumerate() {
+            let weight = p.weight[m];
+            weight_sum += weight;
+            let model_lane = match sparsifiers.get(i) {
+                Some(s) => match s.lane(t, block, draws.next().expect("a buffer per model")) {
+                    Some(lane) => ModelLane {
+                        lane,
+                        factor: s.factor,
+                        weight,
+                    },
+                    None => return false,
+                },
+                // Multiplying by a factor of 1 is exact.
+                None => ModelLane {
+                    lane: Lane::Keep,
+                    factor: 1.0,
+                    weight,
+                },
+            };
+            lanes.push(model_lane);
+        }
+        let normalize = self.settings.normalize;
+        let finish = Finish {
+            normalize,
+            divisor: if normalize && weight_sum.abs() >= 1e-8 {
+                weight_sum
+            } else {
+                1.0
+            },
+            scale: p.scale,
+        };
+        if self.elect {
+            fused::combine::<true>(block, &lanes, finish, out);
+        } else {
+            fused::combine::<false>(block, &lanes, finish, out);
+        }
+        true
     }
 }
 
@@ -64,6 +124,9 @@ impl Method for Gta {
         out: &mut [f64],
     ) {
         let (k, len) = (t.models.len(), block.len);
+        if self.combine_fused(sparsifiers, t, p, block, scratch, out) {
+            return;
+        }
         // Model-major v_i = w_i s_i; loops run model by model over the
         // block so they vectorise.
         let mut v = std::mem::take(&mut scratch.c);

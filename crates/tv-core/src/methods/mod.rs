@@ -11,6 +11,7 @@
 //! magnitude_prune), [`linear`], [`model_stock`], [`slerp`] and [`magmax`]
 //! the others. Names follow mergekit's so a config means the same in both.
 
+pub(crate) mod fused;
 pub(crate) mod gta;
 pub(crate) mod inputs;
 pub(crate) mod linear;
@@ -317,6 +318,7 @@ pub(crate) struct Scratch {
     pub c: Vec<f64>,
     pub total: Vec<f64>,
     pub divisor: Vec<f64>,
+    pub draws: Vec<f64>,
     pub della: DellaScratch,
 }
 

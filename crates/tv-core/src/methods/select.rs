@@ -168,10 +168,8 @@ impl Cut {
     /// unless it is the one block where the kept ties run out.
     #[inline(always)]
     pub fn threshold(&self, ordinal: usize, block: usize) -> Option<Threshold> {
-        self.plain(ordinal, block).map(|ties_kept| Threshold {
-            key: self.key,
-            ties_kept,
-        })
+        self.plain(ordinal, block)
+            .map(|ties_kept| Threshold::new(self.key, ties_kept))
     }
 
     /// Whether every key equal to the threshold in block `block` is kept
@@ -188,19 +186,40 @@ impl Cut {
 }
 
 /// A cut within one block that needs no counting: keys above `key` are
-/// kept, and keys equal to it when `ties_kept`. A copy of the cut's numbers,
-/// so that a loop testing it keeps them in registers.
+/// kept, and keys equal to it when `ties_kept`. Held as the largest key
+/// dropped, so that the test is one signed comparison (keys are at most
+/// [`window::MAX_KEY`], which AVX2 compares as signed integers), and a loop
+/// testing it keeps it in a register.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Threshold {
-    key: u64,
-    ties_kept: bool,
+    /// Keys above this are kept; `i64::MAX` keeps none.
+    dropped_up_to: i64,
 }
 
 impl Threshold {
+    pub(crate) fn new(key: u64, ties_kept: bool) -> Self {
+        let highest_dropped = if ties_kept {
+            // Key 0 with its ties kept keeps every key.
+            key.checked_sub(1)
+                .map_or(-1, |k| k.min(window::MAX_KEY) as i64)
+        } else {
+            key.min(window::MAX_KEY) as i64
+        };
+        Self {
+            dropped_up_to: highest_dropped,
+        }
+    }
+
     /// Whether an entry of key `key` is kept.
     #[inline(always)]
     pub fn keeps(self, key: u64) -> bool {
-        key > self.key || (self.ties_kept && key == self.key)
+        key as i64 > self.dropped_up_to
+    }
+
+    /// Keys above this are kept (for kernels that compare lanes).
+    #[inline(always)]
+    pub fn dropped_up_to(self) -> i64 {
+        self.dropped_up_to
     }
 }
 

@@ -11,6 +11,7 @@
 //! and the merge call `accumulate`, so the entries counted for the L1 norm
 //! are exactly the entries merged.
 
+use super::fused::Lane;
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
 use super::select::{self, key, Cut, Target};
@@ -252,6 +253,40 @@ impl Sparsifier {
                 *o *= self.factor;
             }
         }
+    }
+}
+
+impl Sparsifier {
+    /// This model's thinning of `block` as one test for every entry, when
+    /// it is one (not for DELLA, nor in the one block where a cut's kept
+    /// ties run out). A random mask's draws are written into `draws`, a
+    /// buffer of the block's length.
+    #[inline(always)]
+    pub fn lane<'a>(
+        &self,
+        t: &TensorInputs<'_>,
+        block: &Block<'_>,
+        draws: &'a mut [f64],
+    ) -> Option<Lane<'a>> {
+        let here = block.first / BLOCK;
+        Some(match &self.mask {
+            Mask::All => Lane::Keep,
+            Mask::Nothing => Lane::Drop,
+            Mask::Top(cut) => Lane::Above(cut.threshold(t.ordinal, here)?),
+            Mask::Window { outer, inner } => Lane::Band {
+                outer: outer.threshold(t.ordinal, here)?,
+                inner: inner.threshold(t.ordinal, here)?,
+            },
+            Mask::Random { p, draws: source } => {
+                source.fill(block.first, draws);
+                Lane::Random {
+                    p: *p,
+                    scale: if self.inverse { 1.0 / p } else { 1.0 },
+                    draws,
+                }
+            }
+            Mask::Della { .. } => return None,
+        })
     }
 }
 
