@@ -507,18 +507,14 @@ impl Visit for WindowPass<'_> {
     #[inline(always)]
     fn visit(&self, accs: &mut Vec<WindowAcc>, block: &Block<'_>) {
         let here = block.first / BLOCK;
-        let mut keys = [0u64; CHUNK];
         for (i, of_model) in &self.sources {
             let (m, b) = (block.model(*i), block.base);
             let mut start = 0;
             while start < m.len() {
                 let end = (start + CHUNK).min(m.len());
-                let keys = &mut keys[..end - start];
-                for ((k, &m), &b) in keys.iter_mut().zip(&m[start..end]).zip(&b[start..end]) {
-                    *k = key(m - b);
-                }
+                let (m, b) = (&m[start..end], &b[start..end]);
                 for &o in of_model {
-                    self.count(&mut accs[o], &self.windows[o], keys, here);
+                    self.count(&mut accs[o], &self.windows[o], m, b, here);
                 }
                 start = end;
             }
@@ -535,33 +531,118 @@ impl Visit for WindowPass<'_> {
 }
 
 impl WindowPass<'_> {
-    /// Counts one chunk of keys for one target, and gathers those inside
-    /// its window.
+    /// Counts the keys of one chunk (at most [`CHUNK`] deltas m − b) for
+    /// one target, and gathers those inside its window.
     #[inline(always)]
-    fn count(&self, acc: &mut WindowAcc, w: &Window, keys: &[u64], block: usize) {
-        let (mut above, mut equal) = (0u64, 0u64);
-        // Branch-free, so that it vectorises: the counts, and a bit for each
-        // key inside the window other than `pred`. Keys and bounds are at
-        // most MAX_KEY, so they compare as signed integers, which AVX2 has.
-        let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
-        let mut inside = 0u64;
-        for (j, &k) in keys.iter().enumerate() {
-            let k = k as i64;
-            above += u64::from(k > hi);
-            let is_pred = k == pred;
-            equal += u64::from(is_pred);
-            let held = (k >= lo) & (k <= hi) & !is_pred;
-            inside |= u64::from(held) << j;
-        }
+    fn count(&self, acc: &mut WindowAcc, w: &Window, m: &[f64], b: &[f64], block: usize) {
+        let Classified {
+            above,
+            equal,
+            inside,
+        } = classify(w, m, b);
         acc.above += above;
         acc.equal_here += equal;
         if w.upper.is_none() && w.lower.is_none() {
             return;
         }
+        let mut inside = inside;
         while inside != 0 {
             let j = inside.trailing_zeros() as usize;
             inside &= inside - 1;
-            acc.gather(w, keys[j], self.ordinal, block, self.part_candidates);
+            acc.gather(
+                w,
+                key(m[j] - b[j]),
+                self.ordinal,
+                block,
+                self.part_candidates,
+            );
+        }
+    }
+}
+
+/// How the keys of one chunk fall against a window.
+struct Classified {
+    /// Keys above the window.
+    above: u64,
+    /// Keys equal to its `pred`.
+    equal: u64,
+    /// Bit j: key j is inside the window and not `pred`.
+    inside: u64,
+}
+
+/// The keys of the deltas `m − b` (at most [`CHUNK`]) against window `w`.
+#[inline(always)]
+fn classify(w: &Window, m: &[f64], b: &[f64]) -> Classified {
+    #[cfg(target_arch = "x86_64")]
+    if m.len() == CHUNK
+        && crate::simd::allowed(crate::simd::Variant::Avx2)
+        && std::arch::is_x86_feature_detected!("avx2")
+    {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { avx2::classify(w, m, b) };
+    }
+    // Branch-free. Keys and bounds are at most MAX_KEY, so they compare as
+    // signed integers.
+    let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
+    let (mut above, mut equal, mut inside) = (0u64, 0u64, 0u64);
+    for (j, (&m, &b)) in m.iter().zip(b).enumerate() {
+        let k = key(m - b) as i64;
+        above += u64::from(k > hi);
+        let is_pred = k == pred;
+        equal += u64::from(is_pred);
+        let held = (k >= lo) & (k <= hi) & !is_pred;
+        inside |= u64::from(held) << j;
+    }
+    Classified {
+        above,
+        equal,
+        inside,
+    }
+}
+
+/// [`classify`] four keys at a time in AVX2 registers (compilers turn the
+/// portable loop's bit mask into slow variable shifts): the same
+/// comparisons, so the same counts and bits.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Classified, Window, CHUNK};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn classify(w: &Window, m: &[f64], b: &[f64]) -> Classified {
+        assert!(m.len() == CHUNK && b.len() >= CHUNK);
+        let magnitude = _mm256_set1_epi64x(i64::MAX);
+        let hi = _mm256_set1_epi64x(w.hi as i64);
+        // k >= lo is k > lo − 1 (lo is at least 0, so this does not wrap).
+        let below_lo = _mm256_set1_epi64x(w.lo as i64 - 1);
+        let pred = _mm256_set1_epi64x(w.pred as i64);
+        let (mut above, mut equal) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut inside = 0u64;
+        let mut j = 0;
+        while j < CHUNK {
+            // SAFETY: j + 4 <= CHUNK, which both slices hold.
+            let d = _mm256_sub_pd(
+                _mm256_loadu_pd(m.as_ptr().add(j)),
+                _mm256_loadu_pd(b.as_ptr().add(j)),
+            );
+            let k = _mm256_and_si256(_mm256_castpd_si256(d), magnitude);
+            let over = _mm256_cmpgt_epi64(k, hi);
+            let is_pred = _mm256_cmpeq_epi64(k, pred);
+            let from_lo = _mm256_cmpgt_epi64(k, below_lo);
+            // A true mask is −1: subtracting it counts one.
+            above = _mm256_sub_epi64(above, over);
+            equal = _mm256_sub_epi64(equal, is_pred);
+            let held = _mm256_andnot_si256(_mm256_or_si256(over, is_pred), from_lo);
+            inside |= (_mm256_movemask_pd(_mm256_castsi256_pd(held)) as u64) << j;
+            j += 4;
+        }
+        let mut lanes = [[0u64; 4]; 2];
+        _mm256_storeu_si256(lanes[0].as_mut_ptr().cast(), above);
+        _mm256_storeu_si256(lanes[1].as_mut_ptr().cast(), equal);
+        Classified {
+            above: lanes[0].iter().sum(),
+            equal: lanes[1].iter().sum(),
+            inside,
         }
     }
 }
@@ -587,5 +668,53 @@ impl WindowAcc {
         };
         let range = range.expect("a key inside the window has its side");
         buckets[range.bucket(k)].add(k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simd::{with_variant, Variant};
+
+    #[test]
+    fn classify_counts_as_the_definition_says_in_every_form() {
+        // Deltas on a coarse grid, so that many keys land on the window's
+        // bounds and on its predicted threshold.
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let b: Vec<f64> = (0..CHUNK).map(|_| (next() % 64) as f64 / 32.0).collect();
+        let grid = |k: u64| (k as f64 - 8.0) / 64.0;
+        for round in 0..200 {
+            let m: Vec<f64> = b.iter().map(|b| b + grid(next() % 17)).collect();
+            let keys: Vec<u64> = m.iter().zip(&b).map(|(m, b)| key(m - b)).collect();
+            let mut sorted = keys.clone();
+            sorted.sort_unstable();
+            let (lo, pred, hi) = match round % 3 {
+                0 => (sorted[10], sorted[30], sorted[50]),
+                1 => (0, sorted[0], sorted[63]),
+                _ => (sorted[20], sorted[20], sorted[20]),
+            };
+            let w = Window::new(lo, hi, pred);
+            let above = keys.iter().filter(|&&k| k > hi).count() as u64;
+            let equal = keys.iter().filter(|&&k| k == pred).count() as u64;
+            let inside = keys
+                .iter()
+                .enumerate()
+                .filter(|&(_, &k)| k >= lo && k <= hi && k != pred)
+                .fold(0u64, |bits, (j, _)| bits | 1 << j);
+            for variant in [Variant::Scalar, Variant::Avx2] {
+                let (c, _) = with_variant(variant, || classify(&w, &m, &b));
+                assert_eq!(
+                    (c.above, c.equal, c.inside),
+                    (above, equal, inside),
+                    "{variant:?}, round {round}"
+                );
+            }
+        }
     }
 }
