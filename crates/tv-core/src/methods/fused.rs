@@ -22,7 +22,7 @@ pub(crate) const WIDTH: usize = 4;
 
 /// How one model thins every entry of a block.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Lane<'a> {
+pub(crate) enum Lane {
     /// Every entry is kept.
     Keep,
     /// Every entry is dropped (it still adds 0 · factor · w, as the plain
@@ -32,19 +32,41 @@ pub(crate) enum Lane<'a> {
     Above(Threshold),
     /// Kept by `outer` and not by `inner` (Breadcrumbs).
     Band { outer: Threshold, inner: Threshold },
-    /// Kept where the block's draw `draws[j]` is below `p`, scaled by
-    /// `scale`.
-    Random {
-        p: f64,
-        scale: f64,
-        draws: &'a [f64],
-    },
+    /// Kept where the entry's draw is below `p`, scaled by `scale`.
+    Random { p: f64, scale: f64 },
+}
+
+/// A loop over a block's deltas that thins each one: `thin(j, d)` for the
+/// delta `d` of entry `j` (counted from the block's start).
+pub(crate) trait ThinLoop {
+    type Output;
+    fn run(self, thin: impl Fn(usize, f64) -> f64) -> Self::Output;
+}
+
+impl Lane {
+    /// Runs `each` with this lane's thinning, the loop compiled once per
+    /// kind of lane (no test of the kind per entry). `draws`: the block's
+    /// draws, for a random lane. The one statement of each thinning, for
+    /// every loop but the AVX2 form below.
+    #[inline(always)]
+    pub fn with_thin<L: ThinLoop>(self, draws: &[f64], each: L) -> L::Output {
+        match self {
+            Lane::Keep => each.run(|_, d| d),
+            Lane::Drop => each.run(|_, _| 0.0),
+            Lane::Above(cut) => each.run(|_, d| keep_or_zero(d, cut.keeps(key(d)))),
+            Lane::Band { outer, inner } => each.run(|_, d| {
+                let k = key(d);
+                keep_or_zero(d, outer.keeps(k) && !inner.keeps(k))
+            }),
+            Lane::Random { p, scale } => each.run(|j, d| keep_or_zero(d * scale, draws[j] < p)),
+        }
+    }
 }
 
 /// One model's part in a block: its thinning, its L1 factor and weight.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ModelLane<'a> {
-    pub lane: Lane<'a>,
+pub(crate) struct ModelLane {
+    pub lane: Lane,
     pub factor: f64,
     pub weight: f64,
 }
@@ -71,15 +93,19 @@ struct Sums {
 }
 
 /// Merges `block` into `out`: b + λ · delta, as [`super::gta`] defines it,
-/// with TIES' sign election when `ELECT`.
+/// with TIES' sign election when `ELECT`. `draws` holds every model's draws
+/// of the block, model-major (`lanes.len() × block.len`; read for random
+/// lanes only).
 #[inline(always)]
 pub(crate) fn combine<const ELECT: bool>(
     block: &Block<'_>,
-    lanes: &[ModelLane<'_>],
+    lanes: &[ModelLane],
+    draws: &[f64],
     finish: Finish,
     out: &mut [f64],
 ) {
     let len = block.len;
+    assert_eq!(draws.len(), lanes.len() * len, "draws of every model");
     let whole = len - len % WIDTH;
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
@@ -87,16 +113,16 @@ pub(crate) fn combine<const ELECT: bool>(
         && std::arch::is_x86_feature_detected!("avx2")
     {
         // SAFETY: the CPU has AVX2, checked just above.
-        unsafe { avx2::groups::<ELECT>(block, lanes, finish, &mut out[..whole]) };
+        unsafe { avx2::groups::<ELECT>(block, lanes, draws, finish, &mut out[..whole]) };
         j = whole;
     }
     while j < whole {
-        group::<WIDTH, ELECT>(block, lanes, finish, j, &mut out[j..j + WIDTH]);
+        group::<WIDTH, ELECT>(block, lanes, draws, finish, j, &mut out[j..j + WIDTH]);
         j += WIDTH;
     }
     // The last entries one at a time, by the same steps.
     while j < len {
-        group::<1, ELECT>(block, lanes, finish, j, &mut out[j..j + 1]);
+        group::<1, ELECT>(block, lanes, draws, finish, j, &mut out[j..j + 1]);
         j += 1;
     }
 }
@@ -105,14 +131,15 @@ pub(crate) fn combine<const ELECT: bool>(
 #[inline(always)]
 fn group<const N: usize, const ELECT: bool>(
     block: &Block<'_>,
-    lanes: &[ModelLane<'_>],
+    lanes: &[ModelLane],
+    draws: &[f64],
     finish: Finish,
     first: usize,
     out: &mut [f64],
 ) {
     let len = block.len;
     let base: &[f64; N] = block.base[first..first + N].try_into().expect("N");
-    let mut s = Sums {
+    let mut sums = Sums {
         total: [0.0; WIDTH],
         positive: [0.0; WIDTH],
         negative: [0.0; WIDTH],
@@ -121,30 +148,17 @@ fn group<const N: usize, const ELECT: bool>(
     };
     for (i, lane) in lanes.iter().enumerate() {
         let start = i * len + first;
-        let model: &[f64; N] = block.models[start..start + N].try_into().expect("N");
-        let (factor, w) = (lane.factor, lane.weight);
-        match lane.lane {
-            Lane::Drop => s = add::<N, ELECT>(s, model, base, factor, w, |_, _| 0.0),
-            Lane::Keep => s = add::<N, ELECT>(s, model, base, factor, w, |_, d| d),
-            Lane::Above(cut) => {
-                s = add::<N, ELECT>(s, model, base, factor, w, |_, d| {
-                    keep_or_zero(d, cut.keeps(key(d)))
-                })
-            }
-            Lane::Band { outer, inner } => {
-                s = add::<N, ELECT>(s, model, base, factor, w, |_, d| {
-                    let k = key(d);
-                    keep_or_zero(d, outer.keeps(k) && !inner.keeps(k))
-                })
-            }
-            Lane::Random { p, scale, draws } => {
-                let u: &[f64; N] = draws[first..first + N].try_into().expect("N");
-                s = add::<N, ELECT>(s, model, base, factor, w, |l, d| {
-                    keep_or_zero(d * scale, u[l] < p)
-                })
-            }
-        }
+        let add = AddModel::<N, ELECT> {
+            sums,
+            model: block.models[start..start + N].try_into().expect("N"),
+            base,
+            factor: lane.factor,
+            w: lane.weight,
+            first,
+        };
+        sums = lane.lane.with_thin(&draws[i * len..(i + 1) * len], add);
     }
+    let s = sums;
     for l in 0..N {
         let delta = if ELECT {
             // The sign of the sum is elected (zero counts as +); the
@@ -166,28 +180,35 @@ fn group<const N: usize, const ELECT: bool>(
     }
 }
 
-/// Adds one model's weighted, thinned deltas of a group to the sums:
-/// x = thin(m − b) · factor · w.
-#[inline(always)]
-fn add<const N: usize, const ELECT: bool>(
-    mut s: Sums,
-    model: &[f64; N],
-    base: &[f64; N],
+/// Adds one model's weighted, thinned deltas of a group (entries
+/// `first..first + N`) to the sums: x = thin(m − b) · factor · w.
+struct AddModel<'a, const N: usize, const ELECT: bool> {
+    sums: Sums,
+    model: &'a [f64; N],
+    base: &'a [f64; N],
     factor: f64,
     w: f64,
-    thin: impl Fn(usize, f64) -> f64,
-) -> Sums {
-    for l in 0..N {
-        let x = thin(l, model[l] - base[l]) * factor * w;
-        s.total[l] += x;
-        if ELECT {
-            s.positive[l] += keep_or_zero(x, x > 0.0);
-            s.negative[l] += keep_or_zero(x, x < 0.0);
-            s.positive_weight[l] += keep_or_zero(w, x > 0.0);
-            s.negative_weight[l] += keep_or_zero(w, x < 0.0);
+    first: usize,
+}
+
+impl<const N: usize, const ELECT: bool> ThinLoop for AddModel<'_, N, ELECT> {
+    type Output = Sums;
+
+    #[inline(always)]
+    fn run(self, thin: impl Fn(usize, f64) -> f64) -> Sums {
+        let (mut s, w) = (self.sums, self.w);
+        for l in 0..N {
+            let x = thin(self.first + l, self.model[l] - self.base[l]) * self.factor * w;
+            s.total[l] += x;
+            if ELECT {
+                s.positive[l] += keep_or_zero(x, x > 0.0);
+                s.negative[l] += keep_or_zero(x, x < 0.0);
+                s.positive_weight[l] += keep_or_zero(w, x > 0.0);
+                s.negative_weight[l] += keep_or_zero(w, x < 0.0);
+            }
         }
+        s
     }
-    s
 }
 
 /// The same groups in AVX2 registers, four entries at a time: compilers do
@@ -205,18 +226,14 @@ mod avx2 {
     #[target_feature(enable = "avx2")]
     pub(super) unsafe fn groups<const ELECT: bool>(
         block: &Block<'_>,
-        lanes: &[ModelLane<'_>],
+        lanes: &[ModelLane],
+        draws: &[f64],
         finish: Finish,
         out: &mut [f64],
     ) {
         let len = block.len;
         assert!(out.len().is_multiple_of(4) && out.len() <= len && block.base.len() >= len);
-        assert!(block.models.len() >= lanes.len() * len);
-        for lane in lanes {
-            if let Lane::Random { draws, .. } = lane.lane {
-                assert!(draws.len() >= out.len());
-            }
-        }
+        assert!(block.models.len() >= lanes.len() * len && draws.len() >= lanes.len() * len);
         let zero = _mm256_setzero_pd();
         let one = _mm256_set1_pd(1.0);
         let magnitude = _mm256_set1_epi64x(i64::MAX);
@@ -248,8 +265,8 @@ mod avx2 {
                         );
                         _mm256_and_pd(d, _mm256_castsi256_pd(keep))
                     }
-                    Lane::Random { p, scale, draws } => {
-                        let u = _mm256_loadu_pd(draws.as_ptr().add(j));
+                    Lane::Random { p, scale } => {
+                        let u = _mm256_loadu_pd(draws.as_ptr().add(i * len + j));
                         let keep = _mm256_cmp_pd::<_CMP_LT_OQ>(u, _mm256_set1_pd(p));
                         _mm256_and_pd(_mm256_mul_pd(d, _mm256_set1_pd(scale)), keep)
                     }
@@ -308,13 +325,14 @@ mod tests {
     /// [`super::super::gta`], one entry at a time in f64.
     fn reference(
         block: &Block<'_>,
-        lanes: &[ModelLane<'_>],
+        lanes: &[ModelLane],
+        draws: &[f64],
         finish: Finish,
         elect: bool,
         j: usize,
     ) -> f64 {
         let b = block.base[j];
-        let kept = |lane: &Lane<'_>, d: f64| -> f64 {
+        let kept = |i: usize, lane: &Lane, d: f64| -> f64 {
             let magnitude = d.abs().to_bits();
             match *lane {
                 Lane::Keep => d,
@@ -333,8 +351,8 @@ mod tests {
                         0.0
                     }
                 }
-                Lane::Random { p, scale, draws } => {
-                    if draws[j] < p {
+                Lane::Random { p, scale } => {
+                    if draws[i * block.len + j] < p {
                         d * scale
                     } else {
                         0.0
@@ -347,7 +365,7 @@ mod tests {
             .enumerate()
             .map(|(i, l)| {
                 (
-                    kept(&l.lane, block.delta(i, j)) * l.factor * l.weight,
+                    kept(i, &l.lane, block.delta(i, j)) * l.factor * l.weight,
                     l.weight,
                 )
             })
@@ -403,7 +421,9 @@ mod tests {
             base: &base,
             models: &models,
         };
-        let draws: Vec<f64> = noise(99, len).iter().map(|u| u.abs()).collect();
+        // Every model's draws, different per model, so that reading
+        // another model's would show.
+        let draws: Vec<f64> = noise(99, 5 * len).iter().map(|u| u.abs()).collect();
         let at = |v: f64| v.to_bits();
         let lanes = [
             ModelLane {
@@ -423,7 +443,6 @@ mod tests {
                 lane: Lane::Random {
                     p: 0.3,
                     scale: 1.0 / 0.3,
-                    draws: &draws,
                 },
                 factor: 1.0,
                 weight: 1.1,
@@ -447,15 +466,15 @@ mod tests {
             };
             for elect in [false, true] {
                 let want: Vec<f64> = (0..len)
-                    .map(|j| reference(&block, &lanes, finish, elect, j))
+                    .map(|j| reference(&block, &lanes, &draws, finish, elect, j))
                     .collect();
                 for variant in [Variant::Scalar, Variant::Avx2] {
                     let (got, _) = with_variant(variant, || {
                         let mut out = vec![0.0; len];
                         if elect {
-                            combine::<true>(&block, &lanes, finish, &mut out);
+                            combine::<true>(&block, &lanes, &draws, finish, &mut out);
                         } else {
-                            combine::<false>(&block, &lanes, finish, &mut out);
+                            combine::<false>(&block, &lanes, &draws, finish, &mut out);
                         }
                         out
                     });

@@ -55,11 +55,9 @@ impl Gta {
         let len = block.len;
         scratch.draws.resize(t.models.len() * len, 0.0);
         let mut draws = scratch.draws.chunks_mut(len.max(1));
-        let mut lanes = Vec::with_capacity(t.models.len());
-        let mut weight_sum = 0.0;
+        scratch.lanes.clear();
         for (i, &(m, _)) in t.models.iter().enumerate() {
             let weight = p.weight[m];
-            weight_sum += weight;
             let model_lane = match sparsifiers.get(i) {
                 Some(s) => match s.lane(t, block, draws.next().expect("a buffer per model")) {
                     Some(lane) => ModelLane {
@@ -76,24 +74,31 @@ impl Gta {
                     weight,
                 },
             };
-            lanes.push(model_lane);
+            scratch.lanes.push(model_lane);
         }
-        let normalize = self.settings.normalize;
         let finish = Finish {
-            normalize,
-            divisor: if normalize && weight_sum.abs() >= 1e-8 {
-                weight_sum
-            } else {
-                1.0
-            },
+            normalize: self.settings.normalize,
+            divisor: self.divisor(t, p),
             scale: p.scale,
         };
+        let (lanes, draws) = (&scratch.lanes, &scratch.draws);
         if self.elect {
-            fused::combine::<true>(block, &lanes, finish, out);
+            fused::combine::<true>(block, lanes, draws, finish, out);
         } else {
-            fused::combine::<false>(block, &lanes, finish, out);
+            fused::combine::<false>(block, lanes, draws, finish, out);
         }
         true
+    }
+
+    /// The divisor of the summed deltas without sign election: Σ w_i when
+    /// normalising (unless it is within 1e-8 of zero), else 1.
+    fn divisor(&self, t: &TensorInputs<'_>, p: &TensorParams) -> f64 {
+        let weight_sum = t.models.iter().fold(0.0, |s, &(m, _)| s + p.weight[m]);
+        if self.settings.normalize && weight_sum.abs() >= 1e-8 {
+            weight_sum
+        } else {
+            1.0
+        }
     }
 }
 
@@ -134,21 +139,12 @@ impl Method for Gta {
         v.resize(k * len, 0.0);
         total.clear();
         total.resize(len, 0.0);
-        let mut weight_sum = 0.0;
+        // Only a thinning that is not one test for every entry of the block
+        // (DELLA's, or a cut where its kept ties run out) comes here: every
+        // model then has a sparsifier.
         for (i, &(m, _)) in t.models.iter().enumerate() {
-            let w = p.weight[m];
-            weight_sum += w;
             let vi = &mut v[i * len..(i + 1) * len];
-            match sparsifiers.get(i) {
-                Some(s) => s.accumulate(t, i, w, block, scratch, vi, &mut total),
-                None => {
-                    let pairs = block.model(i).iter().zip(block.base);
-                    for ((x, s), (&m, &b)) in vi.iter_mut().zip(total.iter_mut()).zip(pairs) {
-                        *x = (m - b) * w;
-                        *s += *x;
-                    }
-                }
-            }
+            sparsifiers[i].accumulate(t, i, p.weight[m], block, scratch, vi, &mut total);
         }
         if self.elect {
             // Only the entries that agree with the elected sign count.
@@ -176,11 +172,7 @@ impl Method for Gta {
             }
             scratch.divisor = divisor;
         } else {
-            let divisor = if self.settings.normalize && weight_sum.abs() >= 1e-8 {
-                weight_sum
-            } else {
-                1.0
-            };
+            let divisor = self.divisor(t, p);
             for ((o, &s), &b) in out.iter_mut().zip(&total).zip(block.base) {
                 *o = b + p.scale * (s / divisor);
             }

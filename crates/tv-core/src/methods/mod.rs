@@ -319,6 +319,7 @@ pub(crate) struct Scratch {
     pub total: Vec<f64>,
     pub divisor: Vec<f64>,
     pub draws: Vec<f64>,
+    pub lanes: Vec<fused::ModelLane>,
     pub della: DellaScratch,
 }
 

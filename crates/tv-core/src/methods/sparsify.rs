@@ -11,10 +11,10 @@
 //! and the merge call `accumulate`, so the entries counted for the L1 norm
 //! are exactly the entries merged.
 
-use super::fused::Lane;
+use super::fused::{Lane, ThinLoop};
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
-use super::select::{self, key, Cut, Target};
+use super::select::{self, Cut, Target};
 use super::{DellaScratch, MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
 use crate::error::{Error, Result};
 use crate::simd::keep_or_zero;
@@ -262,12 +262,7 @@ impl Sparsifier {
     /// ties run out). A random mask's draws are written into `draws`, a
     /// buffer of the block's length.
     #[inline(always)]
-    pub fn lane<'a>(
-        &self,
-        t: &TensorInputs<'_>,
-        block: &Block<'_>,
-        draws: &'a mut [f64],
-    ) -> Option<Lane<'a>> {
+    pub fn lane(&self, t: &TensorInputs<'_>, block: &Block<'_>, draws: &mut [f64]) -> Option<Lane> {
         let here = block.first / BLOCK;
         Some(match &self.mask {
             Mask::All => Lane::Keep,
@@ -282,20 +277,18 @@ impl Sparsifier {
                 Lane::Random {
                     p: *p,
                     scale: if self.inverse { 1.0 / p } else { 1.0 },
-                    draws,
                 }
             }
             Mask::Della { .. } => return None,
         })
     }
-}
 
-impl Sparsifier {
     /// Writes `w` times model `i`'s thinned and rescaled deltas of `block`
     /// into `v` and adds them to `total`: what [`apply`](Self::apply)
     /// followed by a product and a sum computes, in one loop over the block
-    /// for the common masks (the operations and their order are the same,
-    /// so the values are too). Multiplying by a factor of 1 is exact.
+    /// where the thinning is a [`Lane`] (the operations and their order are
+    /// the same, so the values are too; multiplying by a factor of 1 is
+    /// exact).
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub fn accumulate(
@@ -308,41 +301,17 @@ impl Sparsifier {
         v: &mut [f64],
         total: &mut [f64],
     ) {
-        let fused = Fused {
-            models: block.model(i),
-            base: block.base,
-            factor: self.factor,
-            w,
-        };
-        let here = block.first / BLOCK;
-        match &self.mask {
-            Mask::All => return fused.run(v, total, |_, d| d),
-            Mask::Top(cut) => {
-                if let Some(cut) = cut.threshold(t.ordinal, here) {
-                    return fused.run(v, total, |_, d| keep_or_zero(d, cut.keeps(key(d))));
-                }
-            }
-            Mask::Window { outer, inner } => {
-                let ordinal = t.ordinal;
-                let (o, n) = (
-                    outer.threshold(ordinal, here),
-                    inner.threshold(ordinal, here),
-                );
-                if let (Some(outer), Some(inner)) = (o, n) {
-                    return fused.run(v, total, |_, d| {
-                        let k = key(d);
-                        keep_or_zero(d, outer.keeps(k) && !inner.keeps(k))
-                    });
-                }
-            }
-            Mask::Random { p, draws } => {
-                scratch.a.resize(block.len, 0.0);
-                draws.fill(block.first, &mut scratch.a);
-                let (p, rescale) = (*p, if self.inverse { 1.0 / p } else { 1.0 });
-                let u = &scratch.a[..block.len];
-                return fused.run(v, total, |j, d| keep_or_zero(d * rescale, u[j] < p));
-            }
-            Mask::Nothing | Mask::Della { .. } => {}
+        scratch.a.resize(block.len, 0.0);
+        if let Some(lane) = self.lane(t, block, &mut scratch.a) {
+            let sum = WeightedSum {
+                models: block.model(i),
+                base: block.base,
+                factor: self.factor,
+                w,
+                v,
+                total,
+            };
+            return lane.with_thin(&scratch.a, sum);
         }
         self.apply(t, i, block, scratch, v);
         for (x, s) in v.iter_mut().zip(total.iter_mut()) {
@@ -352,21 +321,27 @@ impl Sparsifier {
     }
 }
 
-/// One model's deltas of a block, for [`Sparsifier::accumulate`]'s loop.
-struct Fused<'a> {
+/// One model's deltas of a block into its weighted, thinned values and the
+/// running sum, for [`Sparsifier::accumulate`]: v_j = thin(j, m_j − b_j) ·
+/// factor · w, and total_j += v_j.
+struct WeightedSum<'a> {
     models: &'a [f64],
     base: &'a [f64],
     factor: f64,
     w: f64,
+    v: &'a mut [f64],
+    total: &'a mut [f64],
 }
 
-impl Fused<'_> {
-    /// v_j = thin(j, m_j − b_j) · factor · w, and total_j += v_j.
+impl ThinLoop for WeightedSum<'_> {
+    type Output = ();
+
     #[inline(always)]
-    fn run(&self, v: &mut [f64], total: &mut [f64], thin: impl Fn(usize, f64) -> f64) {
+    fn run(self, thin: impl Fn(usize, f64) -> f64) {
         let (factor, w) = (self.factor, self.w);
         let pairs = self.models.iter().zip(self.base);
-        for (j, ((x, s), (&m, &b))) in v.iter_mut().zip(total.iter_mut()).zip(pairs).enumerate() {
+        let sums = self.v.iter_mut().zip(self.total.iter_mut());
+        for (j, ((x, s), (&m, &b))) in sums.zip(pairs).enumerate() {
             *x = thin(j, m - b) * factor * w;
             *s += *x;
         }

@@ -538,14 +538,13 @@ impl WindowPass<'_> {
         let Classified {
             above,
             equal,
-            inside,
+            mut inside,
         } = classify(w, m, b);
         acc.above += above;
         acc.equal_here += equal;
         if w.upper.is_none() && w.lower.is_none() {
             return;
         }
-        let mut inside = inside;
         while inside != 0 {
             let j = inside.trailing_zeros() as usize;
             inside &= inside - 1;
