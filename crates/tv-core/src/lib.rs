@@ -41,6 +41,8 @@ mod simd;
 pub mod spectral;
 pub mod staging;
 pub mod stats;
+#[cfg(test)]
+mod testdata;
 pub mod testhooks;
 pub mod verify;
 pub mod vocab;

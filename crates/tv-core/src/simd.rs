@@ -186,6 +186,7 @@ mod tests {
     use super::*;
     use crate::dtype::FloatType;
     use crate::kernels::{delta_into_f32, delta_into_f64, delta_stats, merge_range, Addend};
+    use crate::testdata::noise;
 
     /// More than one merge segment (1 << 22 elements), and not a multiple
     /// of any block or task size.
@@ -195,18 +196,6 @@ mod tests {
         let mut out = vec![0u8; values.len() * ty.size()];
         crate::dtype::encode_f64(ty, values, &mut out);
         out
-    }
-
-    fn noise(seed: u64, n: usize, scale: f64) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) * scale
-            })
-            .collect()
     }
 
     /// Runs `f` under every variant the CPU has and checks each result

@@ -307,19 +307,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::simd::{with_variant, Variant};
-
-    /// xorshift noise in [-1, 1).
-    fn noise(seed: u64, n: usize) -> Vec<f64> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 11) as f64 / (1u64 << 52) as f64 - 1.0
-            })
-            .collect()
-    }
+    use crate::testdata::noise;
 
     /// The merged value of entry `j`, straight from the definition in
     /// [`super::super::gta`], one entry at a time in f64.
@@ -398,10 +386,10 @@ mod tests {
     fn both_forms_equal_the_definition_bit_for_bit() {
         // Not a multiple of the group widths, so the tail runs too.
         let len = 2048 + 3;
-        let base: Vec<f64> = noise(1, len).iter().map(|v| v * 0.05).collect();
+        let base: Vec<f64> = noise(1, len, 0.05);
         let mut models = Vec::new();
         for (i, scale) in [1e-2, 3e-3, 1e-2, 2e-2, 5e-3].iter().enumerate() {
-            let d = noise(10 + i as u64, len);
+            let d = noise(10 + i as u64, len, 1.0);
             models.extend(base.iter().zip(&d).enumerate().map(|(j, (b, d))| {
                 // Some exact zeros and repeated magnitudes at the cuts.
                 match j % 13 {
@@ -423,7 +411,7 @@ mod tests {
         };
         // Every model's draws, different per model, so that reading
         // another model's would show.
-        let draws: Vec<f64> = noise(99, 5 * len).iter().map(|u| u.abs()).collect();
+        let draws: Vec<f64> = noise(99, 5 * len, 1.0).iter().map(|u| u.abs()).collect();
         let at = |v: f64| v.to_bits();
         let lanes = [
             ModelLane {

@@ -966,39 +966,28 @@ mod tests {
             sampled_with_counts < sampled_without,
             "counts should spare samples: {sampled_with_counts} vs {sampled_without}"
         );
-        let resized: Vec<Option<CoarseCounts>> = exact
-            .iter()
-            .map(|c| {
-                let mut c = c.clone().unwrap();
-                c.entries += 1;
-                Some(c)
-            })
-            .collect();
+        // The exact counts, each changed by `edit`.
+        let edited = |edit: fn(&mut CoarseCounts)| -> Vec<Option<CoarseCounts>> {
+            exact
+                .iter()
+                .map(|c| {
+                    let mut c = c.clone().unwrap();
+                    edit(&mut c);
+                    Some(c)
+                })
+                .collect()
+        };
+        let resized = edited(|c| c.entries += 1);
         check_counted(&all, &[0, 1, 2], &tunings(), &resized);
-        let lying: Vec<Option<CoarseCounts>> = exact
-            .iter()
-            .map(|c| {
-                let mut c = c.clone().unwrap();
-                for (first, _) in &mut c.runs {
-                    *first += 3;
-                }
-                Some(c)
-            })
-            .collect();
+        let lying = edited(|c| {
+            for (first, _) in &mut c.runs {
+                *first += 3;
+            }
+        });
         check_counted(&all, &[0, 1, 2], &tunings(), &lying);
         // Buckets past the largest key (a hand-edited analysis) are not
         // used: no overflow, the same cuts.
-        let hostile: Vec<Option<CoarseCounts>> = exact
-            .iter()
-            .map(|c| {
-                let c = c.clone().unwrap();
-                let entries = c.entries;
-                Some(CoarseCounts {
-                    entries,
-                    runs: vec![(u64::MAX - 1, vec![entries])],
-                })
-            })
-            .collect();
+        let hostile = edited(|c| c.runs = vec![(u64::MAX - 1, vec![c.entries])]);
         check_counted(&all, &[0, 1, 2], &tunings(), &hostile);
     }
 
