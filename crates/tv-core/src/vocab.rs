@@ -452,22 +452,14 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
     let below_base = |id: Option<u64>| id.is_some_and(|id| id < base_rows);
     edit_json(base_folder, dir, "tokenizer.json", |t| {
         let obj = t.as_object_mut()?;
-        let list = obj.entry("added_tokens").or_insert(Value::Null);
-        if list.is_null() {
-            *list = json!([]);
-        }
-        let list = list.as_array_mut()?;
+        let list = present_or(obj, "added_tokens", json!([])).as_array_mut()?;
         list.retain(|e| below_base(e.get("id").and_then(Value::as_u64)));
         list.extend(entries.iter().map(|(_, e)| e.clone()));
         Some(())
     })?;
     edit_json(base_folder, dir, "tokenizer_config.json", |t| {
         let obj = t.as_object_mut()?;
-        let decoder = obj.entry("added_tokens_decoder").or_insert(Value::Null);
-        if decoder.is_null() {
-            *decoder = json!({});
-        }
-        let decoder = decoder.as_object_mut()?;
+        let decoder = present_or(obj, "added_tokens_decoder", json!({})).as_object_mut()?;
         decoder.retain(|id, _| below_base(id.parse().ok()));
         for (id, e) in &entries {
             let mut e = e.as_object()?.clone();
@@ -493,6 +485,16 @@ pub fn write_union_files(base_folder: &Path, dir: &Path, alignment: &Alignment) 
         }
         Some(())
     })
+}
+
+/// `obj[key]`, set to `empty` first when absent or null (tokenizer files
+/// write `null` for "none").
+fn present_or<'a>(obj: &'a mut Map<String, Value>, key: &str, empty: Value) -> &'a mut Value {
+    let v = obj.entry(key).or_insert(Value::Null);
+    if v.is_null() {
+        *v = empty;
+    }
+    v
 }
 
 /// Reads `from/name` (when present), edits it with `edit` and writes the
@@ -643,5 +645,52 @@ mod tests {
         assert_eq!(decoder["2"]["content"], "<x>");
         assert_eq!(decoder["3"]["content"], "<pad>");
         assert_eq!(read("config.json")["vocab_size"], 4);
+    }
+
+    /// A model without a vocabulary is matched row for row as far as it has
+    /// rows; the base's named rows past them are counted missing.
+    #[test]
+    fn a_model_without_a_vocabulary_maps_only_the_rows_it_has() {
+        let base = vocab(&["a", "b", "c", "d"], &[]);
+        let a = Alignment::build(VocabMode::Base, &base, 4, &[(None, 2), (None, 4)]);
+        assert_eq!(a.maps[0], [Some(0), Some(1), None, None]);
+        assert_eq!(a.maps[1], [Some(0), Some(1), Some(2), Some(3)]);
+        let counts: Vec<(usize, usize, usize)> = a
+            .counts
+            .iter()
+            .map(|c| (c.matched, c.added, c.missing))
+            .collect();
+        assert_eq!(counts, [(2, 0, 2), (4, 0, 0)]);
+    }
+
+    /// Tokenizer files that write `null` for "no added tokens" take the
+    /// union's tokens as if the lists were empty.
+    #[test]
+    fn null_added_token_lists_take_the_union() {
+        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let tokenizer = json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}},
+            "added_tokens": null});
+        let config = json!({"added_tokens_decoder": null});
+        std::fs::write(from.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        std::fs::write(
+            from.path().join("tokenizer_config.json"),
+            config.to_string(),
+        )
+        .unwrap();
+        std::fs::write(to.path().join("config.json"), "{}").unwrap();
+        let base = vocab(&["a", "b"], &[]);
+        let model = vocab(&["a", "b"], &[("<x>", 2)]);
+        let a = Alignment::build(VocabMode::Union, &base, 2, &[(Some(model), 3)]);
+        write_union_files(from.path(), to.path(), &a).unwrap();
+        let read = |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(to.path().join(name)).unwrap()).unwrap()
+        };
+        let added = read("tokenizer.json")["added_tokens"].clone();
+        assert_eq!(added[0]["id"], 2);
+        assert_eq!(added[0]["content"], "<x>");
+        assert_eq!(added.as_array().unwrap().len(), 1);
+        let decoder = read("tokenizer_config.json")["added_tokens_decoder"].clone();
+        assert_eq!(decoder["2"]["content"], "<x>");
+        assert_eq!(read("config.json")["vocab_size"], 3);
     }
 }

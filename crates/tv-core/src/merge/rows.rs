@@ -241,3 +241,43 @@ fn mean_row(ty: FloatType, bytes: &[u8], len: usize, release: &dyn Fn(usize, usi
     }
     sum
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdata::noise;
+    use std::cell::RefCell;
+
+    /// The mean row equals the rows' mean computed plainly in f64, and the
+    /// pages are released once each: consecutive ranges from the start to
+    /// the end, none released twice.
+    #[test]
+    fn mean_row_averages_and_releases_each_segment_once() {
+        let len = 1000;
+        // More rows than one segment holds, and not a multiple of it.
+        let rows = 2 * (SEGMENT / len) + 7;
+        let values = noise(5, rows * len, 3.0);
+        let ty = FloatType::F32;
+        let mut bytes = vec![0u8; values.len() * ty.size()];
+        encode_f64(ty, &values, &mut bytes);
+        let released = RefCell::new(Vec::new());
+        let mean = mean_row(ty, &bytes, len, &|from, to| {
+            released.borrow_mut().push((from, to))
+        });
+        for (c, &m) in mean.iter().enumerate() {
+            let mut want = 0.0;
+            for r in 0..rows {
+                // The stored f32 value, as an f64.
+                want += f64::from(values[r * len + c] as f32);
+            }
+            assert_eq!(m, want / rows as f64, "column {c}");
+        }
+        let released = released.into_inner();
+        assert_eq!(released.len(), 3, "{released:?}");
+        assert_eq!(released[0].0, 0);
+        for pair in released.windows(2) {
+            assert_eq!(pair[0].1, pair[1].0, "{released:?}");
+        }
+        assert_eq!(released.last().unwrap().1, bytes.len());
+    }
+}
