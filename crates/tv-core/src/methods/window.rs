@@ -13,7 +13,7 @@
 //! continues above or below the window. Either costs passes, never
 //! exactness.
 
-use super::inputs::{Block, TensorInputs, Visit, BLOCK};
+use super::inputs::{Block, TensorInputs, Visit, BLOCK, SEGMENT};
 use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
 use crate::error::{Error, Result};
 use crate::magnitude::{CoarseBucket, COARSE_SHIFT};
@@ -127,8 +127,19 @@ pub(crate) fn sample(
             let mut scratch = super::inputs::Scratch::default();
             let mut expanded = super::inputs::Expanded::default();
             let mut at = vec![0usize; models.len()];
-            // (tensor, end of what was released) of the previous block.
-            let mut released: Option<(usize, usize)> = None;
+            // The kernel maps an aligned 64 KiB around a fault too, before
+            // and after it: what was mapped is dropped, so that a sampled
+            // tensor is not left resident (unless the passes after keep
+            // it), over a segment's span at a time: every release makes
+            // the other threads flush their TLBs, which costs more than
+            // the dropping itself. (tensor, first, end) of what awaits it.
+            let mut mapped: Option<(usize, usize, usize)> = None;
+            let release = |(ti, first, end): (usize, usize, usize)| {
+                let t: &TensorInputs<'_> = &tensors[ti];
+                if !t.keep_pages {
+                    t.release(first, end);
+                }
+            };
             for &(ti, first, last) in chunk {
                 if crate::interrupt::requested() {
                     return Err(Error::Interrupted);
@@ -144,19 +155,25 @@ pub(crate) fn sample(
                     }
                     at[s] += block.len;
                 }
-                // The kernel maps an aligned 64 KiB around a fault too,
-                // before and after it: drop what was mapped, so that a
-                // sampled tensor is not left resident (unless the passes
-                // after keep it).
-                let from = match released {
-                    Some((tj, end)) if tj == ti => end.min(first),
-                    _ => first.saturating_sub(FAULT_AROUND),
+                let around = (
+                    ti,
+                    first.saturating_sub(FAULT_AROUND),
+                    (first + BLOCK + FAULT_AROUND).min(t.numel()),
+                );
+                mapped = match mapped {
+                    Some((tj, from, _)) if tj == ti && around.2 - from <= SEGMENT => {
+                        Some((ti, from, around.2))
+                    }
+                    earlier => {
+                        if let Some(earlier) = earlier {
+                            release(earlier);
+                        }
+                        Some(around)
+                    }
                 };
-                let end = (first + BLOCK + FAULT_AROUND).min(t.numel());
-                if !t.keep_pages {
-                    t.release(from, end);
-                }
-                released = Some((ti, end));
+            }
+            if let Some(last) = mapped {
+                release(last);
             }
             Ok(())
         })?;
