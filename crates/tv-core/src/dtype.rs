@@ -145,6 +145,33 @@ pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
     }
 }
 
+/// [`decode_f64`], returning whether every decoded value is finite. Aligned
+/// bf16 (the common case) is tested as it is decoded, which saves reading
+/// the values a second time.
+#[inline(always)]
+pub fn decode_f64_finite(ty: FloatType, bytes: &[u8], out: &mut [f64]) -> bool {
+    #[cfg(target_endian = "little")]
+    if ty == FloatType::BF16 {
+        if let Ok(words) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            debug_assert_eq!(words.len(), out.len());
+            let mut finite = true;
+            for (o, &w) in out.iter_mut().zip(words) {
+                *o = f64::from(bf16_bits_to_f32(w));
+                finite &= w & 0x7F80 != 0x7F80;
+            }
+            return finite;
+        }
+    }
+    decode_f64(ty, bytes, out);
+    all_finite(out)
+}
+
+/// Whether every value is finite (no NaN, no infinity).
+#[inline(always)]
+pub fn all_finite(xs: &[f64]) -> bool {
+    xs.iter().fold(true, |all, x| all & x.is_finite())
+}
+
 /// Counts the NaN and infinite values among encoded elements (all exponent
 /// bits set).
 #[inline(always)]
@@ -283,6 +310,44 @@ mod tests {
             decode_f64(ty, &bytes, &mut back);
             for (v, b) in values.iter().zip(&back) {
                 assert!((v - b).abs() <= v.abs() * 1e-2, "{ty}: {v} -> {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn decoding_tells_whether_every_value_is_finite() {
+        let finite = [0.0, -0.0, 1.5, -2.25, 1e-3, 3.0];
+        for ty in [
+            FloatType::BF16,
+            FloatType::F16,
+            FloatType::F32,
+            FloatType::F64,
+        ] {
+            for special in [
+                None,
+                Some(f64::NAN),
+                Some(f64::INFINITY),
+                Some(-f64::INFINITY),
+            ] {
+                for at in 0..finite.len() {
+                    let mut values = finite.to_vec();
+                    if let Some(x) = special {
+                        values[at] = x;
+                    }
+                    // Aligned, and one byte off (the byte-wise path).
+                    let mut bytes = vec![0u8; 1 + values.len() * ty.size()];
+                    encode_f64(ty, &values, &mut bytes[1..]);
+                    let aligned = bytes[1..].to_vec();
+                    for input in [&aligned[..], &bytes[1..]] {
+                        let (mut plain, mut checked) =
+                            (vec![0f64; values.len()], vec![0f64; values.len()]);
+                        decode_f64(ty, input, &mut plain);
+                        let all = decode_f64_finite(ty, input, &mut checked);
+                        assert_eq!(all, special.is_none(), "{ty} {special:?} at {at}");
+                        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&plain), bits(&checked), "{ty}");
+                    }
+                }
             }
         }
     }

@@ -460,10 +460,9 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
 /// input, as for Task Arithmetic.
 #[inline(always)]
 fn propagate_nonfinite(block: &Block<'_>, merged: &mut [f64]) {
-    // Reading is cheaper than rewriting: look first (inputs are nearly
-    // always finite), rewrite only a block that holds a non-finite input.
-    let finite = |xs: &[f64]| xs.iter().fold(true, |all, x| all & x.is_finite());
-    if finite(block.base) && finite(block.models) {
+    // Inputs are nearly always finite (decoding tells): a block is
+    // rewritten only when it holds a non-finite input.
+    if block.finite {
         return;
     }
     for input in std::iter::once(block.base).chain(block.models.chunks(block.len.max(1))) {

@@ -408,6 +408,7 @@ mod tests {
             len,
             base: &base,
             models: &models,
+            finite: false,
         };
         // Every model's draws, different per model, so that reading
         // another model's would show.

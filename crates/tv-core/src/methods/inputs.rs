@@ -10,7 +10,7 @@
 //! decodes blocks the same way ([`TensorInputs::decode`]).
 
 use crate::checkpoint::{Checkpoint, TensorRef};
-use crate::dtype::{decode_f64, FloatType};
+use crate::dtype::{all_finite, decode_f64_finite, FloatType};
 use crate::error::{Error, Result};
 use crate::family::ModelTensor;
 use crate::interrupt;
@@ -153,6 +153,8 @@ pub(crate) struct Block<'a> {
     pub base: &'a [f64],
     /// Model-major: model `i`'s values are `models[i * len..(i + 1) * len]`.
     pub models: &'a [f64],
+    /// Every value of `base` and `models` is finite.
+    pub finite: bool,
 }
 
 impl Block<'_> {
@@ -236,25 +238,31 @@ impl<'a> TensorInputs<'a> {
         let k = self.models.len();
         scratch.base.resize(len, 0.0);
         scratch.models.resize(k * len, 0.0);
-        decode_f64(self.base.ty, self.base.range(start, end), &mut scratch.base);
+        let base = &mut scratch.base;
+        let mut finite = decode_f64_finite(self.base.ty, self.base.range(start, end), base);
         for (i, (_, m)) in self.models.iter().enumerate() {
             let out = &mut scratch.models[i * len..(i + 1) * len];
-            match m {
-                ModelInput::Stored(s) => decode_f64(s.ty, s.range(start, end), out),
+            finite &= match m {
+                ModelInput::Stored(s) => decode_f64_finite(s.ty, s.range(start, end), out),
                 ModelInput::Adapter { .. } => {
                     let d = expanded.delta(i, start, end);
-                    for ((o, &d), &b) in out.iter_mut().zip(d).zip(&scratch.base) {
+                    for ((o, &d), &b) in out.iter_mut().zip(d).zip(base.iter()) {
                         *o = b + d;
                     }
+                    all_finite(out)
                 }
-                ModelInput::Untouched => out.copy_from_slice(&scratch.base),
-            }
+                ModelInput::Untouched => {
+                    out.copy_from_slice(base);
+                    true
+                }
+            };
         }
         Block {
             first: start,
             len,
             base: &scratch.base,
             models: &scratch.models,
+            finite,
         }
     }
 
