@@ -429,15 +429,22 @@ fn outputs_do_not_depend_on_the_thread_count() {
 
 #[test]
 fn nan_in_a_fine_tune_is_refused_by_every_method() {
+    // bf16 families are merged from the stored words, the others decoded.
+    for ty in [Ty::F32, Ty::BF16] {
+        nan_is_refused(ty);
+    }
+}
+
+fn nan_is_refused(ty: Ty) {
     let dir = tempfile::tempdir().unwrap();
-    let base = base_tensors(Ty::F32, false);
+    let base = base_tensors(ty, false);
     write_model(&dir.path().join("base"), &base, 1, false);
-    let mut bad = fine_tune(&base, 3, 0.01, Ty::F32);
+    let mut bad = fine_tune(&base, 3, 0.01, ty);
     bad[1].values[5] = f64::NAN;
     write_model(&dir.path().join("bad"), &bad, 1, false);
     write_model(
         &dir.path().join("good"),
-        &fine_tune(&base, 4, 0.01, Ty::F32),
+        &fine_tune(&base, 4, 0.01, ty),
         1,
         false,
     );
@@ -474,7 +481,7 @@ fn nan_in_a_fine_tune_is_refused_by_every_method() {
                 "--quiet",
             ],
         );
-        assert_eq!(o.status.code(), Some(1), "{method}: {}", stderr(&o));
+        assert_eq!(o.status.code(), Some(1), "{ty:?} {method}: {}", stderr(&o));
         assert_one_line_error(&o, &[&bad[1].name, "model 'bad'", "NaN"]);
         assert!(!Path::new(&out).exists(), "{method}");
     }

@@ -430,21 +430,40 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
         let mut decoded = DecodeScratch::default();
         let mut scratch = Scratch::default();
         let mut merged = Vec::new();
+        let mut words = Vec::new();
         let mut nonfinite = 0;
         let mut s = self.first;
         while s < last {
             let e = (s + self.block).min(last);
-            let b = self.inputs.decode(s, e, self.expanded, &mut decoded);
             merged.resize(e - s, 0.0);
-            self.method.combine(
-                self.state,
-                self.inputs,
-                self.params,
-                &b,
-                &mut scratch,
-                &mut merged,
-            );
-            propagate_nonfinite(&b, &mut merged);
+            // Straight from the stored words where the method can; a block
+            // with a non-finite input is done again below, decoded, so that
+            // its NaN reaches the output.
+            let done = match self.inputs.bf16_block(s, e, &mut words) {
+                Some(stored) => {
+                    self.method.combine_bf16(
+                        self.state,
+                        self.inputs,
+                        self.params,
+                        &stored,
+                        &mut scratch,
+                        &mut merged,
+                    ) && stored.finite()
+                }
+                None => false,
+            };
+            if !done {
+                let b = self.inputs.decode(s, e, self.expanded, &mut decoded);
+                self.method.combine(
+                    self.state,
+                    self.inputs,
+                    self.params,
+                    &b,
+                    &mut scratch,
+                    &mut merged,
+                );
+                propagate_nonfinite(&b, &mut merged);
+            }
             let bytes = &mut self.out[out_type.byte_range(s - self.first, e - self.first)];
             encode_f64(out_type, &merged, bytes);
             nonfinite += count_nonfinite(out_type, bytes);

@@ -13,7 +13,7 @@
 //! form, so the results are bit-identical; only the traffic through memory
 //! differs.
 
-use super::inputs::Block;
+use super::operands::{Operands, Values};
 use super::select::{key, Threshold};
 use crate::simd::keep_or_zero;
 
@@ -95,50 +95,55 @@ struct Sums {
 /// Merges `block` into `out`: b + λ · delta, as [`super::gta`] defines it,
 /// with TIES' sign election when `ELECT`. `draws` holds every model's draws
 /// of the block, model-major (`lanes.len() × block.len`; read for random
-/// lanes only).
+/// lanes only). The block's values are read as decoded f64 or as stored
+/// bf16 words ([`super::operands`]), with the same results.
 #[inline(always)]
-pub(crate) fn combine<const ELECT: bool>(
-    block: &Block<'_>,
+pub(crate) fn combine<const ELECT: bool, O: Operands>(
+    block: &O,
     lanes: &[ModelLane],
     draws: &[f64],
     finish: Finish,
     out: &mut [f64],
 ) {
-    let len = block.len;
+    let len = block.len();
     assert_eq!(draws.len(), lanes.len() * len, "draws of every model");
+    assert!(out.len() == len && block.base().count() >= len);
+    for i in 0..lanes.len() {
+        assert!(block.model(i).count() >= len, "model {i}'s values");
+    }
     let whole = len - len % WIDTH;
     let mut j = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::simd::allowed(crate::simd::Variant::Avx2)
-        && std::arch::is_x86_feature_detected!("avx2")
-    {
-        // SAFETY: the CPU has AVX2, checked just above.
-        unsafe { avx2::groups::<ELECT>(block, lanes, draws, finish, &mut out[..whole]) };
+    if super::operands::avx2() {
+        // SAFETY: the CPU has AVX2, checked just above; every input holds
+        // `len` entries, checked above.
+        unsafe { avx2::groups::<ELECT, O>(block, lanes, draws, finish, &mut out[..whole]) };
         j = whole;
     }
     while j < whole {
-        group::<WIDTH, ELECT>(block, lanes, draws, finish, j, &mut out[j..j + WIDTH]);
+        group::<WIDTH, ELECT, O>(block, lanes, draws, finish, j, &mut out[j..j + WIDTH]);
         j += WIDTH;
     }
     // The last entries one at a time, by the same steps.
     while j < len {
-        group::<1, ELECT>(block, lanes, draws, finish, j, &mut out[j..j + 1]);
+        group::<1, ELECT, O>(block, lanes, draws, finish, j, &mut out[j..j + 1]);
         j += 1;
     }
 }
 
 /// Entries `first..first + N` of the block through every model.
 #[inline(always)]
-fn group<const N: usize, const ELECT: bool>(
-    block: &Block<'_>,
+fn group<const N: usize, const ELECT: bool, O: Operands>(
+    block: &O,
     lanes: &[ModelLane],
     draws: &[f64],
     finish: Finish,
     first: usize,
     out: &mut [f64],
 ) {
-    let len = block.len;
-    let base: &[f64; N] = block.base[first..first + N].try_into().expect("N");
+    let len = block.len();
+    let values = |v: O::Values<'_>| -> [f64; N] { std::array::from_fn(|l| v.at(first + l)) };
+    let base = values(block.base());
     let mut sums = Sums {
         total: [0.0; WIDTH],
         positive: [0.0; WIDTH],
@@ -147,10 +152,9 @@ fn group<const N: usize, const ELECT: bool>(
         negative_weight: [0.0; WIDTH],
     };
     for (i, lane) in lanes.iter().enumerate() {
-        let start = i * len + first;
         let add = AddModel::<N, ELECT> {
             sums,
-            model: block.models[start..start + N].try_into().expect("N"),
+            model: values(block.model(i)),
             base,
             factor: lane.factor,
             w: lane.weight,
@@ -182,16 +186,16 @@ fn group<const N: usize, const ELECT: bool>(
 
 /// Adds one model's weighted, thinned deltas of a group (entries
 /// `first..first + N`) to the sums: x = thin(m − b) · factor · w.
-struct AddModel<'a, const N: usize, const ELECT: bool> {
+struct AddModel<const N: usize, const ELECT: bool> {
     sums: Sums,
-    model: &'a [f64; N],
-    base: &'a [f64; N],
+    model: [f64; N],
+    base: [f64; N],
     factor: f64,
     w: f64,
     first: usize,
 }
 
-impl<const N: usize, const ELECT: bool> ThinLoop for AddModel<'_, N, ELECT> {
+impl<const N: usize, const ELECT: bool> ThinLoop for AddModel<N, ELECT> {
     type Output = Sums;
 
     #[inline(always)]
@@ -219,21 +223,25 @@ impl<const N: usize, const ELECT: bool> ThinLoop for AddModel<'_, N, ELECT> {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Finish, Lane, ModelLane};
-    use crate::methods::inputs::Block;
+    use crate::methods::operands::{Operands, Values};
     use std::arch::x86_64::*;
 
     /// Entries `0..out.len()` (a multiple of 4) of the block.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and the base and every model hold `block.len()`
+    /// entries.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn groups<const ELECT: bool>(
-        block: &Block<'_>,
+    pub(super) unsafe fn groups<const ELECT: bool, O: Operands>(
+        block: &O,
         lanes: &[ModelLane],
         draws: &[f64],
         finish: Finish,
         out: &mut [f64],
     ) {
-        let len = block.len;
-        assert!(out.len().is_multiple_of(4) && out.len() <= len && block.base.len() >= len);
-        assert!(block.models.len() >= lanes.len() * len && draws.len() >= lanes.len() * len);
+        let len = block.len();
+        assert!(out.len().is_multiple_of(4) && out.len() <= len);
+        assert!(draws.len() >= lanes.len() * len);
         let zero = _mm256_setzero_pd();
         let one = _mm256_set1_pd(1.0);
         let magnitude = _mm256_set1_epi64x(i64::MAX);
@@ -242,12 +250,12 @@ mod avx2 {
         let mut j = 0;
         while j < out.len() {
             // SAFETY (every load and store below): j + 4 <= out.len() <=
-            // len, and the slices were checked to hold that many entries.
-            let base = _mm256_loadu_pd(block.base.as_ptr().add(j));
+            // len, and every input holds len entries (the caller's promise).
+            let base = block.base().four(j);
             let (mut total, mut positive, mut negative) = (zero, zero, zero);
             let (mut positive_weight, mut negative_weight) = (zero, zero);
             for (i, lane) in lanes.iter().enumerate() {
-                let model = _mm256_loadu_pd(block.models.as_ptr().add(i * len + j));
+                let model = block.model(i).four(j);
                 let d = _mm256_sub_pd(model, base);
                 let key = _mm256_and_si256(_mm256_castpd_si256(d), magnitude);
                 let kept_by =
@@ -306,6 +314,9 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dtype::{decode_f64, encode_f64, FloatType};
+    use crate::methods::inputs::Block;
+    use crate::methods::operands::Bf16Block;
     use crate::simd::{with_variant, Variant};
     use crate::testdata::noise;
 
@@ -403,12 +414,33 @@ mod tests {
         // A NaN and an infinity in one model.
         models[3 * len + 7] = f64::NAN;
         models[3 * len + 8] = f64::INFINITY;
+        // Stored as bf16: the words, and the values they decode to.
+        let stored = |v: &[f64]| -> (Vec<u16>, Vec<f64>) {
+            let mut bytes = vec![0u8; 2 * v.len()];
+            encode_f64(FloatType::BF16, v, &mut bytes);
+            let mut decoded = vec![0.0; v.len()];
+            decode_f64(FloatType::BF16, &bytes, &mut decoded);
+            let words = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .collect();
+            (words, decoded)
+        };
+        let (base_words, base) = stored(&base);
+        let (model_words, models) = stored(&models);
         let block = Block {
             first: 0,
             len,
             base: &base,
             models: &models,
             finite: false,
+        };
+        let model_words: Vec<&[u16]> = model_words.chunks(len).collect();
+        let words = Bf16Block {
+            first: 0,
+            len,
+            base: &base_words,
+            models: &model_words,
         };
         // Every model's draws, different per model, so that reading
         // another model's would show.
@@ -457,22 +489,35 @@ mod tests {
                 let want: Vec<f64> = (0..len)
                     .map(|j| reference(&block, &lanes, &draws, finish, elect, j))
                     .collect();
+                fn run<O: Operands>(
+                    block: &O,
+                    lanes: &[ModelLane],
+                    draws: &[f64],
+                    finish: Finish,
+                    elect: bool,
+                ) -> Vec<f64> {
+                    let mut out = vec![0.0; block.len()];
+                    if elect {
+                        combine::<true, O>(block, lanes, draws, finish, &mut out);
+                    } else {
+                        combine::<false, O>(block, lanes, draws, finish, &mut out);
+                    }
+                    out
+                }
                 for variant in [Variant::Scalar, Variant::Avx2] {
-                    let (got, _) = with_variant(variant, || {
-                        let mut out = vec![0.0; len];
-                        if elect {
-                            combine::<true>(&block, &lanes, &draws, finish, &mut out);
-                        } else {
-                            combine::<false>(&block, &lanes, &draws, finish, &mut out);
+                    let (decoded, _) =
+                        with_variant(variant, || run(&block, &lanes, &draws, finish, elect));
+                    let (from_words, _) =
+                        with_variant(variant, || run(&words, &lanes, &draws, finish, elect));
+                    for (got, form) in [(decoded, "f64"), (from_words, "bf16")] {
+                        for j in 0..len {
+                            let (g, w) = (got[j], want[j]);
+                            assert!(
+                                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                                "{variant:?} {form} elect {elect} normalize {normalize} \
+                                 entry {j}: {g} vs {w}"
+                            );
                         }
-                        out
-                    });
-                    for j in 0..len {
-                        let (g, w) = (got[j], want[j]);
-                        assert!(
-                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
-                            "{variant:?} elect {elect} normalize {normalize} entry {j}: {g} vs {w}"
-                        );
                     }
                 }
             }

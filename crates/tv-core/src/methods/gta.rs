@@ -12,6 +12,7 @@
 
 use super::fused::{self, Finish, Lane, ModelLane};
 use super::inputs::{Block, TensorInputs};
+use super::operands::{Bf16Block, Operands};
 use super::sparsify::{ModelCut, Sparsifier};
 use super::{Method, MethodSettings, Scratch, Sparsification, TensorParams};
 use crate::error::Result;
@@ -43,30 +44,32 @@ impl Gta {
     /// model's thinning of the block is one test for every entry; false
     /// (nothing written) otherwise.
     #[inline(always)]
-    fn combine_fused(
+    fn combine_fused<O: Operands>(
         &self,
         sparsifiers: &[Sparsifier],
         t: &TensorInputs<'_>,
         p: &TensorParams,
-        block: &Block<'_>,
+        block: &O,
         scratch: &mut Scratch,
         out: &mut [f64],
     ) -> bool {
-        let len = block.len;
+        let len = block.len();
         scratch.draws.resize(t.models.len() * len, 0.0);
         let mut draws = scratch.draws.chunks_mut(len.max(1));
         scratch.lanes.clear();
         for (i, &(m, _)) in t.models.iter().enumerate() {
             let weight = p.weight[m];
             let model_lane = match sparsifiers.get(i) {
-                Some(s) => match s.lane(t, block, draws.next().expect("a buffer per model")) {
-                    Some(lane) => ModelLane {
-                        lane,
-                        factor: s.factor,
-                        weight,
-                    },
-                    None => return false,
-                },
+                Some(s) => {
+                    match s.lane(t, block.first(), draws.next().expect("a buffer per model")) {
+                        Some(lane) => ModelLane {
+                            lane,
+                            factor: s.factor,
+                            weight,
+                        },
+                        None => return false,
+                    }
+                }
                 // Multiplying by a factor of 1 is exact.
                 None => ModelLane {
                     lane: Lane::Keep,
@@ -83,9 +86,9 @@ impl Gta {
         };
         let (lanes, draws) = (&scratch.lanes, &scratch.draws);
         if self.elect {
-            fused::combine::<true>(block, lanes, draws, finish, out);
+            fused::combine::<true, O>(block, lanes, draws, finish, out);
         } else {
-            fused::combine::<false>(block, lanes, draws, finish, out);
+            fused::combine::<false, O>(block, lanes, draws, finish, out);
         }
         true
     }
@@ -116,6 +119,21 @@ impl Method for Gta {
                 Sparsifier::for_tensor(kind, &self.settings, t, p, self.model_cuts.as_deref())
             }
         }
+    }
+
+    /// The element-major combine on the stored words (AVX2 only: the
+    /// portable form gains nothing over decoding).
+    #[inline(always)]
+    fn combine_bf16(
+        &self,
+        sparsifiers: &Self::State,
+        t: &TensorInputs<'_>,
+        p: &TensorParams,
+        block: &Bf16Block<'_>,
+        scratch: &mut Scratch,
+        out: &mut [f64],
+    ) -> bool {
+        super::operands::avx2() && self.combine_fused(sparsifiers, t, p, block, scratch, out)
     }
 
     #[inline(always)]

@@ -5,10 +5,13 @@
 //! [`TensorInputs::scan`]: segment by segment (so resident memory stays
 //! bounded and an interrupt is noticed between segments), each segment
 //! split into one contiguous part per thread, each part decoded into f64
-//! [`Block`]s that a visitor folds into a per-thread accumulator; the pages
-//! of a segment are released once it is done. The merge's own write pass
-//! decodes blocks the same way ([`TensorInputs::decode`]).
+//! [`Block`]s that a visitor folds into a per-thread accumulator (or, for
+//! bf16 inputs and a visitor that can, handed over as the stored words: see
+//! [`super::operands`]); the pages of a segment are released once it is
+//! done. The merge's own write pass reads blocks the same way
+//! ([`TensorInputs::decode`], [`TensorInputs::bf16_block`]).
 
+use super::operands::Bf16Block;
 use crate::checkpoint::{Checkpoint, TensorRef};
 use crate::dtype::{all_finite, decode_f64_finite, FloatType};
 use crate::error::{Error, Result};
@@ -266,6 +269,48 @@ impl<'a> TensorInputs<'a> {
         }
     }
 
+    /// Elements `start..end` as the stored words, when the base and every
+    /// model store the tensor as bf16 at an aligned offset; `words` is
+    /// filled with the models' slices. None otherwise (other types,
+    /// adapters, or a big-endian machine): the block is decoded.
+    #[inline(always)]
+    pub fn bf16_block<'s>(
+        &'s self,
+        start: usize,
+        end: usize,
+        words: &'s mut Vec<&'a [u16]>,
+    ) -> Option<Bf16Block<'s>> {
+        #[cfg(target_endian = "little")]
+        {
+            let stored = |input: &Input<'a>| -> Option<&'a [u16]> {
+                if input.ty != FloatType::BF16 {
+                    return None;
+                }
+                let bytes = &input.ckpt.bytes(input.tensor)[input.ty.byte_range(start, end)];
+                bytemuck::try_cast_slice(bytes).ok()
+            };
+            let base = stored(&self.base)?;
+            words.clear();
+            for (_, m) in &self.models {
+                match m {
+                    ModelInput::Stored(s) => words.push(stored(s)?),
+                    ModelInput::Adapter { .. } | ModelInput::Untouched => return None,
+                }
+            }
+            Some(Bf16Block {
+                first: start,
+                len: end - start,
+                base,
+                models: words,
+            })
+        }
+        #[cfg(not(target_endian = "little"))]
+        {
+            let _ = (start, end, words);
+            None
+        }
+    }
+
     /// Lets a pre-pass leave the tensor's pages resident for the merge
     /// pass that follows, when every input's bytes together come to at most
     /// [`KEEP_RESIDENT`]: the merge then finds them mapped instead of
@@ -353,6 +398,14 @@ pub(crate) trait Visit: Sync {
     /// What one thread part accumulates.
     type Acc: Send;
     fn visit(&self, acc: &mut Self::Acc, block: &Block<'_>);
+
+    /// [`visit`](Self::visit) on the stored bf16 words, when the visitor
+    /// has such a form and the CPU runs it; false (nothing done) otherwise,
+    /// and the block is decoded instead.
+    #[inline(always)]
+    fn visit_bf16(&self, _acc: &mut Self::Acc, _block: &Bf16Block<'_>) -> bool {
+        false
+    }
 }
 
 /// One thread part of a [`TensorInputs::scan`].
@@ -372,11 +425,18 @@ impl<V: Visit> crate::simd::Kernel for ScanPart<'_, '_, V> {
     #[inline(always)]
     fn run(self) {
         let mut scratch = Scratch::default();
+        let mut words = Vec::new();
         let mut s = self.first;
         while s < self.last {
             let e = (s + self.block).min(self.last);
-            let b = self.inputs.decode(s, e, self.expanded, &mut scratch);
-            self.visitor.visit(self.acc, &b);
+            let visited = match self.inputs.bf16_block(s, e, &mut words) {
+                Some(stored) => self.visitor.visit_bf16(self.acc, &stored),
+                None => false,
+            };
+            if !visited {
+                let b = self.inputs.decode(s, e, self.expanded, &mut scratch);
+                self.visitor.visit(self.acc, &b);
+            }
             s = e;
         }
     }

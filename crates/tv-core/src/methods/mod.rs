@@ -17,6 +17,7 @@ pub(crate) mod inputs;
 pub(crate) mod linear;
 pub(crate) mod magmax;
 pub(crate) mod model_stock;
+pub(crate) mod operands;
 pub(crate) mod rng;
 pub(crate) mod select;
 pub(crate) mod slerp;
@@ -356,6 +357,22 @@ pub(crate) trait Method: Sync {
         scratch: &mut Scratch,
         out: &mut [f64],
     );
+
+    /// [`combine`](Self::combine) reading the stored bf16 words, when the
+    /// method has such a form for this block and the CPU runs it; false
+    /// (nothing written) otherwise, and the block is decoded instead.
+    #[inline(always)]
+    fn combine_bf16(
+        &self,
+        _state: &Self::State,
+        _t: &TensorInputs<'_>,
+        _p: &TensorParams,
+        _block: &operands::Bf16Block<'_>,
+        _scratch: &mut Scratch,
+        _out: &mut [f64],
+    ) -> bool {
+        false
+    }
 }
 
 /// Where each tensor's [`TensorParams`] come from: one value per model for

@@ -257,13 +257,13 @@ impl Sparsifier {
 }
 
 impl Sparsifier {
-    /// This model's thinning of `block` as one test for every entry, when
-    /// it is one (not for DELLA, nor in the one block where a cut's kept
-    /// ties run out). A random mask's draws are written into `draws`, a
-    /// buffer of the block's length.
+    /// This model's thinning of the block from entry `first` as one test
+    /// for every entry, when it is one (not for DELLA, nor in the one block
+    /// where a cut's kept ties run out). A random mask's draws are written
+    /// into `draws`, a buffer of the block's length.
     #[inline(always)]
-    pub fn lane(&self, t: &TensorInputs<'_>, block: &Block<'_>, draws: &mut [f64]) -> Option<Lane> {
-        let here = block.first / BLOCK;
+    pub fn lane(&self, t: &TensorInputs<'_>, first: usize, draws: &mut [f64]) -> Option<Lane> {
+        let here = first / BLOCK;
         Some(match &self.mask {
             Mask::All => Lane::Keep,
             Mask::Nothing => Lane::Drop,
@@ -273,7 +273,7 @@ impl Sparsifier {
                 inner: inner.threshold(t.ordinal, here)?,
             },
             Mask::Random { p, draws: source } => {
-                source.fill(block.first, draws);
+                source.fill(first, draws);
                 Lane::Random {
                     p: *p,
                     scale: if self.inverse { 1.0 / p } else { 1.0 },
@@ -302,7 +302,7 @@ impl Sparsifier {
         total: &mut [f64],
     ) {
         scratch.a.resize(block.len, 0.0);
-        if let Some(lane) = self.lane(t, block, &mut scratch.a) {
+        if let Some(lane) = self.lane(t, block.first, &mut scratch.a) {
             let sum = WeightedSum {
                 models: block.model(i),
                 base: block.base,

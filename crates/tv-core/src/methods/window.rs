@@ -14,6 +14,7 @@
 //! exactness.
 
 use super::inputs::{Block, TensorInputs, Visit, BLOCK, SEGMENT};
+use super::operands::{self, Bf16Block, Operands, Values};
 use super::select::{key, running_counts, sources_of, Bucket, Cut, Range, Search};
 use crate::error::{Error, Result};
 use crate::magnitude::{CoarseBucket, COARSE_SHIFT};
@@ -523,13 +524,33 @@ impl Visit for WindowPass<'_> {
 
     #[inline(always)]
     fn visit(&self, accs: &mut Vec<WindowAcc>, block: &Block<'_>) {
-        let here = block.first / BLOCK;
+        self.visit_operands(accs, block);
+    }
+
+    /// The stored words are read in AVX2 registers only: the portable loop
+    /// gains nothing over decoding.
+    #[inline(always)]
+    fn visit_bf16(&self, accs: &mut Vec<WindowAcc>, block: &Bf16Block<'_>) -> bool {
+        if !operands::avx2() {
+            return false;
+        }
+        self.visit_operands(accs, block);
+        true
+    }
+}
+
+impl WindowPass<'_> {
+    /// Counts and gathers one block's keys for every open target.
+    #[inline(always)]
+    fn visit_operands<O: Operands>(&self, accs: &mut [WindowAcc], block: &O) {
+        let here = block.first() / BLOCK;
+        let len = block.len();
         for (i, of_model) in &self.sources {
-            let (m, b) = (block.model(*i), block.base);
+            let (m, b) = (block.model(*i), block.base());
             let mut start = 0;
-            while start < m.len() {
-                let end = (start + CHUNK).min(m.len());
-                let (m, b) = (&m[start..end], &b[start..end]);
+            while start < len {
+                let end = (start + CHUNK).min(len);
+                let (m, b) = (m.part(start..end), b.part(start..end));
                 for &o in of_model {
                     self.count(&mut accs[o], &self.windows[o], m, b, here);
                 }
@@ -545,13 +566,11 @@ impl Visit for WindowPass<'_> {
             }
         }
     }
-}
 
-impl WindowPass<'_> {
     /// Counts the keys of one chunk (at most [`CHUNK`] deltas m − b) for
     /// one target, and gathers those inside its window.
     #[inline(always)]
-    fn count(&self, acc: &mut WindowAcc, w: &Window, m: &[f64], b: &[f64], block: usize) {
+    fn count<V: Values>(&self, acc: &mut WindowAcc, w: &Window, m: V, b: V, block: usize) {
         let Classified {
             above,
             equal,
@@ -567,7 +586,7 @@ impl WindowPass<'_> {
             inside &= inside - 1;
             acc.gather(
                 w,
-                key(m[j] - b[j]),
+                key(m.at(j) - b.at(j)),
                 self.ordinal,
                 block,
                 self.part_candidates,
@@ -588,21 +607,21 @@ struct Classified {
 
 /// The keys of the deltas `m − b` (at most [`CHUNK`]) against window `w`.
 #[inline(always)]
-fn classify(w: &Window, m: &[f64], b: &[f64]) -> Classified {
+fn classify<V: Values>(w: &Window, m: V, b: V) -> Classified {
+    let n = m.count();
+    assert!(n <= CHUNK && b.count() >= n);
     #[cfg(target_arch = "x86_64")]
-    if m.len() == CHUNK
-        && crate::simd::allowed(crate::simd::Variant::Avx2)
-        && std::arch::is_x86_feature_detected!("avx2")
-    {
-        // SAFETY: the CPU has AVX2, checked just above.
+    if n == CHUNK && operands::avx2() {
+        // SAFETY: the CPU has AVX2, checked just above; both hold CHUNK
+        // entries.
         return unsafe { avx2::classify(w, m, b) };
     }
     // Branch-free. Keys and bounds are at most MAX_KEY, so they compare as
     // signed integers.
     let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
     let (mut above, mut equal, mut inside) = (0u64, 0u64, 0u64);
-    for (j, (&m, &b)) in m.iter().zip(b).enumerate() {
-        let k = key(m - b) as i64;
+    for j in 0..n {
+        let k = key(m.at(j) - b.at(j)) as i64;
         above += u64::from(k > hi);
         let is_pred = k == pred;
         equal += u64::from(is_pred);
@@ -622,11 +641,13 @@ fn classify(w: &Window, m: &[f64], b: &[f64]) -> Classified {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{Classified, Window, CHUNK};
+    use crate::methods::operands::Values;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU has AVX2, and `m` and `b` hold [`CHUNK`] entries.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn classify(w: &Window, m: &[f64], b: &[f64]) -> Classified {
-        assert!(m.len() == CHUNK && b.len() >= CHUNK);
+    pub(super) unsafe fn classify<V: Values>(w: &Window, m: V, b: V) -> Classified {
         let magnitude = _mm256_set1_epi64x(i64::MAX);
         let hi = _mm256_set1_epi64x(w.hi as i64);
         // k >= lo is k > lo − 1 (lo is at least 0, so this does not wrap).
@@ -636,11 +657,8 @@ mod avx2 {
         let mut inside = 0u64;
         let mut j = 0;
         while j < CHUNK {
-            // SAFETY: j + 4 <= CHUNK, which both slices hold.
-            let d = _mm256_sub_pd(
-                _mm256_loadu_pd(m.as_ptr().add(j)),
-                _mm256_loadu_pd(b.as_ptr().add(j)),
-            );
+            // SAFETY: j + 4 <= CHUNK, which both hold.
+            let d = _mm256_sub_pd(m.four(j), b.four(j));
             let k = _mm256_and_si256(_mm256_castpd_si256(d), magnitude);
             let over = _mm256_cmpgt_epi64(k, hi);
             let is_pred = _mm256_cmpeq_epi64(k, pred);
@@ -723,13 +741,27 @@ mod tests {
                 .enumerate()
                 .filter(|&(_, &k)| k >= lo && k <= hi && k != pred)
                 .fold(0u64, |bits, (j, _)| bits | 1 << j);
+            // The grid's values are exact in bf16: the stored words too.
+            let words = |v: &[f64]| -> Vec<u16> {
+                v.iter()
+                    .map(|&x| {
+                        let bits = (x as f32).to_bits();
+                        assert_eq!(bits & 0xFFFF, 0, "{x} is a bf16");
+                        (bits >> 16) as u16
+                    })
+                    .collect()
+            };
+            let (m16, b16) = (words(&m), words(&b));
             for variant in [Variant::Scalar, Variant::Avx2] {
-                let (c, _) = with_variant(variant, || classify(&w, &m, &b));
-                assert_eq!(
-                    (c.above, c.equal, c.inside),
-                    (above, equal, inside),
-                    "{variant:?}, round {round}"
-                );
+                let (decoded, _) = with_variant(variant, || classify(&w, &m[..], &b[..]));
+                let (stored, _) = with_variant(variant, || classify(&w, &m16[..], &b16[..]));
+                for (c, form) in [(decoded, "f64"), (stored, "bf16")] {
+                    assert_eq!(
+                        (c.above, c.equal, c.inside),
+                        (above, equal, inside),
+                        "{variant:?} {form}, round {round}"
+                    );
+                }
             }
         }
     }
