@@ -354,7 +354,7 @@ pub(crate) fn select_tuned(
                 .place(sample, bucket.as_ref())
             })
             .collect();
-        let mut accs = per_thread(|| windows.iter().map(WindowAcc::new).collect::<Vec<_>>());
+        let mut accs = per_thread(|| windows.iter().map(|_| WindowAcc::new()).collect::<Vec<_>>());
         // Each thread part may gather its share of the candidates.
         let part_candidates = tuning.candidates.div_ceil(accs.len());
         for t in tensors {
@@ -394,7 +394,7 @@ pub(crate) fn select_tuned(
             .map(|(parts, (&k, w))| {
                 let acc = parts
                     .into_iter()
-                    .reduce(|a, b| a.merge(b, &tuning))
+                    .reduce(|a, b| a.merge(b, w, &tuning))
                     .expect("one part");
                 w.resolve(acc, targets[k].rank)
             })

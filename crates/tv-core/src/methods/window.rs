@@ -441,8 +441,9 @@ pub(crate) struct WindowAcc {
 }
 
 impl WindowAcc {
-    pub fn new(w: &Window) -> Self {
-        let buckets = |r: &Option<Range>| r.as_ref().map_or(Vec::new(), Range::buckets);
+    /// Nothing counted yet. The histograms are made only when the
+    /// candidates overflow ([`Self::overflow`]).
+    pub fn new() -> Self {
         Self {
             above: 0,
             equal: 0,
@@ -450,25 +451,55 @@ impl WindowAcc {
             equal_blocks: Vec::new(),
             candidates: Vec::new(),
             overflow: false,
-            upper: buckets(&w.upper),
-            lower: buckets(&w.lower),
+            upper: Vec::new(),
+            lower: Vec::new(),
         }
     }
 
-    /// Adds another thread part's counts.
-    pub fn merge(mut self, other: Self, tuning: &Tuning) -> Self {
+    /// Gives up the candidates for histograms of both sides of window `w`,
+    /// made from the candidates gathered so far.
+    fn overflow(&mut self, w: &Window) {
+        if self.overflow {
+            return;
+        }
+        self.overflow = true;
+        let buckets = |r: &Option<Range>| r.as_ref().map_or(Vec::new(), Range::buckets);
+        self.upper = buckets(&w.upper);
+        self.lower = buckets(&w.lower);
+        for (k, _, _) in std::mem::take(&mut self.candidates) {
+            self.histogram(w, k);
+        }
+    }
+
+    /// Counts key `k`, inside window `w` and not its `pred`, in the
+    /// histogram of its side.
+    #[inline(always)]
+    fn histogram(&mut self, w: &Window, k: u64) {
+        let (range, buckets) = if k > w.pred {
+            (w.upper.as_ref(), &mut self.upper)
+        } else {
+            (w.lower.as_ref(), &mut self.lower)
+        };
+        let range = range.expect("a key inside the window has its side");
+        buckets[range.bucket(k)].add(k);
+    }
+
+    /// Adds another thread part's counts (of the same window `w`).
+    pub fn merge(mut self, mut other: Self, w: &Window, tuning: &Tuning) -> Self {
         self.above += other.above;
         self.equal += other.equal;
-        self.equal_blocks.extend(other.equal_blocks);
-        self.overflow |=
-            other.overflow || self.candidates.len() + other.candidates.len() > tuning.candidates;
-        if self.overflow {
-            self.candidates = Vec::new();
+        self.equal_blocks.append(&mut other.equal_blocks);
+        if self.overflow
+            || other.overflow
+            || self.candidates.len() + other.candidates.len() > tuning.candidates
+        {
+            self.overflow(w);
+            other.overflow(w);
+            Bucket::add_all(&mut self.upper, &other.upper);
+            Bucket::add_all(&mut self.lower, &other.lower);
         } else {
             self.candidates.extend(other.candidates);
         }
-        Bucket::add_all(&mut self.upper, &other.upper);
-        Bucket::add_all(&mut self.lower, &other.lower);
         self
     }
 }
@@ -682,7 +713,8 @@ mod avx2 {
 }
 
 impl WindowAcc {
-    /// Records key `k`, inside window `w` and not its `pred`.
+    /// Records key `k`, inside window `w` and not its `pred`: as a
+    /// candidate while there are at most `most`, then in the histograms.
     #[inline(always)]
     fn gather(&mut self, w: &Window, k: u64, ordinal: usize, block: usize, most: usize) {
         if !self.overflow {
@@ -690,18 +722,11 @@ impl WindowAcc {
                 // Ordinals and block indices fit: 2³² blocks are 8.8·10¹²
                 // entries.
                 self.candidates.push((k, ordinal as u32, block as u32));
-            } else {
-                self.overflow = true;
-                self.candidates = Vec::new();
+                return;
             }
+            self.overflow(w);
         }
-        let (range, buckets) = if k > w.pred {
-            (w.upper.as_ref(), &mut self.upper)
-        } else {
-            (w.lower.as_ref(), &mut self.lower)
-        };
-        let range = range.expect("a key inside the window has its side");
-        buckets[range.bucket(k)].add(k);
+        self.histogram(w, k);
     }
 }
 
