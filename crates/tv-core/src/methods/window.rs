@@ -582,8 +582,19 @@ impl WindowPass<'_> {
             while start < len {
                 let end = (start + CHUNK).min(len);
                 let (m, b) = (m.part(start..end), b.part(start..end));
-                for &o in of_model {
-                    self.count(&mut accs[o], &self.windows[o], m, b, here);
+                if let [first, second] = of_model[..] {
+                    // Breadcrumbs' two targets, from one computation of the
+                    // keys.
+                    let ws = [&self.windows[first], &self.windows[second]];
+                    for (o, c) in [first, second].into_iter().zip(classify(ws, m, b)) {
+                        self.record(&mut accs[o], &self.windows[o], c, m, b, here);
+                    }
+                } else {
+                    for &o in of_model {
+                        let w = &self.windows[o];
+                        let [c] = classify([w], m, b);
+                        self.record(&mut accs[o], w, c, m, b, here);
+                    }
                 }
                 start = end;
             }
@@ -598,15 +609,23 @@ impl WindowPass<'_> {
         }
     }
 
-    /// Counts the keys of one chunk (at most [`CHUNK`] deltas m − b) for
-    /// one target, and gathers those inside its window.
+    /// Records one chunk's keys (deltas m − b) as classified against
+    /// window `w` of one target: its counts, and the keys inside it.
     #[inline(always)]
-    fn count<V: Values>(&self, acc: &mut WindowAcc, w: &Window, m: V, b: V, block: usize) {
+    fn record<V: Values>(
+        &self,
+        acc: &mut WindowAcc,
+        w: &Window,
+        classified: Classified,
+        m: V,
+        b: V,
+        block: usize,
+    ) {
         let Classified {
             above,
             equal,
             mut inside,
-        } = classify(w, m, b);
+        } = classified;
         acc.above += above;
         acc.equal_here += equal;
         if w.upper.is_none() && w.lower.is_none() {
@@ -627,6 +646,7 @@ impl WindowPass<'_> {
 }
 
 /// How the keys of one chunk fall against a window.
+#[derive(Clone, Copy)]
 struct Classified {
     /// Keys above the window.
     above: u64,
@@ -636,34 +656,42 @@ struct Classified {
     inside: u64,
 }
 
-/// The keys of the deltas `m − b` (at most [`CHUNK`]) against window `w`.
+impl Classified {
+    const NONE: Self = Self {
+        above: 0,
+        equal: 0,
+        inside: 0,
+    };
+}
+
+/// The keys of the deltas `m − b` (at most [`CHUNK`]) against each of the
+/// windows `ws` (a model's targets: Breadcrumbs has two), each key computed
+/// once.
 #[inline(always)]
-fn classify<V: Values>(w: &Window, m: V, b: V) -> Classified {
+fn classify<const N: usize, V: Values>(ws: [&Window; N], m: V, b: V) -> [Classified; N] {
     let n = m.count();
     assert!(n <= CHUNK && b.count() >= n);
     #[cfg(target_arch = "x86_64")]
     if n == CHUNK && operands::avx2() {
         // SAFETY: the CPU has AVX2, checked just above; both hold CHUNK
         // entries.
-        return unsafe { avx2::classify(w, m, b) };
+        return unsafe { avx2::classify(ws, m, b) };
     }
     // Branch-free. Keys and bounds are at most MAX_KEY, so they compare as
     // signed integers.
-    let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
-    let (mut above, mut equal, mut inside) = (0u64, 0u64, 0u64);
+    let mut out = [Classified::NONE; N];
     for j in 0..n {
         let k = key(m.at(j) - b.at(j)) as i64;
-        above += u64::from(k > hi);
-        let is_pred = k == pred;
-        equal += u64::from(is_pred);
-        let held = (k >= lo) & (k <= hi) & !is_pred;
-        inside |= u64::from(held) << j;
+        for (w, c) in ws.iter().zip(out.iter_mut()) {
+            let (hi, lo, pred) = (w.hi as i64, w.lo as i64, w.pred as i64);
+            c.above += u64::from(k > hi);
+            let is_pred = k == pred;
+            c.equal += u64::from(is_pred);
+            let held = (k >= lo) & (k <= hi) & !is_pred;
+            c.inside |= u64::from(held) << j;
+        }
     }
-    Classified {
-        above,
-        equal,
-        inside,
-    }
+    out
 }
 
 /// [`classify`] four keys at a time in AVX2 registers (compilers turn the
@@ -678,37 +706,49 @@ mod avx2 {
     /// # Safety
     /// The CPU has AVX2, and `m` and `b` hold [`CHUNK`] entries.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn classify<V: Values>(w: &Window, m: V, b: V) -> Classified {
+    pub(super) unsafe fn classify<const N: usize, V: Values>(
+        ws: [&Window; N],
+        m: V,
+        b: V,
+    ) -> [Classified; N] {
         let magnitude = _mm256_set1_epi64x(i64::MAX);
-        let hi = _mm256_set1_epi64x(w.hi as i64);
+        let hi = ws.map(|w| _mm256_set1_epi64x(w.hi as i64));
         // k >= lo is k > lo − 1 (lo is at least 0, so this does not wrap).
-        let below_lo = _mm256_set1_epi64x(w.lo as i64 - 1);
-        let pred = _mm256_set1_epi64x(w.pred as i64);
-        let (mut above, mut equal) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        let mut inside = 0u64;
+        let below_lo = ws.map(|w| _mm256_set1_epi64x(w.lo as i64 - 1));
+        let pred = ws.map(|w| _mm256_set1_epi64x(w.pred as i64));
+        let mut above = [_mm256_setzero_si256(); N];
+        let mut equal = [_mm256_setzero_si256(); N];
+        let mut inside = [0u64; N];
         let mut j = 0;
         while j < CHUNK {
             // SAFETY: j + 4 <= CHUNK, which both hold.
             let d = _mm256_sub_pd(m.four(j), b.four(j));
             let k = _mm256_and_si256(_mm256_castpd_si256(d), magnitude);
-            let over = _mm256_cmpgt_epi64(k, hi);
-            let is_pred = _mm256_cmpeq_epi64(k, pred);
-            let from_lo = _mm256_cmpgt_epi64(k, below_lo);
-            // A true mask is −1: subtracting it counts one.
-            above = _mm256_sub_epi64(above, over);
-            equal = _mm256_sub_epi64(equal, is_pred);
-            let held = _mm256_andnot_si256(_mm256_or_si256(over, is_pred), from_lo);
-            inside |= (_mm256_movemask_pd(_mm256_castsi256_pd(held)) as u64) << j;
+            for t in 0..N {
+                let over = _mm256_cmpgt_epi64(k, hi[t]);
+                let is_pred = _mm256_cmpeq_epi64(k, pred[t]);
+                let from_lo = _mm256_cmpgt_epi64(k, below_lo[t]);
+                // A true mask is −1: subtracting it counts one.
+                above[t] = _mm256_sub_epi64(above[t], over);
+                equal[t] = _mm256_sub_epi64(equal[t], is_pred);
+                let held = _mm256_andnot_si256(_mm256_or_si256(over, is_pred), from_lo);
+                inside[t] |= (_mm256_movemask_pd(_mm256_castsi256_pd(held)) as u64) << j;
+            }
             j += 4;
         }
-        let mut lanes = [[0u64; 4]; 2];
-        _mm256_storeu_si256(lanes[0].as_mut_ptr().cast(), above);
-        _mm256_storeu_si256(lanes[1].as_mut_ptr().cast(), equal);
-        Classified {
-            above: lanes[0].iter().sum(),
-            equal: lanes[1].iter().sum(),
-            inside,
-        }
+        std::array::from_fn(|t| {
+            let mut lanes = [[0u64; 4]; 2];
+            // SAFETY: each store writes 32 bytes into a [u64; 4].
+            unsafe {
+                _mm256_storeu_si256(lanes[0].as_mut_ptr().cast(), above[t]);
+                _mm256_storeu_si256(lanes[1].as_mut_ptr().cast(), equal[t]);
+            }
+            Classified {
+                above: lanes[0].iter().sum(),
+                equal: lanes[1].iter().sum(),
+                inside: inside[t],
+            }
+        })
     }
 }
 
@@ -759,13 +799,19 @@ mod tests {
                 _ => (sorted[20], sorted[20], sorted[20]),
             };
             let w = Window::new(lo, hi, pred);
-            let above = keys.iter().filter(|&&k| k > hi).count() as u64;
-            let equal = keys.iter().filter(|&&k| k == pred).count() as u64;
-            let inside = keys
-                .iter()
-                .enumerate()
-                .filter(|&(_, &k)| k >= lo && k <= hi && k != pred)
-                .fold(0u64, |bits, (j, _)| bits | 1 << j);
+            // A second window, as Breadcrumbs' second target: above the first.
+            let w2 = Window::new(sorted[40], sorted[60], sorted[50]);
+            let definition = |w: &Window| {
+                let (lo, pred, hi) = (w.lo, w.pred, w.hi);
+                let above = keys.iter().filter(|&&k| k > hi).count() as u64;
+                let equal = keys.iter().filter(|&&k| k == pred).count() as u64;
+                let inside = keys
+                    .iter()
+                    .enumerate()
+                    .filter(|&(_, &k)| k >= lo && k <= hi && k != pred)
+                    .fold(0u64, |bits, (j, _)| bits | 1 << j);
+                (above, equal, inside)
+            };
             // The grid's values are exact in bf16: the stored words too.
             let words = |v: &[f64]| -> Vec<u16> {
                 v.iter()
@@ -777,15 +823,25 @@ mod tests {
                     .collect()
             };
             let (m16, b16) = (words(&m), words(&b));
+            let counts = |c: &Classified| (c.above, c.equal, c.inside);
             for variant in [Variant::Scalar, Variant::Avx2] {
-                let (decoded, _) = with_variant(variant, || classify(&w, &m[..], &b[..]));
-                let (stored, _) = with_variant(variant, || classify(&w, &m16[..], &b16[..]));
-                for (c, form) in [(decoded, "f64"), (stored, "bf16")] {
-                    assert_eq!(
-                        (c.above, c.equal, c.inside),
-                        (above, equal, inside),
-                        "{variant:?} {form}, round {round}"
-                    );
+                let (decoded, _) = with_variant(variant, || {
+                    (
+                        classify([&w], &m[..], &b[..]),
+                        classify([&w, &w2], &m[..], &b[..]),
+                    )
+                });
+                let (stored, _) = with_variant(variant, || {
+                    (
+                        classify([&w], &m16[..], &b16[..]),
+                        classify([&w, &w2], &m16[..], &b16[..]),
+                    )
+                });
+                for ((one, two), form) in [(decoded, "f64"), (stored, "bf16")] {
+                    let what = format!("{variant:?} {form}, round {round}");
+                    assert_eq!(counts(&one[0]), definition(&w), "{what}");
+                    assert_eq!(counts(&two[0]), definition(&w), "{what}, pair");
+                    assert_eq!(counts(&two[1]), definition(&w2), "{what}, pair");
                 }
             }
         }
