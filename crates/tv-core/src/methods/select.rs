@@ -336,23 +336,37 @@ pub(crate) fn select_tuned(
         } else {
             window::sample(tensors, &sampled, &tuning)?
         };
-        let windows: Vec<Window> = open
-            .iter()
-            .zip(&buckets)
-            .map(|(&k, bucket)| {
-                let Target { model, rank } = targets[k];
-                let sample = sampled
-                    .binary_search(&model)
-                    .ok()
-                    .map(|i| &mut samples[i][..]);
-                window::Placement {
-                    total: totals[slot(model)],
-                    rank,
-                    complete,
-                    skew: tuning.skew,
-                }
-                .place(sample, bucket.as_ref())
+        // The window of open target `o`.
+        let place = |o: usize, sample: Option<&mut [u64]>| {
+            let Target { model, rank } = targets[open[o]];
+            window::Placement {
+                total: totals[slot(model)],
+                rank,
+                complete,
+                skew: tuning.skew,
+            }
+            .place(sample, buckets[o].as_ref())
+        };
+        // Placing selects within the sample (reordering it): each model's
+        // targets in turn on its sample, the models side by side.
+        let mut windows: Vec<Option<Window>> = vec![None; open.len()];
+        let placed: Vec<Vec<(usize, Window)>> = samples
+            .par_iter_mut()
+            .zip(&sampled)
+            .map(|(sample, &model)| {
+                (0..open.len())
+                    .filter(|&o| targets[open[o]].model == model)
+                    .map(|o| (o, place(o, Some(&mut sample[..]))))
+                    .collect()
             })
+            .collect();
+        for (o, w) in placed.into_iter().flatten() {
+            windows[o] = Some(w);
+        }
+        let windows: Vec<Window> = windows
+            .into_iter()
+            .enumerate()
+            .map(|(o, w)| w.unwrap_or_else(|| place(o, None)))
             .collect();
         let mut accs = per_thread(|| windows.iter().map(|_| WindowAcc::new()).collect::<Vec<_>>());
         // Each thread part may gather its share of the candidates.
