@@ -15,7 +15,9 @@ use super::fused::{Lane, ThinLoop};
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
 use super::select::{self, Cut, Target};
-use super::{DellaScratch, MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
+use super::{
+    DellaScratch, MethodSettings, RankTable, Rescale, Scratch, Sparsification, TensorParams,
+};
 use crate::error::{Error, Result};
 use crate::simd::keep_or_zero;
 use std::sync::Arc;
@@ -377,20 +379,15 @@ fn della_row(
         order,
         packed,
         probability,
+        tables,
     } = buffers;
     probability.clear();
     probability.resize(row.len(), 0.0);
-    let n = row.len();
-    let scaled = |rank: usize| {
-        if n == 1 {
-            0.5
-        } else {
-            rank as f64 / (n - 1) as f64
-        }
-    };
+    let by_rank = keep_probabilities(tables, row.len(), density, epsilon);
     // Order by |d| bits, then index. When the magnitudes' low bits are free
     // (deltas of bf16 or f16 values usually leave them zero), the index is
     // packed into them and plain u64s are sorted, which is faster.
+    let n = row.len();
     let index_bits = usize::BITS - (n.max(2) - 1).leading_zeros();
     let low = (1u64 << index_bits) - 1;
     if row.iter().all(|d| d.abs().to_bits() & low == 0) {
@@ -401,8 +398,8 @@ fn della_row(
                 .map(|(j, d)| d.abs().to_bits() | j as u64),
         );
         packed.sort_unstable();
-        for (rank, &x) in packed.iter().enumerate() {
-            probability[(x & low) as usize] = (density - epsilon) + 2.0 * epsilon * scaled(rank);
+        for (&x, &p) in packed.iter().zip(by_rank) {
+            probability[(x & low) as usize] = p;
         }
     } else {
         order.clear();
@@ -412,8 +409,8 @@ fn della_row(
                 .map(|(j, d)| (d.abs().to_bits(), j as u32)),
         );
         order.sort_unstable();
-        for (rank, &(_, j)) in order.iter().enumerate() {
-            probability[j as usize] = (density - epsilon) + 2.0 * epsilon * scaled(rank);
+        for (&(_, j), &p) in order.iter().zip(by_rank) {
+            probability[j as usize] = p;
         }
     }
     // Branch-free, so that it vectorises.
@@ -421,6 +418,40 @@ fn della_row(
         let kept = if inverse { *d / p } else { *d };
         *d = keep_or_zero(kept, u < p);
     }
+}
+
+/// DELLA's keep probability of each rank in a row of `n` entries:
+/// (ρ − ε) + 2ε · rank/(n − 1) (rank scaled to 0.5 in a row of one). The
+/// same for every row of a tensor, so computed once per row length and
+/// parameters and kept in `tables` (a few: one per model's parameters).
+fn keep_probabilities(tables: &mut Vec<RankTable>, n: usize, density: f64, epsilon: f64) -> &[f64] {
+    let matches = |t: &RankTable| {
+        t.by_rank.len() == n && t.density == density.to_bits() && t.epsilon == epsilon.to_bits()
+    };
+    let at = match tables.iter().position(matches) {
+        Some(at) => at,
+        None => {
+            if tables.len() >= 8 {
+                tables.clear();
+            }
+            let scaled = |rank: usize| {
+                if n == 1 {
+                    0.5
+                } else {
+                    rank as f64 / (n - 1) as f64
+                }
+            };
+            tables.push(RankTable {
+                density: density.to_bits(),
+                epsilon: epsilon.to_bits(),
+                by_rank: (0..n)
+                    .map(|rank| (density - epsilon) + 2.0 * epsilon * scaled(rank))
+                    .collect(),
+            });
+            tables.len() - 1
+        }
+    };
+    &tables[at].by_rank
 }
 
 /// Σ|d| and Σ|thinned d| per model.
