@@ -102,7 +102,7 @@ impl std::fmt::Display for FloatType {
 }
 
 #[inline(always)]
-fn bf16_bits_to_f32(bits: u16) -> f32 {
+pub(crate) fn bf16_bits_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 

@@ -406,7 +406,8 @@ impl MergePlan {
 }
 
 /// One parallel task of a method's merge: elements `first..` into `out`,
-/// block by block: decode, combine in f64, round once.
+/// block by block: combine in f64 (from the stored bf16 words where the
+/// method can, else decoded), round once.
 struct CombineTask<'a, M: Method> {
     method: &'a M,
     state: &'a M::State,

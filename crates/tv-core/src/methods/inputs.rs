@@ -347,9 +347,10 @@ impl<'a> TensorInputs<'a> {
         }
     }
 
-    /// Reads the whole tensor once: every element range is decoded into a
-    /// [`Block`] and passed to `visitor` with the accumulator of the thread
-    /// part it falls in. `accs` holds one accumulator per part (typically
+    /// Reads the whole tensor once: every element range is passed to
+    /// `visitor` with the accumulator of the thread part it falls in, as
+    /// stored bf16 words when the visitor takes them
+    /// ([`Visit::visit_bf16`]), else decoded into a [`Block`]. `accs` holds one accumulator per part (typically
     /// one per thread); blocks within a part come in increasing order.
     /// With `rows`, every block holds whole rows. Each part runs compiled
     /// for the CPU's widest vector extension.
@@ -391,7 +392,8 @@ impl<'a> TensorInputs<'a> {
     }
 }
 
-/// What a pass over a tensor does with each decoded block.
+/// What a pass over a tensor does with each block (decoded, or as stored
+/// bf16 words where it has a form for them).
 /// Implementations mark `visit` `#[inline(always)]` so it is compiled into
 /// the vectorised copy of the pass.
 pub(crate) trait Visit: Sync {

@@ -337,8 +337,8 @@ pub(crate) struct DellaScratch {
 /// and the parameters whose bits are kept.
 #[derive(Debug)]
 pub(crate) struct RankTable {
-    pub density: u64,
-    pub epsilon: u64,
+    pub density_bits: u64,
+    pub epsilon_bits: u64,
     pub by_rank: Vec<f64>,
 }
 

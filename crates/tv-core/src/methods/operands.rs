@@ -70,7 +70,7 @@ impl Values for &[u16] {
 
     #[inline(always)]
     fn at(self, j: usize) -> f64 {
-        f64::from(f32::from_bits(u32::from(self[j]) << 16))
+        f64::from(crate::dtype::bf16_bits_to_f32(self[j]))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -89,7 +89,12 @@ impl Values for &[u16] {
 
 /// A block's inputs: elements `first..first + len` of the base and of
 /// every model.
-pub(crate) trait Operands {
+///
+/// # Safety
+/// The AVX2 loops check the lengths once and then load without checks:
+/// `base()` and every `model(i)` must return the same values on every call,
+/// each holding at least `len()` entries.
+pub(crate) unsafe trait Operands {
     type Values<'s>: Values
     where
         Self: 's;
@@ -100,7 +105,9 @@ pub(crate) trait Operands {
     fn model(&self, i: usize) -> Self::Values<'_>;
 }
 
-impl Operands for Block<'_> {
+// SAFETY: the slices are fields of the block, the same on every call;
+// decoding makes the base and every model `len` long.
+unsafe impl Operands for Block<'_> {
     type Values<'s>
         = &'s [f64]
     where
@@ -150,7 +157,9 @@ impl Bf16Block<'_> {
     }
 }
 
-impl Operands for Bf16Block<'_> {
+// SAFETY: the slices are fields of the block, the same on every call;
+// `TensorInputs::bf16_block` makes the base and every model `len` long.
+unsafe impl Operands for Bf16Block<'_> {
     type Values<'s>
         = &'s [u16]
     where
@@ -214,8 +223,8 @@ mod tests {
             .map(|c| u16::from_le_bytes([c[0], c[1]]))
             .collect();
         let bits = |x: f64| x.to_bits();
-        for j in 0..values.len() {
-            assert_eq!(bits(words.as_slice().at(j)), bits(decoded[j]), "{j}");
+        for (j, &x) in decoded.iter().enumerate() {
+            assert_eq!(bits(words.as_slice().at(j)), bits(x), "{j}");
         }
         #[cfg(target_arch = "x86_64")]
         if avx2() {

@@ -350,6 +350,7 @@ pub(crate) fn select_tuned(
         // Placing selects within the sample (reordering it): each model's
         // targets in turn on its sample, the models side by side.
         let mut windows: Vec<Option<Window>> = vec![None; open.len()];
+        debug_assert_eq!(samples.len(), sampled.len(), "a sample per sampled model");
         let placed: Vec<Vec<(usize, Window)>> = samples
             .par_iter_mut()
             .zip(&sampled)

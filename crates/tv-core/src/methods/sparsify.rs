@@ -426,7 +426,9 @@ fn della_row(
 /// parameters and kept in `tables` (a few: one per model's parameters).
 fn keep_probabilities(tables: &mut Vec<RankTable>, n: usize, density: f64, epsilon: f64) -> &[f64] {
     let matches = |t: &RankTable| {
-        t.by_rank.len() == n && t.density == density.to_bits() && t.epsilon == epsilon.to_bits()
+        t.by_rank.len() == n
+            && t.density_bits == density.to_bits()
+            && t.epsilon_bits == epsilon.to_bits()
     };
     let at = match tables.iter().position(matches) {
         Some(at) => at,
@@ -442,8 +444,8 @@ fn keep_probabilities(tables: &mut Vec<RankTable>, n: usize, density: f64, epsil
                 }
             };
             tables.push(RankTable {
-                density: density.to_bits(),
-                epsilon: epsilon.to_bits(),
+                density_bits: density.to_bits(),
+                epsilon_bits: epsilon.to_bits(),
                 by_rank: (0..n)
                     .map(|rank| (density - epsilon) + 2.0 * epsilon * scaled(rank))
                     .collect(),

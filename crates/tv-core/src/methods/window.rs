@@ -131,9 +131,10 @@ pub(crate) fn sample(
             // The kernel maps an aligned 64 KiB around a fault too, before
             // and after it: what was mapped is dropped, so that a sampled
             // tensor is not left resident (unless the passes after keep
-            // it), over a segment's span at a time: every release makes
-            // the other threads flush their TLBs, which costs more than
-            // the dropping itself. (tensor, first, end) of what awaits it.
+            // it), up to a segment's span of the tensor at a time per
+            // thread: every release makes the other threads flush their
+            // TLBs, which costs more than the dropping itself.
+            // (tensor, first, end) of what awaits release.
             let mut mapped: Option<(usize, usize, usize)> = None;
             let release = |(ti, first, end): (usize, usize, usize)| {
                 let t: &TensorInputs<'_> = &tensors[ti];
@@ -141,42 +142,46 @@ pub(crate) fn sample(
                     t.release(first, end);
                 }
             };
-            for &(ti, first, last) in chunk {
-                if crate::interrupt::requested() {
-                    return Err(Error::Interrupted);
-                }
-                let t = &tensors[ti];
-                // Adapters' task vectors of the sampled block only.
-                t.expand(first, last, &mut expanded)?;
-                let block = t.decode(first, last, &expanded, &mut scratch);
-                for &(i, s) in &sources[ti] {
-                    let dst = &mut out[s][at[s]..at[s] + block.len];
-                    for ((k, &m), &b) in dst.iter_mut().zip(block.model(i)).zip(block.base) {
-                        *k = key(m - b);
+            let read = (|| -> Result<()> {
+                for &(ti, first, last) in chunk {
+                    if crate::interrupt::requested() {
+                        return Err(Error::Interrupted);
                     }
-                    at[s] += block.len;
-                }
-                let around = (
-                    ti,
-                    first.saturating_sub(FAULT_AROUND),
-                    (first + BLOCK + FAULT_AROUND).min(t.numel()),
-                );
-                mapped = match mapped {
-                    Some((tj, from, _)) if tj == ti && around.2 - from <= SEGMENT => {
-                        Some((ti, from, around.2))
-                    }
-                    earlier => {
-                        if let Some(earlier) = earlier {
-                            release(earlier);
+                    let t = &tensors[ti];
+                    // Adapters' task vectors of the sampled block only.
+                    t.expand(first, last, &mut expanded)?;
+                    let block = t.decode(first, last, &expanded, &mut scratch);
+                    for &(i, s) in &sources[ti] {
+                        let dst = &mut out[s][at[s]..at[s] + block.len];
+                        for ((k, &m), &b) in dst.iter_mut().zip(block.model(i)).zip(block.base) {
+                            *k = key(m - b);
                         }
-                        Some(around)
+                        at[s] += block.len;
                     }
-                };
-            }
+                    let around = (
+                        ti,
+                        first.saturating_sub(FAULT_AROUND),
+                        (first + BLOCK + FAULT_AROUND).min(t.numel()),
+                    );
+                    mapped = match mapped {
+                        Some((tj, from, _)) if tj == ti && around.2 - from <= SEGMENT => {
+                            Some((ti, from, around.2))
+                        }
+                        earlier => {
+                            if let Some(earlier) = earlier {
+                                release(earlier);
+                            }
+                            Some(around)
+                        }
+                    };
+                }
+                Ok(())
+            })();
+            // However the loop ended, nothing stays mapped.
             if let Some(last) = mapped {
                 release(last);
             }
-            Ok(())
+            read
         })?;
     crate::guard::check()?;
     Ok((keys, every == 1))
@@ -436,13 +441,15 @@ pub(crate) struct WindowAcc {
     candidates: Vec<Candidate>,
     /// More keys fell inside the window than `candidates` may hold.
     overflow: bool,
+    /// Histograms of the keys above and below `pred`: empty until the
+    /// candidates overflow.
     upper: Vec<Bucket>,
     lower: Vec<Bucket>,
 }
 
 impl WindowAcc {
     /// Nothing counted yet. The histograms are made only when the
-    /// candidates overflow ([`Self::overflow`]).
+    /// candidates overflow ([`Self::spill_to_histograms`]).
     pub fn new() -> Self {
         Self {
             above: 0,
@@ -458,7 +465,7 @@ impl WindowAcc {
 
     /// Gives up the candidates for histograms of both sides of window `w`,
     /// made from the candidates gathered so far.
-    fn overflow(&mut self, w: &Window) {
+    fn spill_to_histograms(&mut self, w: &Window) {
         if self.overflow {
             return;
         }
@@ -493,8 +500,8 @@ impl WindowAcc {
             || other.overflow
             || self.candidates.len() + other.candidates.len() > tuning.candidates
         {
-            self.overflow(w);
-            other.overflow(w);
+            self.spill_to_histograms(w);
+            other.spill_to_histograms(w);
             Bucket::add_all(&mut self.upper, &other.upper);
             Bucket::add_all(&mut self.lower, &other.lower);
         } else {
@@ -558,8 +565,9 @@ impl Visit for WindowPass<'_> {
         self.visit_operands(accs, block);
     }
 
-    /// The stored words are read in AVX2 registers only: the portable loop
-    /// gains nothing over decoding.
+    /// Only where the CPU has AVX2 (chunks of [`CHUNK`] are classified in
+    /// its registers, shorter tails by the portable loop): elsewhere
+    /// reading the words gains nothing over decoding.
     #[inline(always)]
     fn visit_bf16(&self, accs: &mut Vec<WindowAcc>, block: &Bf16Block<'_>) -> bool {
         if !operands::avx2() {
@@ -583,8 +591,8 @@ impl WindowPass<'_> {
                 let end = (start + CHUNK).min(len);
                 let (m, b) = (m.part(start..end), b.part(start..end));
                 if let [first, second] = of_model[..] {
-                    // Breadcrumbs' two targets, from one computation of the
-                    // keys.
+                    // Two targets of one model (Breadcrumbs' two cuts), from
+                    // one computation of the keys.
                     let ws = [&self.windows[first], &self.windows[second]];
                     for (o, c) in [first, second].into_iter().zip(classify(ws, m, b)) {
                         self.record(&mut accs[o], &self.windows[o], c, m, b, here);
@@ -764,7 +772,7 @@ impl WindowAcc {
                 self.candidates.push((k, ordinal as u32, block as u32));
                 return;
             }
-            self.overflow(w);
+            self.spill_to_histograms(w);
         }
         self.histogram(w, k);
     }
