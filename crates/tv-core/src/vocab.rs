@@ -608,13 +608,11 @@ mod tests {
         assert_eq!(a.rows(), 4);
     }
 
-    #[test]
-    fn the_union_drops_the_base_tokenizers_ids_past_its_rows() {
+    /// Writes the union's files for `a` from a base folder holding
+    /// `tokenizer` (tokenizer.json) and `config` (tokenizer_config.json);
+    /// the returned reader parses a written file by name.
+    fn written_union(tokenizer: &Value, config: &Value, a: &Alignment) -> impl Fn(&str) -> Value {
         let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        // The base's tokenizer names <pad> at 2, past its 2 embedding rows.
-        let tokenizer = json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}},
-            "added_tokens": [{"id": 2, "content": "<pad>"}]});
-        let config = json!({"added_tokens_decoder": {"2": {"content": "<pad>"}}});
         std::fs::write(from.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
         std::fs::write(
             from.path().join("tokenizer_config.json"),
@@ -622,13 +620,22 @@ mod tests {
         )
         .unwrap();
         std::fs::write(to.path().join("config.json"), "{}").unwrap();
+        write_union_files(from.path(), to.path(), a).unwrap();
+        move |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(to.path().join(name)).unwrap()).unwrap()
+        }
+    }
+
+    #[test]
+    fn the_union_drops_the_base_tokenizers_ids_past_its_rows() {
+        // The base's tokenizer names <pad> at 2, past its 2 embedding rows.
+        let tokenizer = json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}},
+            "added_tokens": [{"id": 2, "content": "<pad>"}]});
+        let config = json!({"added_tokens_decoder": {"2": {"content": "<pad>"}}});
         let base = vocab(&["a", "b"], &[("<pad>", 2)]);
         let model = vocab(&["a", "b"], &[("<x>", 2), ("<pad>", 3)]);
         let a = Alignment::build(VocabMode::Union, &base, 2, &[(Some(model), 4)]);
-        write_union_files(from.path(), to.path(), &a).unwrap();
-        let read = |name: &str| -> Value {
-            serde_json::from_str(&std::fs::read_to_string(to.path().join(name)).unwrap()).unwrap()
-        };
+        let read = written_union(&tokenizer, &config, &a);
         let ids: Vec<(u64, String)> = read("tokenizer.json")["added_tokens"]
             .as_array()
             .unwrap()
@@ -667,24 +674,13 @@ mod tests {
     /// union's tokens as if the lists were empty.
     #[test]
     fn null_added_token_lists_take_the_union() {
-        let (from, to) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let tokenizer = json!({"model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1}},
             "added_tokens": null});
         let config = json!({"added_tokens_decoder": null});
-        std::fs::write(from.path().join("tokenizer.json"), tokenizer.to_string()).unwrap();
-        std::fs::write(
-            from.path().join("tokenizer_config.json"),
-            config.to_string(),
-        )
-        .unwrap();
-        std::fs::write(to.path().join("config.json"), "{}").unwrap();
         let base = vocab(&["a", "b"], &[]);
         let model = vocab(&["a", "b"], &[("<x>", 2)]);
         let a = Alignment::build(VocabMode::Union, &base, 2, &[(Some(model), 3)]);
-        write_union_files(from.path(), to.path(), &a).unwrap();
-        let read = |name: &str| -> Value {
-            serde_json::from_str(&std::fs::read_to_string(to.path().join(name)).unwrap()).unwrap()
-        };
+        let read = written_union(&tokenizer, &config, &a);
         let added = read("tokenizer.json")["added_tokens"].clone();
         assert_eq!(added[0]["id"], 2);
         assert_eq!(added[0]["content"], "<x>");
