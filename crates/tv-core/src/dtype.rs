@@ -106,6 +106,25 @@ pub(crate) fn bf16_bits_to_f32(bits: u16) -> f32 {
     f32::from_bits(u32::from(bits) << 16)
 }
 
+/// Whether a bf16 value is finite (not every exponent bit set).
+#[inline(always)]
+pub(crate) fn bf16_is_finite(bits: u16) -> bool {
+    bits & 0x7F80 != 0x7F80
+}
+
+/// Decodes bf16 words into f64 and tells whether every one is finite (the
+/// test vectorises with the conversion, so it costs next to nothing).
+#[inline(always)]
+fn decode_bf16_words(words: &[u16], out: &mut [f64]) -> bool {
+    debug_assert_eq!(words.len(), out.len());
+    let mut finite = true;
+    for (o, &w) in out.iter_mut().zip(words) {
+        *o = f64::from(bf16_bits_to_f32(w));
+        finite &= bf16_is_finite(w);
+    }
+    finite
+}
+
 /// Decodes `out.len()` elements of type `ty` from `bytes` into f64.
 ///
 /// `bytes` must hold exactly `out.len() * ty.size()` bytes.
@@ -118,9 +137,7 @@ pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
             // the byte-wise loop covers any alignment.
             #[cfg(target_endian = "little")]
             if let Ok(words) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
-                for (o, &w) in out.iter_mut().zip(words) {
-                    *o = f64::from(bf16_bits_to_f32(w));
-                }
+                decode_bf16_words(words, out);
                 return;
             }
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -153,13 +170,7 @@ pub fn decode_f64_finite(ty: FloatType, bytes: &[u8], out: &mut [f64]) -> bool {
     #[cfg(target_endian = "little")]
     if ty == FloatType::BF16 {
         if let Ok(words) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
-            debug_assert_eq!(words.len(), out.len());
-            let mut finite = true;
-            for (o, &w) in out.iter_mut().zip(words) {
-                *o = f64::from(bf16_bits_to_f32(w));
-                finite &= w & 0x7F80 != 0x7F80;
-            }
-            return finite;
+            return decode_bf16_words(words, out);
         }
     }
     decode_f64(ty, bytes, out);
@@ -179,7 +190,7 @@ pub fn count_nonfinite(ty: FloatType, bytes: &[u8]) -> usize {
     match ty {
         FloatType::BF16 => bytes
             .chunks_exact(2)
-            .filter(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7F80 == 0x7F80)
+            .filter(|c| !bf16_is_finite(u16::from_le_bytes([c[0], c[1]])))
             .count(),
         FloatType::F16 => bytes
             .chunks_exact(2)

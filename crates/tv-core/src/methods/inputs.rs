@@ -39,9 +39,9 @@ pub(crate) struct Input<'a> {
     pub ty: FloatType,
 }
 
-impl Input<'_> {
-    /// The bytes of elements `start..end`.
-    pub fn range(&self, start: usize, end: usize) -> &[u8] {
+impl<'a> Input<'a> {
+    /// The bytes of elements `start..end`, as mapped.
+    pub fn range(&self, start: usize, end: usize) -> &'a [u8] {
         &self.ckpt.bytes(self.tensor)[self.ty.byte_range(start, end)]
     }
 
@@ -286,8 +286,7 @@ impl<'a> TensorInputs<'a> {
                 if input.ty != FloatType::BF16 {
                     return None;
                 }
-                let bytes = &input.ckpt.bytes(input.tensor)[input.ty.byte_range(start, end)];
-                bytemuck::try_cast_slice(bytes).ok()
+                bytemuck::try_cast_slice(input.range(start, end)).ok()
             };
             let base = stored(&self.base)?;
             words.clear();

@@ -151,7 +151,7 @@ impl Bf16Block<'_> {
         let finite = |words: &[u16]| {
             words
                 .iter()
-                .fold(true, |all, &w| all & (w & 0x7F80 != 0x7F80))
+                .fold(true, |all, &w| all & crate::dtype::bf16_is_finite(w))
         };
         finite(self.base) && self.models.iter().all(|m| finite(m))
     }
