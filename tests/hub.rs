@@ -489,7 +489,7 @@ fn unknown_models_revisions_and_an_unreachable_hub_are_one_line_errors() {
         &o,
         &[
             "acme/base",
-            "cannot reach",
+            "cannot be reached",
             "HF_ENDPOINT",
             "HF_HUB_OFFLINE=1",
         ],
@@ -591,4 +591,37 @@ fn loose_weight_files_are_linked_only_when_all_are_there() {
     );
     assert_one_line_error(&o, &["acme/loose", "lacks", "HF_HUB_OFFLINE"]);
     assert!(!w.path("out").exists());
+}
+
+#[test]
+fn a_mistyped_local_path_is_not_read_as_a_hub_problem_only() {
+    // `fam/math-tun` typed for `fam/math-tune`: it has the shape of a hub
+    // id, so it is looked up as one, but the message also says that the
+    // local folder `fam/` has no `math-tun`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("fam")).unwrap();
+    for offline in [true, false] {
+        let mut cmd = Command::new(bin_path("ta-merge"));
+        cmd.current_dir(dir.path())
+            .env("HF_HOME", dir.path().join("home"))
+            .env("HF_HUB_CACHE", dir.path().join("cache"))
+            .env("HOME", dir.path().join("home"))
+            // A closed port on the loopback interface: nothing leaves the machine.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .args([
+                "--base-model-path",
+                "fam/math-tun",
+                "--other-model-paths",
+                "fam/x",
+            ])
+            .args(["--lambdas", "1", "--output-path", "out", "--quiet"]);
+        if offline {
+            cmd.arg("--no-download");
+        }
+        let o = cmd.output().unwrap();
+        assert_one_line_error(
+            &o,
+            &["fam/math-tun: not a local path (the local folder fam/ has no math-tun)"],
+        );
+    }
 }

@@ -449,38 +449,34 @@ fn nan_is_refused(ty: Ty) {
         false,
     );
     let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
-    for method in [
-        "ties",
-        "dare_ties",
-        "breadcrumbs",
-        "magmax",
-        "della",
-        "model_stock",
-        "linear",
+    for (method, flags) in [
+        ("ties", &["--density", "0.5"][..]),
+        ("dare_ties", &["--density", "0.5"]),
+        ("breadcrumbs", &["--density", "0.5", "--gamma", "0.2"]),
+        ("magmax", &[]),
+        ("della", &["--density", "0.5"]),
+        ("model_stock", &[]),
+        ("linear", &[]),
     ] {
         let out = p(&format!("out-{method}"));
-        let o = run(
-            "ta-merge",
-            &[
-                "--base-model-path",
-                &p("base"),
-                "--other-model-paths",
-                &p("bad"),
-                &p("good"),
-                "--lambdas",
-                "0.5",
-                "0.5",
-                "--method",
-                method,
-                "--density",
-                "0.5",
-                "--gamma",
-                "0.2",
-                "--output-path",
-                &out,
-                "--quiet",
-            ],
-        );
+        let (base_dir, bad_dir, good_dir) = (p("base"), p("bad"), p("good"));
+        let mut args = vec![
+            "--base-model-path",
+            &base_dir,
+            "--other-model-paths",
+            &bad_dir,
+            &good_dir,
+            "--method",
+            method,
+            "--output-path",
+            &out,
+            "--quiet",
+        ];
+        if !matches!(method, "magmax" | "model_stock") {
+            args.extend(["--lambdas", "0.5", "0.5"]);
+        }
+        args.extend_from_slice(flags);
+        let o = run("ta-merge", &args);
         assert_eq!(o.status.code(), Some(1), "{ty:?} {method}: {}", stderr(&o));
         assert_one_line_error(&o, &[&bad[1].name, "model 'bad'", "NaN"]);
         assert!(!Path::new(&out).exists(), "{method}");
@@ -846,8 +842,17 @@ fn every_method_reproduces_from_its_written_config() {
                 ],
             );
             assert!(o.status.success(), "{}", stderr(&o));
+        } else if matches!(method, "model_stock" | "magmax") {
+            merge(&f, &first, &["--method", method]);
         } else {
-            run_method(&f, &first, method, &["--density", "0.4", "--seed", "11"]);
+            let mut extra = vec![];
+            if !matches!(method, "task_arithmetic" | "linear") {
+                extra.extend(["--density", "0.4"]);
+            }
+            if method.starts_with("dare") || method.starts_with("della") {
+                extra.extend(["--seed", "11"]);
+            }
+            run_method(&f, &first, method, &extra);
         }
         let config = first.join("mergekit_config.yml");
         let text = std::fs::read_to_string(&config).unwrap();
@@ -958,4 +963,162 @@ fn weights_per_group_and_per_tensor_come_from_the_analysis_norms() {
             assert!(m["lambda"].is_null(), "{m}");
         }
     }
+}
+
+#[test]
+fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() {
+    let f = fam(Ty::BF16, 1, false, &SCALES);
+    let out = f.dir.path().join("out");
+    let out_s = out.to_string_lossy().into_owned();
+    let base = f.path("base");
+    let models = f.models();
+    for (flags, named) in [
+        (
+            &["--lambdas", "1", "1", "1", "--density", "0.3"][..],
+            "--density has no effect with --method task_arithmetic",
+        ),
+        (
+            &["--method", "ties", "--lambdas", "1", "1", "1", "--t", "0.3"],
+            "--t has no effect with --method ties; it applies to slerp",
+        ),
+        (
+            &["--method", "magmax", "--lambdas", "1", "1", "1"],
+            "--lambdas has no effect with --method magmax",
+        ),
+        (
+            &[
+                "--method",
+                "linear",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--scale",
+                "2",
+            ],
+            "--scale has no effect with --method linear",
+        ),
+        (
+            &[
+                "--method",
+                "ties",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--seed",
+                "3",
+            ],
+            "--seed has no effect with --method ties",
+        ),
+        (
+            &[
+                "--method",
+                "ties",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--density",
+                "1.5",
+            ],
+            "--density 1.5: `density` must lie in [0, 1], not 1.5",
+        ),
+        (
+            &[
+                "--method",
+                "breadcrumbs",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--gamma",
+                "-0.1",
+            ],
+            "--gamma -0.1: `gamma` must lie in [0, 1]",
+        ),
+        (
+            &["--method", "magmax", "--scale", "NaN"],
+            "--scale: `lambda` must be a finite number",
+        ),
+    ] {
+        let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
+        args.extend(models.iter().map(String::as_str));
+        args.extend(["--output-path", &out_s, "--quiet"]);
+        args.extend_from_slice(flags);
+        let o = run("ta-merge", &args);
+        assert_eq!(o.status.code(), Some(1), "{flags:?}: {}", stderr(&o));
+        assert_one_line_error(&o, &[named]);
+        assert!(!out.exists(), "{flags:?}");
+    }
+
+    // A config may carry keys its method ignores (mergekit ignores them):
+    // each is named once and left out of the written config.
+    let config = f.dir.path().join("ties.yml");
+    let mut text = format!("merge_method: ties\nbase_model: {base}\nmodels:\n");
+    for m in &models {
+        text.push_str(&format!(
+            "  - model: {m}\n    parameters: {{weight: 0.5, density: 0.4, epsilon: 0.1}}\n"
+        ));
+    }
+    text.push_str("parameters: {t: 0.3, lambda: 0.9}\ndtype: float32\n");
+    std::fs::write(&config, text).unwrap();
+    let o = run(
+        "ta-merge",
+        &[
+            "--config",
+            &config.to_string_lossy(),
+            "--output-path",
+            &out_s,
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    for note in [
+        "config key `parameters.t` has no effect with ties",
+        "config key `models[2].parameters.epsilon` has no effect with ties",
+        "the output is written as float32",
+    ] {
+        assert!(said.contains(note), "{note}: {said}");
+    }
+    let written = std::fs::read_to_string(out.join("mergekit_config.yml")).unwrap();
+    assert!(
+        !written.contains("epsilon") && !written.contains("t: 0.3"),
+        "{written}"
+    );
+    assert!(
+        written.contains("lambda: 0.9") && written.contains("dtype: float32"),
+        "{written}"
+    );
+    for t in read_model(&out).values() {
+        assert_eq!(
+            t.ty,
+            Ty::F32,
+            "mergekit writes its working type without out_dtype"
+        );
+    }
+
+    // A method that thins with no density anywhere says that it keeps all.
+    std::fs::remove_dir_all(&out).unwrap();
+    let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
+    args.extend(models.iter().map(String::as_str));
+    args.extend([
+        "--output-path",
+        &out_s,
+        "--quiet",
+        "--method",
+        "della",
+        "--lambdas",
+        "1",
+        "1",
+        "1",
+    ]);
+    let o = run("ta-merge", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no density given: della keeps every entry"),
+        "{}",
+        stderr(&o)
+    );
 }

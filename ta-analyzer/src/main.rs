@@ -16,7 +16,7 @@ use tv_core::staging::{check_output_apart, Staging};
 /// Compute each fine-tune's task vector (fine-tune − base) and report
 /// per-tensor statistics, group summaries, pairwise cosines and plots.
 #[derive(Debug, Parser)]
-#[command(name = "ta-analyze", version, about, long_about = None)]
+#[command(name = "ta-analyze", version, long_about = None)]
 struct Args {
     /// The base checkpoint: a folder, a .safetensors file, an index json, or a Hugging Face id
     /// (org/name or org/name@revision; downloaded into the cache when missing).

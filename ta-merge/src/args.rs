@@ -5,11 +5,12 @@
 use clap::Parser;
 use std::path::PathBuf;
 
-/// Merge fine-tunes onto their base by Task Arithmetic:
+/// Merge fine-tunes onto their base: by Task Arithmetic,
 /// merged = base + Σ λ_i (model_i − base), with λ from each task vector's
-/// global L2 norm (or given directly).
+/// global L2 norm (or given directly), or by another of mergekit's methods
+/// (--method, --config).
 #[derive(Debug, Parser)]
-#[command(name = "ta-merge", version, about, long_about = None)]
+#[command(name = "ta-merge", version, long_about = None)]
 pub struct Args {
     /// The base checkpoint: a folder, a .safetensors file, an index json, or a Hugging Face id
     /// (org/name or org/name@revision; downloaded into the cache when missing).
@@ -21,7 +22,7 @@ pub struct Args {
     )]
     pub base: Option<String>,
 
-    /// The fine-tuned checkpoints, same forms as the base.
+    /// The fine-tuned checkpoints, same forms as the base, or PEFT LoRA adapter folders.
     #[arg(long = "other-model-paths", visible_alias = "other_model_paths", value_name = "PATH", num_args = 1.., required_unless_present_any = ["verify", "config"])]
     pub models: Vec<String>,
 
@@ -37,23 +38,25 @@ pub struct Args {
     pub config: Option<PathBuf>,
 
     /// Fraction of each task vector kept (ties, dare, breadcrumbs, della, magnitude_prune):
-    /// one value, or one per model.
+    /// one value in [0, 1], or one per model. Default: 1 (keep all, as mergekit).
     #[arg(long, value_name = "ρ", num_args = 1.., allow_negative_numbers = true)]
     pub density: Option<Vec<f64>>,
 
     /// Breadcrumbs: fraction of the largest entries dropped as outliers (one, or one per model).
+    /// Default: 0.01.
     #[arg(long, value_name = "γ", num_args = 1.., allow_negative_numbers = true)]
     pub gamma: Option<Vec<f64>>,
 
     /// DELLA: keep probabilities range over density ± epsilon (one, or one per model).
+    /// Default: 0.15.
     #[arg(long, value_name = "ε", num_args = 1.., allow_negative_numbers = true)]
     pub epsilon: Option<Vec<f64>>,
 
-    /// Scale λ of the merged task vector: base + λ · delta.
+    /// Scale λ of the merged task vector: base + λ · delta. Default: 1.
     #[arg(long, value_name = "λ", allow_negative_numbers = true)]
     pub scale: Option<f64>,
 
-    /// SLERP: interpolation factor from the base (0) to the model (1).
+    /// SLERP: interpolation factor from the base (0) to the model (1). Default: 0.5.
     #[arg(long, value_name = "T", allow_negative_numbers = true)]
     pub t: Option<f64>,
 
@@ -66,15 +69,16 @@ pub struct Args {
     pub no_normalize: bool,
 
     /// How entries kept by dare/della/trimming are rescaled: inverse (1/p), l1 (restore the
-    /// tensor's L1 norm), none.
+    /// tensor's L1 norm), none. Default: inverse for dare and della, none for the others.
     #[arg(long, value_parser = ["inverse", "l1", "none"])]
     pub rescale: Option<String>,
 
-    /// Seed of DARE's and DELLA's random draws.
+    /// Seed of DARE's and DELLA's random draws. Default: 42 (always recorded).
     #[arg(long)]
     pub seed: Option<u64>,
 
-    /// Whether densities select within each tensor or over each model's whole task vector.
+    /// Whether densities select within each tensor or over each model's whole task vector
+    /// (ties, magnitude_prune, breadcrumbs). Default: tensor.
     #[arg(long = "density-scope", value_parser = ["tensor", "model"])]
     pub density_scope: Option<String>,
 
@@ -86,7 +90,8 @@ pub struct Args {
     #[arg(long = "l2-norms", visible_alias = "l2_norms", value_name = "L2", num_args = 1.., allow_negative_numbers = true, conflicts_with = "lambdas")]
     pub l2_norms: Option<Vec<f64>>,
 
-    /// Explicit merge weights, one per model, used as given (not normalised).
+    /// Explicit merge weights, one per model. Task Arithmetic uses them as given; methods that
+    /// normalise (linear, ties, della by default) divide by their sum.
     #[arg(long, value_name = "λ", num_args = 1.., allow_negative_numbers = true, conflicts_with = "from_analysis")]
     pub lambdas: Option<Vec<f64>>,
 
@@ -104,7 +109,7 @@ pub struct Args {
     #[arg(long, default_value = "model", value_parser = ["model", "group", "tensor"], requires = "from_analysis")]
     pub granularity: String,
 
-    /// The merged model's folder.
+    /// The merged model's folder (written beside it and renamed into place when complete).
     #[arg(
         long = "output-path",
         visible_alias = "output_path",

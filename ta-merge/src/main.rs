@@ -52,10 +52,11 @@ fn run(args: Args) -> Result<()> {
         beta: args.beta,
     };
     let mut config = base_config(&args)?;
-    for key in config.ignored_keys() {
-        eprintln!("note: config key `{key}` has no effect here (arithmetic is always f64)");
+    for note in config.notes() {
+        eprintln!("note: {note}");
     }
     let kind = config.method();
+    refuse_unused_flags(&args, kind)?;
     let weights_given =
         args.l2_norms.is_some() || args.lambdas.is_some() || args.from_analysis.is_some();
     if kind.uses_weights() && !weights_given && args.config.is_none() {
@@ -83,7 +84,21 @@ fn run(args: Args) -> Result<()> {
         (None, None) => None,
     };
     let lambdas = match (&norms, &args.lambdas) {
-        (Some(norms), _) => Some(weights::lambdas_from_norms(&family.names, norms, params)?),
+        (Some(norms), _) => Some(
+            weights::lambdas_from_norms(&family.names, norms, params).map_err(|e| {
+                // The norms' messages name --l2_norms; name the analysis when
+                // the norms came from it.
+                let message = e.to_string();
+                match (&args.l2_norms, &args.from_analysis) {
+                    (None, Some(dir)) => anyhow::anyhow!(message.replacen(
+                        "--l2_norms",
+                        &format!("--from-analysis {}", dir.display()),
+                        1
+                    )),
+                    _ => anyhow::anyhow!(message),
+                }
+            })?,
+        ),
         (None, Some(l)) => {
             weights::check_explicit(&family.names, l)?;
             Some(l.clone())
@@ -91,6 +106,12 @@ fn run(args: Args) -> Result<()> {
         (None, None) => None,
     };
     apply_flags(&args, &mut config, lambdas.as_deref(), out_type)?;
+    for place in config.drop_unused() {
+        eprintln!("note: config key `{place}` has no effect with {kind}; left out");
+    }
+    if let Some(note) = default_density_note(&config) {
+        eprintln!("note: {note}");
+    }
     let granularity = Granularity::parse(&args.granularity).expect("clap checked --granularity");
     if let (Some(dir), Granularity::Group | Granularity::Tensor) =
         (&args.from_analysis, granularity)
@@ -270,6 +291,55 @@ fn base_config(args: &Args) -> Result<MergeConfig> {
     Ok(config)
 }
 
+/// Refuses a flag that the method would ignore (a slip, or a flag meant for
+/// another method), naming the methods it applies to.
+fn refuse_unused_flags(args: &Args, kind: MethodKind) -> Result<()> {
+    let given = [
+        ("--density", ParamKey::Density, args.density.is_some()),
+        ("--gamma", ParamKey::Gamma, args.gamma.is_some()),
+        ("--epsilon", ParamKey::Epsilon, args.epsilon.is_some()),
+        ("--scale", ParamKey::Lambda, args.scale.is_some()),
+        ("--t", ParamKey::T, args.t.is_some()),
+        ("--normalize", ParamKey::Normalize, args.normalize),
+        ("--no-normalize", ParamKey::Normalize, args.no_normalize),
+        ("--rescale", ParamKey::Rescale, args.rescale.is_some()),
+        ("--seed", ParamKey::Seed, args.seed.is_some()),
+        (
+            "--density-scope",
+            ParamKey::DensityScope,
+            args.density_scope.is_some(),
+        ),
+        ("--filter-wise", ParamKey::FilterWise, args.filter_wise),
+        ("--lambdas", ParamKey::Weight, args.lambdas.is_some()),
+        ("--l2-norms", ParamKey::Weight, args.l2_norms.is_some()),
+        (
+            "--from-analysis",
+            ParamKey::Weight,
+            args.from_analysis.is_some(),
+        ),
+    ];
+    for (flag, key, present) in given {
+        if present && !key.applies_to(kind) {
+            bail!(
+                "{flag} has no effect with --method {kind}; it applies to {}",
+                key.methods()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A note when a method that thins task vectors got no density anywhere:
+/// mergekit's default of 1 keeps every entry, which is rarely what was meant.
+fn default_density_note(config: &MergeConfig) -> Option<String> {
+    let kind = config.method();
+    let given = config.global_param(ParamKey::Density).is_some()
+        || (0..config.models().len()).any(|i| config.model_param(i, ParamKey::Density).is_some());
+    (kind.sparsification().is_some() && !given).then(|| {
+        format!("no density given: {kind} keeps every entry (density 1, mergekit's default); set --density")
+    })
+}
+
 /// Writes the flags over the config: weights per model, densities and the
 /// like (one value for all models, or one per model), the method's settings.
 fn apply_flags(
@@ -294,7 +364,9 @@ fn apply_flags(
             Some(vs) if vs.len() == 1 || vs.len() == k => {
                 for i in 0..k {
                     let v = vs[if vs.len() == 1 { 0 } else { i }];
-                    config.set_model_param(i, key, ParamValue::Number(v))?;
+                    config
+                        .set_model_param(i, key, ParamValue::Number(v))
+                        .with_context(|| format!("{flag} {v}"))?;
                 }
             }
             Some(vs) => bail!(
@@ -307,8 +379,8 @@ fn apply_flags(
         Some(v) => config.set_param(key, v),
         None => Ok(()),
     };
-    set(ParamKey::Lambda, args.scale.map(ParamValue::Number))?;
-    set(ParamKey::T, args.t.map(ParamValue::Number))?;
+    set(ParamKey::Lambda, args.scale.map(ParamValue::Number)).context("--scale")?;
+    set(ParamKey::T, args.t.map(ParamValue::Number)).context("--t")?;
     let normalize = match (args.normalize, args.no_normalize) {
         (true, _) => Some(true),
         (_, true) => Some(false),

@@ -110,12 +110,43 @@ impl ParamKey {
         )
     }
 
+    /// Whether method `kind` uses this parameter (`int8_mask`, accepted
+    /// and ignored, counts as used everywhere).
+    pub fn applies_to(self, kind: MethodKind) -> bool {
+        use crate::methods::Sparsification as S;
+        let thinning = kind.sparsification();
+        match self {
+            Self::Weight | Self::Normalize => kind.uses_weights(),
+            Self::Density | Self::Rescale => thinning.is_some(),
+            Self::Gamma => thinning == Some(S::MagnitudeOutliers),
+            Self::Epsilon => thinning == Some(S::DellaMagprune),
+            Self::Seed => matches!(thinning, Some(S::Random | S::DellaMagprune)),
+            Self::DensityScope => kind.selects_by_magnitude(),
+            Self::T => kind == MethodKind::Slerp,
+            Self::Lambda => !matches!(
+                kind,
+                MethodKind::Linear | MethodKind::ModelStock | MethodKind::Slerp
+            ),
+            Self::FilterWise => kind == MethodKind::ModelStock,
+            Self::Int8Mask => true,
+        }
+    }
+
+    /// The methods that use this parameter, for messages.
+    pub fn methods(self) -> String {
+        let names: Vec<&str> = MethodKind::ALL
+            .into_iter()
+            .filter(|&m| self.applies_to(m))
+            .map(MethodKind::name)
+            .collect();
+        names.join(", ")
+    }
+
     /// What values it takes.
     pub fn kind(self) -> ValueKind {
         match self {
-            Self::Weight | Self::Density | Self::Gamma | Self::Epsilon | Self::T | Self::Lambda => {
-                ValueKind::Number
-            }
+            Self::Density | Self::Gamma | Self::Epsilon => ValueKind::Fraction,
+            Self::Weight | Self::T | Self::Lambda => ValueKind::Number,
             Self::Normalize | Self::FilterWise | Self::Int8Mask => ValueKind::Bool,
             Self::Rescale => ValueKind::BoolOrWord(RESCALE_WORDS),
             Self::Seed => ValueKind::Integer,
@@ -176,7 +207,8 @@ pub struct MergeConfig {
     base_model: Option<String>,
     models: Vec<ModelSpec>,
     parameters: Params,
-    dtype: Option<String>,
+    /// mergekit's working type: the output type when `out_dtype` is absent.
+    dtype: Option<FloatType>,
     out_dtype: Option<FloatType>,
     tokenizer_source: Option<TokenizerSource>,
 }
@@ -267,6 +299,28 @@ impl MergeConfig {
     pub fn with_out_dtype(mut self, out_dtype: Option<FloatType>) -> Self {
         self.out_dtype = out_dtype;
         self
+    }
+
+    /// Removes the parameters the method does not use (mergekit ignores
+    /// them), so that a written config holds only what the merge used;
+    /// returns where each was (`parameters.t`, `models[0].parameters.gamma`).
+    pub fn drop_unused(&mut self) -> Vec<String> {
+        let kind = self.merge_method;
+        let mut dropped = Vec::new();
+        let mut retain = |params: &mut Params, place: &str| {
+            params.0.retain(|key, _| {
+                let used = key.applies_to(kind);
+                if !used {
+                    dropped.push(format!("{place}.{}", key.name()));
+                }
+                used
+            });
+        };
+        retain(&mut self.parameters, "parameters");
+        for (i, model) in self.models.iter_mut().enumerate() {
+            retain(&mut model.parameters, &format!("models[{i}].parameters"));
+        }
+        dropped
     }
 
     /// Reads the config file at `path`: a regular UTF-8 file of at most
@@ -389,9 +443,10 @@ impl MergeConfig {
         }
     }
 
-    /// The output type, if set.
+    /// The output type, if set: `out_dtype`, else `dtype` (mergekit writes
+    /// its working type when no `out_dtype` is given).
     pub fn out_dtype(&self) -> Option<FloatType> {
-        self.out_dtype
+        self.out_dtype.or(self.dtype)
     }
 
     /// `tokenizer_source`, if set.
@@ -399,18 +454,29 @@ impl MergeConfig {
         self.tokenizer_source
     }
 
-    /// The keys that were accepted but have no effect here (`dtype`:
-    /// arithmetic is always f64; `parameters.int8_mask`), so the caller can
-    /// say so once.
-    pub fn ignored_keys(&self) -> Vec<&'static str> {
-        let mut keys = Vec::new();
-        if self.dtype.is_some() {
-            keys.push("dtype");
+    /// What the caller should say once about keys that do less here than
+    /// in mergekit: `dtype` (arithmetic is always f64; it only names the
+    /// output type when `out_dtype` is absent) and `parameters.int8_mask`
+    /// (ignored).
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        match (self.dtype, self.out_dtype) {
+            (Some(_), Some(_)) => notes.push(
+                "config key `dtype` has no effect here (arithmetic is always f64; `out_dtype` \
+                 names the output type)"
+                    .to_string(),
+            ),
+            (Some(dtype), None) => notes.push(format!(
+                "config key `dtype`: arithmetic is always f64 here; the output is written as \
+                 {} (mergekit's rule when `out_dtype` is absent)",
+                dtype.torch_name()
+            )),
+            _ => {}
         }
         if self.parameters.get(ParamKey::Int8Mask).is_some() {
-            keys.push("parameters.int8_mask");
+            notes.push("config key `parameters.int8_mask` has no effect here".to_string());
         }
-        keys
+        notes
     }
 
     /// The checks that span keys, as one message.
@@ -571,15 +637,29 @@ from_word!(TokenizerSource, "`base`", |word| match word {
     )),
 });
 
-/// `out_dtype`, read as mergekit names types (`torch.` prefix allowed).
+/// A float type as mergekit names it (`torch.` prefix allowed); `key` names
+/// the config key in the error.
+fn float_type(key: &str, word: &str) -> Result<FloatType, String> {
+    let name = word.strip_prefix("torch.").unwrap_or(word);
+    FloatType::parse(name).ok_or_else(|| {
+        format!("unknown {key} `{word}`; expected bfloat16, float16, float32 or float64")
+    })
+}
+
+/// `out_dtype`.
 struct OutDtype(FloatType);
 
-from_word!(OutDtype, "a float type name", |word| {
-    let name = word.strip_prefix("torch.").unwrap_or(word);
-    FloatType::parse(name).map(OutDtype).ok_or_else(|| {
-        format!("unknown out_dtype `{word}`; expected bfloat16, float16, float32 or float64")
-    })
-});
+from_word!(OutDtype, "a float type name", |word| float_type(
+    "out_dtype",
+    word
+)
+.map(OutDtype));
+
+/// `dtype`.
+struct Dtype(FloatType);
+
+from_word!(Dtype, "a float type name", |word| float_type("dtype", word)
+    .map(Dtype));
 
 /// Which `parameters` mapping is being read.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -692,7 +772,7 @@ struct RawConfig {
     base_model: Option<Option<String>>,
     models: Option<Vec<ModelSpec>>,
     parameters: Option<Params>,
-    dtype: Option<Option<String>>,
+    dtype: Option<Option<Dtype>>,
     out_dtype: Option<Option<OutDtype>>,
     tokenizer_source: Option<Option<TokenizerSource>>,
 }
@@ -733,7 +813,7 @@ impl RawConfig {
             base_model: self.base_model.flatten(),
             models: self.models.ok_or("missing key `models`")?,
             parameters: self.parameters.unwrap_or_default(),
-            dtype: self.dtype.flatten(),
+            dtype: self.dtype.flatten().map(|d| d.0),
             out_dtype: self.out_dtype.flatten().map(|d| d.0),
             tokenizer_source: self.tokenizer_source.flatten(),
         };
@@ -789,8 +869,8 @@ impl MergeConfig {
             out.push_str("parameters:\n");
             write_params(&mut out, "  ", &self.parameters);
         }
-        if let Some(dtype) = &self.dtype {
-            line(&mut out, "", "dtype", &yaml_text(dtype));
+        if let Some(dtype) = self.dtype {
+            line(&mut out, "", "dtype", dtype.torch_name());
         }
         if let Some(dtype) = self.out_dtype {
             line(&mut out, "", "out_dtype", dtype.torch_name());
@@ -970,9 +1050,9 @@ models:
   - model: \"yes\"
     parameters:
       weight: 1e-7
-      density: [0.30000000000000004, 5e-324, -0.0, 1e300]
+      density: [0.30000000000000004, 5e-324, -0.0, 1.0]
   - model: \"caf\u{e9}/\u{1F600}\"
-    parameters: {weight: 1, density: 0.5}
+    parameters: {weight: 1e300, density: 0.5}
 parameters:
   seed: 9007199254740991
   density_scope: model
@@ -1033,8 +1113,110 @@ parameters:
         assert_eq!(c.rescale(), Some(Rescale::L1));
         assert_eq!(c.out_dtype(), Some(FloatType::BF16));
         assert_eq!(c.tokenizer_source(), Some(TokenizerSource::Base));
-        assert_eq!(c.ignored_keys(), ["dtype", "parameters.int8_mask"]);
+        let notes = c.notes();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("`dtype` has no effect"), "{notes:?}");
+        assert!(notes[1].contains("`parameters.int8_mask`"), "{notes:?}");
         assert_eq!(c.seed(), None);
+    }
+
+    #[test]
+    fn dtype_names_the_output_type_without_out_dtype_as_in_mergekit() {
+        let c = parse("merge_method: linear\nmodels: [{model: m}]\ndtype: float32\n");
+        assert_eq!(c.out_dtype(), Some(FloatType::F32));
+        assert!(
+            c.notes()[0].contains("written as float32"),
+            "{:?}",
+            c.notes()
+        );
+        let c = c.with_out_dtype(Some(FloatType::F16));
+        assert_eq!(c.out_dtype(), Some(FloatType::F16));
+        assert_mentions(
+            &error("merge_method: linear\nmodels: [{model: m}]\ndtype: int8\n"),
+            &["dtype", "`int8`"],
+        );
+    }
+
+    #[test]
+    fn parameters_a_method_does_not_use_are_dropped_and_named() {
+        let mut c = parse(TIES);
+        let dropped = c.drop_unused();
+        // ties uses weight, density, lambda, normalize, rescale (and int8_mask
+        // is accepted everywhere); not gamma, epsilon, t or filter_wise.
+        assert_eq!(
+            dropped,
+            [
+                "parameters.t",
+                "parameters.filter_wise",
+                "models[1].parameters.gamma",
+                "models[1].parameters.epsilon"
+            ]
+        );
+        assert!(c.model_param(1, ParamKey::Gamma).is_none());
+        assert!(c.model_param(1, ParamKey::Density).is_some());
+        assert!(c.global_param(ParamKey::Lambda).is_some());
+        let mut c = parse(SLERP).with_method(MethodKind::ModelStock).unwrap();
+        assert_eq!(c.drop_unused(), ["parameters.t"]);
+    }
+
+    #[test]
+    fn each_parameter_applies_to_the_methods_that_read_it() {
+        use MethodKind as M;
+        let uses = |key: ParamKey| -> Vec<MethodKind> {
+            M::ALL.into_iter().filter(|&m| key.applies_to(m)).collect()
+        };
+        assert_eq!(uses(ParamKey::T), [M::Slerp]);
+        assert_eq!(uses(ParamKey::FilterWise), [M::ModelStock]);
+        assert_eq!(uses(ParamKey::Gamma), [M::Breadcrumbs, M::BreadcrumbsTies]);
+        assert_eq!(uses(ParamKey::Epsilon), [M::Della, M::DellaLinear]);
+        assert_eq!(
+            uses(ParamKey::Seed),
+            [M::DareLinear, M::DareTies, M::Della, M::DellaLinear]
+        );
+        assert_eq!(
+            uses(ParamKey::DensityScope),
+            [
+                M::Ties,
+                M::MagnitudePrune,
+                M::Breadcrumbs,
+                M::BreadcrumbsTies
+            ]
+        );
+        for m in [M::ModelStock, M::Slerp, M::Magmax] {
+            assert!(!ParamKey::Weight.applies_to(m), "{m}");
+        }
+        for m in [M::Linear, M::ModelStock, M::Slerp] {
+            assert!(!ParamKey::Lambda.applies_to(m), "{m}");
+        }
+        assert!(ParamKey::Lambda.applies_to(M::Magmax));
+        assert!(ParamKey::Density.applies_to(M::Della));
+        assert!(!ParamKey::Density.applies_to(M::TaskArithmetic));
+    }
+
+    #[test]
+    fn fractions_outside_zero_to_one_are_refused_where_written() {
+        for (value, shown) in [("1.5", "1.5"), ("-0.1", "-0.1"), ("[0.2, 1.01]", "1.01")] {
+            for key in ["density", "gamma", "epsilon"] {
+                let text = format!(
+                    "merge_method: ties\nbase_model: b\nmodels:\n  - model: m\n    parameters:\n      {key}: {value}\n"
+                );
+                assert_mentions(
+                    &error(&text),
+                    &[
+                        &format!("`{key}` must lie in [0, 1], not {shown}"),
+                        "line 6",
+                    ],
+                );
+            }
+        }
+        let mut c = parse(LINEAR);
+        let err = c
+            .set_model_param(0, ParamKey::Density, ParamValue::Number(2.0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must lie in [0, 1]"), "{err}");
+        c.set_model_param(0, ParamKey::Weight, ParamValue::Number(2.0))
+            .unwrap();
     }
 
     #[test]
@@ -1050,7 +1232,7 @@ parameters:
                 .unwrap(),
             Some(false)
         );
-        assert!(c.ignored_keys().is_empty());
+        assert!(c.notes().is_empty());
         assert!(parse(LINEAR).base_model().is_none());
     }
 
@@ -1104,7 +1286,8 @@ parameters:
             &written,
             &[
                 "weight: 1.0e-7\n",
-                "density: [0.30000000000000004, 5.0e-324, -0.0, 1.0e+300]\n",
+                "density: [0.30000000000000004, 5.0e-324, -0.0, 1.0]\n",
+                "weight: 1.0e+300\n",
                 "model: \"yes\"\n",
                 "base_model: \"./models/base: v2\"\n",
                 "model: \"caf\\u00E9/\\U0001F600\"\n",

@@ -214,8 +214,9 @@ fn hub_snapshot(spec: &str, id: &HubId) -> Result<PathBuf> {
             reference.display()
         ))),
         Cached::Absent => Err(Error::NotFound(format!(
-            "{spec}: not a local path, and not in the Hugging Face cache at {} \
+            "{spec}: not a local path{}, and not in the Hugging Face cache at {} \
              (run without --no-download and HF_HUB_OFFLINE to download it)",
+            crate::hub::local_hint(id),
             cache.display()
         ))),
     }

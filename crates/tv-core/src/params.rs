@@ -227,6 +227,9 @@ pub enum ValueKind {
     Any,
     /// A number, an anchor list, or filter entries giving either.
     Number,
+    /// As [`ValueKind::Number`], every number in `[0, 1]` (densities,
+    /// gamma, epsilon).
+    Fraction,
     /// A boolean, or filter entries giving one.
     Bool,
     /// One integer in `0..=2^53 − 1` (so that f64 holds it exactly).
@@ -246,11 +249,14 @@ impl ValueKind {
     }
 
     fn takes_number(self) -> bool {
-        matches!(self, Self::Any | Self::Number | Self::Integer)
+        matches!(
+            self,
+            Self::Any | Self::Number | Self::Fraction | Self::Integer
+        )
     }
 
     fn takes_list(self) -> bool {
-        matches!(self, Self::Any | Self::Number | Self::Bool)
+        matches!(self, Self::Any | Self::Number | Self::Fraction | Self::Bool)
     }
 
     fn takes_word(self, word: &str) -> bool {
@@ -270,6 +276,7 @@ impl ValueKind {
         match self {
             Self::Any => "a number, boolean, word, list of numbers (layer anchors) or list of {filter, value} entries".into(),
             Self::Number => "a number, a list of numbers (layer anchors) or a list of {filter, value} entries".into(),
+            Self::Fraction => "a number in [0, 1], a list of them (layer anchors) or a list of {filter, value} entries".into(),
             Self::Bool => "true, false or a list of {filter, value} entries".into(),
             Self::Integer => "a non-negative integer below 2^53".into(),
             Self::Word(ws) => format!("one of {}", words(ws)),
@@ -334,7 +341,7 @@ impl ValueVisitor<'_> {
     }
 
     fn number<E: de::Error>(&self, x: f64) -> Result<ParamValue, E> {
-        check_finite(self.seed.name, x)?;
+        check_number(self.seed, x)?;
         if !self.seed.kind.takes_number() {
             return Err(self.wrong(x));
         }
@@ -346,14 +353,18 @@ impl ValueVisitor<'_> {
     }
 }
 
-fn check_finite<E: de::Error>(name: &str, x: f64) -> Result<(), E> {
-    if x.is_finite() {
-        Ok(())
-    } else {
-        Err(E::custom(format!(
+/// A number of parameter `seed`: finite, and in `[0, 1]` for a fraction.
+fn check_number<E: de::Error>(seed: ParamSeed<'_>, x: f64) -> Result<(), E> {
+    let name = seed.name;
+    if !x.is_finite() {
+        return Err(E::custom(format!(
             "`{name}` must be a finite number, not {x}"
-        )))
+        )));
     }
+    if seed.kind == ValueKind::Fraction && !(0.0..=1.0).contains(&x) {
+        return Err(E::custom(format!("`{name}` must lie in [0, 1], not {x}")));
+    }
+    Ok(())
 }
 
 impl<'de> Visitor<'de> for ValueVisitor<'_> {
@@ -457,7 +468,7 @@ struct ItemVisitor<'a>(ValueVisitor<'a>);
 impl ItemVisitor<'_> {
     fn anchor<E: de::Error>(&self, x: f64) -> Result<Item, E> {
         let seed = self.0.seed;
-        check_finite(seed.name, x)?;
+        check_number(seed, x)?;
         if seed.kind == ValueKind::Bool {
             return Err(E::custom(format!(
                 "`{}` takes true or false; a list of numbers is not allowed",

@@ -114,8 +114,8 @@ pub fn from_config<'a>(
 
 /// Writes the settings a merge ran with into `config` (normalisation,
 /// rescaling, the seed of random methods, a whole-model density scope, Model
-/// Stock's filter-wise choice), so that the config reproduces the merge
-/// without relying on defaults. Rescaling is written as mergekit's boolean
+/// Stock's filter-wise choice, SLERP's `t`), so that the config reproduces
+/// the merge without relying on defaults. Rescaling is written as mergekit's boolean
 /// (`true` is L1) unless it is `inverse`.
 pub fn pin_settings(config: &mut MergeConfig, s: &MethodSettings) -> Result<()> {
     let kind = s.kind;
@@ -141,6 +141,10 @@ pub fn pin_settings(config: &mut MergeConfig, s: &MethodSettings) -> Result<()> 
     }
     if kind == crate::methods::MethodKind::ModelStock {
         config.set_param(ParamKey::FilterWise, ParamValue::Bool(s.filter_wise))?;
+    }
+    if kind == crate::methods::MethodKind::Slerp && config.global_param(ParamKey::T).is_none() {
+        // mergekit requires `t`: the default is written out.
+        config.set_param(ParamKey::T, ParamValue::Number(DEFAULT_T))?;
     }
     Ok(())
 }

@@ -137,8 +137,9 @@ fn not_cached(id: &HubId, settings: &HubSettings, access: Access, cached: &Cache
             reference.display()
         )),
         _ => Error::NotFound(format!(
-            "{}: not a local path, and not in the Hugging Face cache at {}; {why}",
+            "{}: not a local path{}, and not in the Hugging Face cache at {}; {why}",
             id.display(),
+            local_hint(id),
             settings.cache.display()
         )),
     }
@@ -159,17 +160,18 @@ impl<'a> Failure<'a> {
 /// One line that says what went wrong and what to do about it.
 pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
     let (who, repo, ep) = (f.id.display(), &f.id.repo, &f.settings.endpoint);
+    let local = local_hint(f.id);
     let how = "set HF_TOKEN or run `hf auth login`";
     let token = f.settings.token_source.as_deref();
     match e {
         HubError::RepoNotFound => Error::NotFound(match token {
             Some(src) => format!(
-                "{who}: not a local path, and no model {repo} on the Hugging Face Hub at {ep} \
-                 that the token from {src} can see"
+                "{who}: not a local path{local}, and no model {repo} on the Hugging Face Hub at \
+                 {ep} that the token from {src} can see"
             ),
             None => format!(
-                "{who}: not a local path, and no model {repo} on the Hugging Face Hub at {ep} \
-                 (if it is private, give a token: {how})"
+                "{who}: not a local path{local}, and no model {repo} on the Hugging Face Hub at \
+                 {ep} (if it is private, give a token: {how})"
             ),
         }),
         HubError::Gated => Error::Download(match token {
@@ -196,8 +198,8 @@ pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
             token.unwrap_or("the environment")
         )),
         HubError::Unreachable(cause) => Error::Download(format!(
-            "{who}: cannot reach the Hugging Face Hub at {ep} ({cause}); it is not in the cache \
-             at {}, so it must be downloaded: {}",
+            "{who}: not a local path{local}; as a Hugging Face id it is not in the cache at {}, \
+             and the Hub at {ep} cannot be reached ({cause}): {}",
             f.settings.cache.display(),
             offline_hint(f)
         )),
@@ -207,6 +209,18 @@ pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
         HubError::Protocol(m) => Error::Download(format!(
             "{who}: unexpected answer from the Hugging Face Hub at {ep}: {m}"
         )),
+    }
+}
+
+/// For an id whose organisation part is a local folder (`fam/nope` typed
+/// for `fam/math-tune`), what the folder lacks, so that a mistyped local
+/// path is not read as a hub problem only.
+pub(crate) fn local_hint(id: &HubId) -> String {
+    match id.repo.split_once('/') {
+        Some((org, name)) if Path::new(org).is_dir() => {
+            format!(" (the local folder {org}/ has no {name})")
+        }
+        _ => String::new(),
     }
 }
 
