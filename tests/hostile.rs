@@ -210,6 +210,40 @@ fn broken_indexes_missing_paths_and_empty_folders() {
         "does-not-exist",
         &["does-not-exist", "no such file or folder"],
     );
+
+    // The same names, but every shape differs (another size of the
+    // architecture): not analysed as a zero task vector.
+    let other_size: Vec<T> = ft
+        .iter()
+        .map(|t| {
+            let mut t = t.clone();
+            t.shape.push(1);
+            t
+        })
+        .collect();
+    write_model(&s.path("other-size"), &other_size, 1, false);
+    s.refused_by_both(
+        "other-size",
+        &[
+            "model 'other-size'",
+            "none of its tensors has the base's shape",
+        ],
+    );
+
+    // An adapter folder that lost its adapter_config.json.
+    write_model(&s.path("no-config"), &ft, 1, false);
+    std::fs::rename(
+        s.path("no-config/model.safetensors"),
+        s.path("no-config/adapter_model.safetensors"),
+    )
+    .unwrap();
+    s.refused_by_both(
+        "no-config",
+        &[
+            "no-config/adapter_model.safetensors",
+            "no adapter_config.json",
+        ],
+    );
 }
 
 #[test]

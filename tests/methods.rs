@@ -1122,3 +1122,58 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
         stderr(&o)
     );
 }
+
+#[test]
+fn an_analysis_of_other_checkpoints_is_named_in_a_note() {
+    let f = fam(Ty::BF16, 1, false, &SCALES);
+    let stats = f.dir.path().join("stats");
+    let stats_s = stats.to_string_lossy().into_owned();
+    let base = f.path("base");
+    let models = f.models();
+    let mut args = vec!["--base", &base, "--models"];
+    args.extend(models.iter().map(String::as_str));
+    args.extend(["--outdir", &stats_s, "--quiet"]);
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A copy of the second model under another folder, same name.
+    let elsewhere = f.dir.path().join("elsewhere");
+    let moved = elsewhere.join("m1");
+    std::fs::create_dir_all(&moved).unwrap();
+    for e in std::fs::read_dir(&models[1]).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), moved.join(e.file_name())).unwrap();
+    }
+    let moved_s = moved.to_string_lossy().into_owned();
+    for (second, expect_note) in [(&models[1], false), (&moved_s, true)] {
+        let out = f.dir.path().join(format!("out-{expect_note}"));
+        let out_s = out.to_string_lossy().into_owned();
+        let o = run(
+            "ta-merge",
+            &[
+                "--base-model-path",
+                &base,
+                "--other-model-paths",
+                &models[0],
+                second,
+                &models[2],
+                "--from-analysis",
+                &stats_s,
+                "--output-path",
+                &out_s,
+                "--quiet",
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let note = format!(
+            "it analysed 'm1' at '{}', this merge reads '{moved_s}'",
+            models[1]
+        );
+        assert_eq!(stderr(&o).contains(&note), expect_note, "{}", stderr(&o));
+        assert_eq!(
+            stderr(&o).contains("--from-analysis"),
+            expect_note,
+            "{}",
+            stderr(&o)
+        );
+    }
+}

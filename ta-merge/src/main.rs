@@ -80,7 +80,21 @@ fn run(args: Args) -> Result<()> {
     let family = Family::open(&base, &specs, args.names.as_deref())?;
     let norms = match (&args.l2_norms, &args.from_analysis) {
         (Some(n), _) => Some(n.clone()),
-        (None, Some(dir)) => Some(report::norms_from_analysis(dir, &family.names)?),
+        (None, Some(dir)) => {
+            let named: Vec<(String, String)> = family
+                .names
+                .iter()
+                .cloned()
+                .zip(specs.iter().cloned())
+                .collect();
+            for difference in report::analysis_differences(dir, &base, &named)? {
+                eprintln!(
+                    "note: --from-analysis {}: {difference}; its norms may describe other models",
+                    dir.display()
+                );
+            }
+            Some(report::norms_from_analysis(dir, &family.names)?)
+        }
         (None, None) => None,
     };
     let lambdas = match (&norms, &args.lambdas) {

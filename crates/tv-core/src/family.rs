@@ -117,7 +117,14 @@ impl Family {
                     Some(folder) => {
                         Adapter::open(spec, &folder, &base).map(|a| Model::Adapter(Box::new(a)))
                     }
-                    None => Checkpoint::open(spec).map(Model::Checkpoint),
+                    None => match crate::lora::adapter_weights_without_config(spec) {
+                        Some(weights) => Err(Error::InvalidArgument(format!(
+                            "{} holds a PEFT adapter's weights but no adapter_config.json \
+                             (a regular file); an adapter needs both",
+                            weights.display()
+                        ))),
+                        None => Checkpoint::open(spec).map(Model::Checkpoint),
+                    },
                 };
                 model.map_err(|e| context(&format!("model '{name}'"), e))
             })
@@ -171,7 +178,8 @@ impl Family {
     }
 
     /// Refuses a model that shares fewer than half of the base's tensor
-    /// names: it is almost certainly not a fine-tune of this base.
+    /// names, or whose shared tensors all have other shapes: it is almost
+    /// certainly not a fine-tune of this base.
     pub fn check_overlap(&self) -> Result<()> {
         let total = self.base.len();
         for (model, name) in self.models.iter().zip(&self.names) {
@@ -190,6 +198,21 @@ impl Family {
                      (it stores {}); is it a fine-tune of this base?",
                     model.len()
                 )));
+            }
+            // Same names but no same shape: another size of the architecture.
+            let mut pairs = self
+                .base
+                .names()
+                .iter()
+                .filter_map(|n| Some((n, self.base.get(n)?, model.get(n)?)));
+            if pairs.clone().all(|(_, b, m)| b.shape != m.shape) {
+                if let Some((n, b, m)) = pairs.next() {
+                    return Err(Error::Incompatible(format!(
+                        "model '{name}': none of its tensors has the base's shape (tensor '{n}': \
+                         {:?} against the base's {:?}); is it a fine-tune of this base?",
+                        m.shape, b.shape
+                    )));
+                }
             }
         }
         Ok(())

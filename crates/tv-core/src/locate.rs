@@ -182,7 +182,8 @@ pub(crate) fn find_in_folder(dir: &Path) -> Result<WeightFiles> {
             Ok(WeightFiles::Pickle(pickles))
         }
         (0, _) => Err(Error::NotFound(format!(
-            "{}: no weights found (looked for model.safetensors, model.safetensors.index.json, *.safetensors)",
+            "{}: no weights found (looked for model.safetensors, model.safetensors.index.json, \
+             *.safetensors, pytorch_model*.bin)",
             dir.display()
         ))),
         _ => Err(Error::NotFound(format!(

@@ -463,6 +463,53 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
         .collect()
 }
 
+/// Where `DIR/analysis.json` says the analysis read other checkpoints than
+/// `base` and `models` (`(name, spec)`, the specs as given now): one line per
+/// difference, naming both. A spec that exists locally is compared by its
+/// canonical path, so `./fam/base` and `fam/base` are the same; hub ids as
+/// written. Nothing when the file is absent or does not record paths.
+pub fn analysis_differences(
+    dir: &Path,
+    base: &str,
+    models: &[(String, String)],
+) -> Result<Vec<String>> {
+    let path = dir.join("analysis.json");
+    let Some(text) = crate::sidecar::read_side_text_if_present(&path)? else {
+        return Ok(Vec::new());
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
+    let same = |a: &str, b: &str| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    };
+    let mut out = Vec::new();
+    if let Some(then) = v.get("base").and_then(Value::as_str) {
+        if !same(then, base) {
+            out.push(format!(
+                "it analysed base '{then}', this merge's base is '{base}'"
+            ));
+        }
+    }
+    let recorded = v.get("models").and_then(Value::as_array);
+    for (name, spec) in models {
+        let then = recorded
+            .into_iter()
+            .flatten()
+            .find(|m| m.get("name").and_then(Value::as_str) == Some(name.as_str()))
+            .and_then(|m| m.get("path"))
+            .and_then(Value::as_str);
+        if let Some(then) = then {
+            if !same(then, spec) {
+                out.push(format!(
+                    "it analysed '{name}' at '{then}', this merge reads '{spec}'"
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Each model's `magnitude_histogram` entry from `DIR/analysis.json`, for
 /// a whole-model selection (`ta-merge --from-analysis --density-scope
 /// model`). `None` for a model the file does not describe, and for every

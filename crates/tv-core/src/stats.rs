@@ -46,7 +46,7 @@ impl Moments {
         }
         let nf = n as f64;
         let m = p[0] / nf;
-        let m2 = (p[1] - p[0] * m).max(0.0);
+        let m2 = non_negative(p[1] - p[0] * m);
         let m3 = p[2] - 3.0 * m * p[1] + 2.0 * nf * m * m * m;
         let m4 = p[3] - 4.0 * m * p[2] + 6.0 * m * m * p[1] - 3.0 * nf * m * m * m * m;
         Self {
@@ -54,7 +54,7 @@ impl Moments {
             mean: shift + m,
             m2,
             m3,
-            m4: m4.max(0.0),
+            m4: non_negative(m4),
         }
     }
 
@@ -97,7 +97,7 @@ impl Moments {
         if self.n < 2.0 {
             0.0
         } else {
-            (self.m2 / (self.n - 1.0)).max(0.0).sqrt()
+            non_negative(self.m2 / (self.n - 1.0)).sqrt()
         }
     }
 
@@ -119,6 +119,17 @@ impl Moments {
         } else {
             self.m4 / self.n / (s + 1e-12).powi(4) - 3.0
         }
+    }
+}
+
+/// `x`, or 0 when rounding made it negative; NaN stays NaN (so a tensor
+/// holding NaN reports a NaN deviation, as its mean is NaN), where
+/// `f64::max` would turn it into 0.
+fn non_negative(x: f64) -> f64 {
+    if x < 0.0 {
+        0.0
+    } else {
+        x
     }
 }
 
@@ -227,6 +238,32 @@ mod tests {
             assert!((a - b).abs() <= 1e-9 * a.abs().max(1e-12), "{a} vs {b}");
         }
         assert!((direct.m3 - combined.m3).abs() <= 1e-6 * direct.m2.powf(1.5));
+    }
+
+    #[test]
+    fn a_nan_value_makes_every_moment_nan_not_zero() {
+        let xs = [0.5, f64::NAN, 2.0, -1.0];
+        let power_sums = [
+            xs.iter().sum::<f64>(),
+            xs.iter().map(|x| x * x).sum(),
+            xs.iter().map(|x| x * x * x).sum(),
+            xs.iter().map(|x| x * x * x * x).sum(),
+        ];
+        for m in [
+            Moments::of(&xs),
+            Moments::from_power_sums(4, 0.0, power_sums),
+            Moments::of(&xs[..2]).combine(Moments::of(&xs[2..])),
+        ] {
+            assert!(m.mean.is_nan(), "{m:?}");
+            assert!(m.std().is_nan(), "{m:?}");
+            assert!(m.skew().is_nan() && m.kurtosis_excess().is_nan(), "{m:?}");
+        }
+        // Rounding below zero still gives 0.
+        let below_two = f64::from_bits(2f64.to_bits() - 1);
+        assert_eq!(
+            Moments::from_power_sums(2, 0.0, [2.0, below_two, 0.0, 0.0]).std(),
+            0.0
+        );
     }
 
     #[test]

@@ -87,6 +87,19 @@ pub fn adapter_folder(spec: &str) -> Option<PathBuf> {
         .then_some(folder)
 }
 
+/// The adapter weight file in `spec`'s folder when the folder has no
+/// `adapter_config.json` to go with it (a copy that lost its config).
+pub fn adapter_weights_without_config(spec: &str) -> Option<PathBuf> {
+    let folder = crate::locate::folder_of(spec)?;
+    if folder.join("adapter_config.json").is_file() {
+        return None;
+    }
+    ["adapter_model.safetensors", "adapter_model.bin"]
+        .into_iter()
+        .map(|f| folder.join(f))
+        .find(|p| p.exists())
+}
+
 /// The part of a stored name that PEFT adds around a module's name.
 const PREFIX: &str = "base_model.model.";
 
