@@ -857,6 +857,37 @@ fn every_method_reproduces_from_its_written_config() {
         let config = first.join("mergekit_config.yml");
         let text = std::fs::read_to_string(&config).unwrap();
         assert!(text.contains(&format!("merge_method: {method}")), "{text}");
+        // The record holds the settings this method uses, and no others.
+        let record: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(first.join("merge_record.json")).unwrap(),
+        )
+        .unwrap();
+        let settings = &record["settings"];
+        let random = method.starts_with("dare") || method.starts_with("della");
+        let weighs = !matches!(method, "model_stock" | "slerp" | "magmax");
+        for (key, expected) in [
+            ("seed", random.then_some(serde_json::json!(11))),
+            ("t", (method == "slerp").then_some(serde_json::json!(0.4))),
+            (
+                "scale",
+                (!matches!(method, "linear" | "model_stock" | "slerp"))
+                    .then_some(serde_json::json!(1.0)),
+            ),
+            (
+                "filter_wise",
+                (method == "model_stock").then_some(serde_json::json!(false)),
+            ),
+            ("normalize", weighs.then(|| settings["normalize"].clone())),
+        ] {
+            assert_eq!(
+                settings.get(key).cloned(),
+                expected,
+                "{method} {key}: {settings}"
+            );
+        }
+        assert_eq!(settings["config"], "mergekit_config.yml");
+        let lambda = &record["models"][0]["lambda"];
+        assert_eq!(lambda.is_null(), !weighs, "{method}: {lambda}");
         let o = run(
             "ta-merge",
             &[
@@ -1099,8 +1130,33 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
         );
     }
 
-    // A method that thins with no density anywhere says that it keeps all.
+    // A model without a weight: the message names the keys that give one.
     std::fs::remove_dir_all(&out).unwrap();
+    let text = format!(
+        "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {}\n    parameters: {{weight: 1, density: 0.5}}\n  - model: {}\n",
+        models[0], models[1]
+    );
+    std::fs::write(&config, text).unwrap();
+    let o = run(
+        "ta-merge",
+        &[
+            "--config",
+            &config.to_string_lossy(),
+            "--output-path",
+            &out_s,
+            "--quiet",
+        ],
+    );
+    assert_one_line_error(
+        &o,
+        &[
+            "has no weight for tensor",
+            "set models[1].parameters.weight or parameters.weight in the config, or give --lambdas",
+        ],
+    );
+    assert!(!out.exists());
+
+    // A method that thins with no density anywhere says that it keeps all.
     let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
     args.extend(models.iter().map(String::as_str));
     args.extend([

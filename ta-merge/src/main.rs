@@ -17,7 +17,7 @@ use tv_core::methods::{DensityScope, MethodKind};
 use tv_core::params::{FilterEntry, ParamValue};
 use tv_core::recipe;
 use tv_core::report;
-use tv_core::sidecar::{self, MergeRecord, RecordModel};
+use tv_core::sidecar::{self, MergeRecord, RecordModel, RecordSettings};
 use tv_core::staging::{check_output_apart, Staging};
 use tv_core::vocab::{self, VocabMode};
 use tv_core::weights::{self, Granularity, Mode, WeightParams};
@@ -208,8 +208,8 @@ fn run(args: Args) -> Result<()> {
             vocab::write_union_files(family.base.folder(), staging.path(), a)?;
         }
     }
-    record(&args, &family, &plan, norms.as_deref()).write(staging.path())?;
     recipe::pin_settings(&mut config, &plan.recipe.settings)?;
+    record(&args, &family, &plan, &config, norms.as_deref()).write(staging.path())?;
     let config_path = staging.path().join("mergekit_config.yml");
     std::fs::write(&config_path, config.to_yaml())
         .with_context(|| format!("cannot write {}", config_path.display()))?;
@@ -423,7 +423,15 @@ fn apply_flags(
     Ok(())
 }
 
-fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>) -> MergeRecord {
+fn record(
+    args: &Args,
+    family: &Family,
+    plan: &MergePlan,
+    config: &MergeConfig,
+    norms: Option<&[f64]>,
+) -> MergeRecord {
+    let settings = &plan.recipe.settings;
+    let weighs = settings.kind.uses_weights();
     let models = family
         .models
         .iter()
@@ -432,7 +440,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
             name: family.names[i].clone(),
             path: m.checkpoint().located.spec.clone(),
             l2_norm: norms.map(|n| n[i]),
-            lambda: plan.lambdas()[i],
+            lambda: plan.lambdas()[i].filter(|_| weighs),
             missing_tensors: plan.missing[i].clone(),
             extra_tensors: plan.extra[i].clone(),
             vocab: plan.alignment.as_ref().map(|a| a.counts[i]),
@@ -450,6 +458,7 @@ fn record(args: &Args, family: &Family, plan: &MergePlan, norms: Option<&[f64]>)
         version: tv_core::VERSION,
         method: plan.recipe.settings.kind.name(),
         formula: plan.recipe.settings.kind.formula(),
+        settings: RecordSettings::new(config, settings),
         created_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),

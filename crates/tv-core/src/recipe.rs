@@ -39,10 +39,16 @@ impl ParamSource for ConfigParams {
                 .map(|i| match self.config.model_number(i, key, name, pos)? {
                     Some(v) => Ok(v),
                     None => default.ok_or_else(|| {
+                        let key = key.name();
                         Error::InvalidArgument(format!(
-                            "model '{}' has no {} for tensor '{name}'",
+                            "model '{}' has no {key} for tensor '{name}': set \
+                             models[{i}].parameters.{key} or parameters.{key} in the config{}",
                             self.config.models()[i].model,
-                            key.name()
+                            if key == "weight" {
+                                ", or give --lambdas"
+                            } else {
+                                ""
+                            }
                         ))
                     }),
                 })

@@ -241,7 +241,8 @@ pub struct RecordModel {
     pub name: String,
     pub path: String,
     pub l2_norm: Option<f64>,
-    /// `None` where the weight varies by tensor (see `mergekit_config.yml`).
+    /// `None` where the weight varies by tensor (see `mergekit_config.yml`)
+    /// and for methods that weigh no models (model_stock, slerp, magmax).
     pub lambda: Option<f64>,
     pub missing_tensors: Vec<String>,
     pub extra_tensors: Vec<String>,
@@ -254,6 +255,57 @@ pub struct RecordModel {
     pub adapter: Option<crate::lora::AdapterSummary>,
 }
 
+/// The settings of [`MergeRecord::settings`]: those the method uses.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RecordSettings {
+    /// λ, when it is one number for every tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+    /// SLERP's t, when it is one number for every tensor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub t: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rescale: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub density_scope: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter_wise: Option<bool>,
+    /// The config file beside the record that reproduces the merge.
+    pub config: &'static str,
+}
+
+impl RecordSettings {
+    /// The settings `config` (as written out) and `s` give method `s.kind`.
+    pub fn new(config: &crate::config::MergeConfig, s: &crate::methods::MethodSettings) -> Self {
+        use crate::config::ParamKey;
+        let kind = s.kind;
+        let uses = |key: ParamKey| key.applies_to(kind);
+        let number = |key: ParamKey, default: f64| match config.global_param(key) {
+            Some(crate::params::ParamValue::Number(x)) => Some(*x),
+            None => Some(default),
+            Some(_) => None,
+        };
+        Self {
+            scale: uses(ParamKey::Lambda)
+                .then(|| number(ParamKey::Lambda, 1.0))
+                .flatten(),
+            t: uses(ParamKey::T)
+                .then(|| number(ParamKey::T, 0.5))
+                .flatten(),
+            normalize: uses(ParamKey::Normalize).then_some(s.normalize),
+            rescale: uses(ParamKey::Rescale).then(|| s.rescale.name()),
+            seed: uses(ParamKey::Seed).then_some(s.seed),
+            density_scope: uses(ParamKey::DensityScope).then(|| s.density_scope.name()),
+            filter_wise: uses(ParamKey::FilterWise).then_some(s.filter_wise),
+            config: "mergekit_config.yml",
+        }
+    }
+}
+
 /// The machine-readable record of a merge (`merge_record.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct MergeRecord {
@@ -261,6 +313,9 @@ pub struct MergeRecord {
     pub version: &'static str,
     pub method: &'static str,
     pub formula: &'static str,
+    /// The method's settings for the whole merge (per-model and per-tensor
+    /// values are in `mergekit_config.yml`).
+    pub settings: RecordSettings,
     pub created_unix: u64,
     pub base: String,
     pub models: Vec<RecordModel>,

@@ -98,8 +98,9 @@ impl Staging {
             std::fs::remove_dir_all(&staging.temp)
                 .map_err(|e| Error::io("cannot remove", &staging.temp, e))?;
         }
+        // Named by the output the user gave, not the hidden folder.
         std::fs::create_dir(&staging.temp)
-            .map_err(|e| Error::io("cannot create", &staging.temp, e))?;
+            .map_err(|e| Error::io("cannot create the output folder", &staging.target, e))?;
         Ok(staging)
     }
 
