@@ -738,6 +738,37 @@ fn diagnostics_over_rows_matched_by_token_equal_those_of_rows_aligned_by_hand() 
         );
         assert_eq!(by_token[key], by_hand[key], "{key}");
     }
+
+    // A resized model whose tokenizer.json is unreadable: its resized
+    // tensors are skipped, and a note names the file.
+    let broken = f.dir.path().join("m1-badtok");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(f.path("m1")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), broken.join(e.file_name())).unwrap();
+    }
+    std::fs::write(broken.join("tokenizer.json"), "{\"model\": ").unwrap();
+    let out = f.path("badtok");
+    let broken_s = broken.to_string_lossy().into_owned();
+    let o = run(
+        "ta-analyze",
+        &[
+            "--base",
+            &f.path("base"),
+            "--models",
+            &broken_s,
+            "--outdir",
+            &out,
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(
+        said.contains("note: resized embedding rows are not matched by token")
+            && said.contains("m1-badtok/tokenizer.json"),
+        "{said}"
+    );
 }
 
 /// Writes a LoRA adapter of rank 2 on the base's `[rows, cols]` matrix

@@ -95,6 +95,7 @@ fn run(args: Args) -> Result<()> {
         device,
     };
     let analysis = analyze(&family, options, &bar)?;
+    tv_cli::notes(&analysis.notes);
 
     // check_outdir allowed what is there; only analysis files are replaced.
     let staging = Staging::new(&args.outdir, true)?;

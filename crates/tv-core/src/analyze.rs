@@ -142,6 +142,9 @@ pub struct Analysis {
     /// With `--spectral`: every 2-D tensor's spectrum per model, and the
     /// seconds the sketches took.
     pub spectral: Option<(Vec<SpectralRow>, f64)>,
+    /// What the caller should tell the user (a resized embedding whose rows
+    /// could not be matched by token, and why).
+    pub notes: Vec<String>,
 }
 
 impl Analysis {
@@ -186,10 +189,17 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
 
     // Rows matched by token when vocabularies differ and can be read; else
     // resized tensors are skipped as before.
-    let alignment = Alignment::plan(family, None, false)
-        .ok()
-        .flatten()
-        .filter(Alignment::needed);
+    let mut notes = Vec::new();
+    let alignment = match Alignment::plan(family, None, false) {
+        Ok(alignment) => alignment.filter(Alignment::needed),
+        Err(e) => {
+            notes.push(format!(
+                "resized embedding rows are not matched by token (as ta-merge --vocab base \
+                 would match them), so those tensors are skipped: {e}"
+            ));
+            None
+        }
+    };
     let work: Vec<TensorWork> = family
         .base
         .names()
@@ -388,6 +398,7 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
             .spectral
             .is_some()
             .then_some((spectral, spectral_seconds)),
+        notes,
     })
 }
 
