@@ -324,6 +324,19 @@ fn an_interrupted_download_resumes_where_it_stopped() {
             "HF_HUB_OFFLINE",
         ],
     );
+    // With downloads allowed but the hub gone, the same: not "not in the cache".
+    let hub = w.hub.take();
+    let o = w.merge_hub(&w.s("out"), &[]);
+    assert_one_line_error(
+        &o,
+        &[
+            "acme/base",
+            "lacks",
+            "interrupted download",
+            "cannot be reached",
+        ],
+    );
+    w.hub = hub;
 
     w.hub().heal();
     let before = w.hub().requests().len();

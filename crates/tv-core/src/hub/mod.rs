@@ -197,12 +197,20 @@ pub(crate) fn describe(f: &Failure, e: HubError) -> Error {
              renew it with `hf auth login` or unset it",
             token.unwrap_or("the environment")
         )),
-        HubError::Unreachable(cause) => Error::Download(format!(
-            "{who}: not a local path{local}; as a Hugging Face id it is not in the cache at {}, \
-             and the Hub at {ep} cannot be reached ({cause}): {}",
-            f.settings.cache.display(),
-            offline_hint(f)
-        )),
+        HubError::Unreachable(cause) => {
+            let cached = match cache::lookup(&f.settings.cache, f.id) {
+                Ok(Cached::Incomplete { snapshot, missing }) => format!(
+                    "its cached snapshot {} lacks {missing} (an interrupted download?)",
+                    snapshot.display()
+                ),
+                _ => format!("it is not in the cache at {}", f.settings.cache.display()),
+            };
+            Error::Download(format!(
+                "{who}: not a local path{local}; as a Hugging Face id {cached}, and the Hub at \
+                 {ep} cannot be reached ({cause}): {}",
+                offline_hint(f)
+            ))
+        }
         HubError::Http(status, message) => Error::Download(format!(
             "{who}: the Hugging Face Hub at {ep} answered {status} {message}"
         )),
