@@ -1072,6 +1072,19 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
             &["--method", "magmax", "--scale", "NaN"],
             "--scale: `lambda` must be a finite number",
         ),
+        (
+            &[
+                "--method",
+                "ties",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--rescale",
+                "inverse",
+            ],
+            "rescale `inverse` (--rescale, or `rescale` in a config) applies to dare and della",
+        ),
     ] {
         let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
         args.extend(models.iter().map(String::as_str));

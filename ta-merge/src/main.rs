@@ -123,9 +123,6 @@ fn run(args: Args) -> Result<()> {
     for place in config.drop_unused() {
         eprintln!("note: config key `{place}` has no effect with {kind}; left out");
     }
-    if let Some(note) = default_density_note(&config) {
-        eprintln!("note: {note}");
-    }
     let granularity = Granularity::parse(&args.granularity).expect("clap checked --granularity");
     if let (Some(dir), Granularity::Group | Granularity::Tensor) =
         (&args.from_analysis, granularity)
@@ -135,6 +132,9 @@ fn run(args: Args) -> Result<()> {
     // A weight that varies by tensor (--granularity group|tensor) is shown
     // as such, not as the model-level weight no tensor is merged with.
     let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    if let Some(note) = default_density_note(&config) {
+        eprintln!("note: {note}");
+    }
     if let (Some(dir), DensityScope::Model) = (&args.from_analysis, recipe.settings.density_scope) {
         // The analysis' magnitude counts place each model's threshold
         // without a sample (README: "The histogram for whole-model trimming").

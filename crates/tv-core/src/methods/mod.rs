@@ -270,7 +270,8 @@ impl MethodSettings {
         let kind = self.kind;
         if self.density_scope == DensityScope::Model && !kind.selects_by_magnitude() {
             return Err(Error::InvalidArgument(format!(
-                "--density-scope model applies to ties, magnitude_prune and breadcrumbs, not {kind}"
+                "density scope `model` (--density-scope, or `density_scope` in a config) applies \
+                 to ties, magnitude_prune and breadcrumbs, not {kind}"
             )));
         }
         if self.rescale == Rescale::Inverse
@@ -280,13 +281,14 @@ impl MethodSettings {
             )
         {
             return Err(Error::InvalidArgument(format!(
-                "--rescale inverse applies to dare and della (entries kept with a probability), \
-                 not {kind}; use l1 or none"
+                "rescale `inverse` (--rescale, or `rescale` in a config) applies to dare and della \
+                 (entries kept with a probability), not {kind}; use l1 or none"
             )));
         }
         if self.rescale == Rescale::L1 && kind.sparsification().is_none() {
             return Err(Error::InvalidArgument(format!(
-                "--rescale applies to methods that drop entries, not {kind}"
+                "rescaling (--rescale, or `rescale` in a config) applies to methods that drop \
+                 entries, not {kind}"
             )));
         }
         Ok(())
