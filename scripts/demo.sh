@@ -28,4 +28,4 @@ echo "== outputs"
 ls "$work/tv_stats" "$work/tv_stats/math-tune" "$work/merged"
 echo
 echo "== the adapter in merge_record.json"
-grep -A 40 '"name": "chat-lora"' "$work/merged/merge_record.json" | grep -E '"(name|rank|alpha|lora_tensors)"' 
+grep -A 40 '"name": "chat-lora"' "$work/merged/merge_record.json" | grep -E '^ {6,}"(name|rank|alpha|lora_tensors)"'
