@@ -244,6 +244,16 @@ fn broken_indexes_missing_paths_and_empty_folders() {
             "no adapter_config.json",
         ],
     );
+
+    // A checkpoint folder that also holds such a file is a checkpoint.
+    write_model(&s.path("with-adapter-file"), &ft, 1, false);
+    std::fs::copy(
+        s.path("no-config/adapter_model.safetensors"),
+        s.path("with-adapter-file/adapter_model.safetensors"),
+    )
+    .unwrap();
+    let o = s.merge("with-adapter-file", &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 #[test]

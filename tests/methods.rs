@@ -1013,10 +1013,6 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
             "--t has no effect with --method ties; it applies to slerp",
         ),
         (
-            &["--method", "magmax", "--lambdas", "1", "1", "1"],
-            "--lambdas has no effect with --method magmax",
-        ),
-        (
             &[
                 "--method",
                 "linear",
@@ -1169,6 +1165,31 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
     );
     assert!(!out.exists());
 
+    // Weights given to a method that weighs no models are only noted:
+    // scripts pass the norms whatever the method.
+    let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
+    args.extend(models.iter().map(String::as_str));
+    args.extend([
+        "--output-path",
+        &out_s,
+        "--quiet",
+        "--method",
+        "magmax",
+        "--l2-norms",
+        "1",
+        "2",
+        "3",
+    ]);
+    let o = run("ta-merge", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o)
+            .contains("note: --l2-norms has no effect with --method magmax: it weighs no models"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+
     // A method that thins with no density anywhere says that it keeps all.
     let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
     args.extend(models.iter().map(String::as_str));
@@ -1241,6 +1262,55 @@ fn an_analysis_of_other_checkpoints_is_named_in_a_note() {
         assert_eq!(
             stderr(&o).contains("--from-analysis"),
             expect_note,
+            "{}",
+            stderr(&o)
+        );
+    }
+
+    // An analysis run from another folder with relative paths: the same
+    // models seen from here are not reported as others.
+    let family_dir = Path::new(&base).parent().unwrap();
+    let name_of = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let relative_stats = f.dir.path().join("relative-stats");
+    let o = std::process::Command::new(bin_path("ta-analyze"))
+        .current_dir(family_dir)
+        .args(["--base", &name_of(&base), "--models"])
+        .args(models.iter().map(|m| name_of(m)))
+        .arg("--outdir")
+        .arg(&relative_stats)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A damaged analysis.json only loses the note: the norms are the summaries'.
+    for damage in [false, true] {
+        if damage {
+            std::fs::write(relative_stats.join("analysis.json"), "{\"trunc").unwrap();
+        }
+        let out = f.dir.path().join(format!("out-relative-{damage}"));
+        let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
+        args.extend(models.iter().map(String::as_str));
+        let (stats_s, out_s) = (
+            relative_stats.to_string_lossy().into_owned(),
+            out.to_string_lossy().into_owned(),
+        );
+        args.extend([
+            "--from-analysis",
+            &stats_s,
+            "--output-path",
+            &out_s,
+            "--quiet",
+        ]);
+        let o = run("ta-merge", &args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            !stderr(&o).contains("note: --from-analysis"),
             "{}",
             stderr(&o)
         );

@@ -886,3 +886,53 @@ fn adapters_beside_a_resized_fine_tune() {
         .expect("lm_head analysed");
     assert!(head[col("l2")].parse::<f64>().unwrap() > 0.0);
 }
+
+#[test]
+fn a_checkpoint_of_embeddings_only_is_matched_by_token_not_refused() {
+    // Every tensor the two share is resized: the other-size check leaves
+    // the token-indexed tensors to the alignment.
+    let dir = tempfile::tempdir().unwrap();
+    let hidden = 4;
+    for (name, tokens) in [("base", base_tokens()), ("ft", model_tokens("chat"))] {
+        let rows = tokens.len();
+        let embed = T::new(
+            "model.embed_tokens.weight",
+            Ty::F32,
+            &[rows, hidden],
+            noise(rows as u64, rows * hidden, 0.02),
+        );
+        write_model(&dir.path().join(name), &[embed], 1, false);
+        write_tokenizer(&dir.path().join(name), &tokens);
+    }
+    let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
+    let o = run(
+        "ta-merge",
+        &[
+            "--base-model-path",
+            &p("base"),
+            "--other-model-paths",
+            &p("ft"),
+            "--lambdas",
+            "1",
+            "--vocab",
+            "union",
+            "--output-path",
+            &p("out"),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run(
+        "ta-analyze",
+        &[
+            "--base",
+            &p("base"),
+            "--models",
+            &p("ft"),
+            "--outdir",
+            &p("stats"),
+            "--quiet",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -52,9 +52,6 @@ fn run(args: Args) -> Result<()> {
         beta: args.beta,
     };
     let mut config = base_config(&args)?;
-    for note in config.notes() {
-        eprintln!("note: {note}");
-    }
     let kind = config.method();
     refuse_unused_flags(&args, kind)?;
     let weights_given =
@@ -87,7 +84,7 @@ fn run(args: Args) -> Result<()> {
                 .cloned()
                 .zip(specs.iter().cloned())
                 .collect();
-            for difference in report::analysis_differences(dir, &base, &named)? {
+            for difference in report::analysis_differences(dir, &base, &named) {
                 eprintln!(
                     "note: --from-analysis {}: {difference}; its norms may describe other models",
                     dir.display()
@@ -120,9 +117,7 @@ fn run(args: Args) -> Result<()> {
         (None, None) => None,
     };
     apply_flags(&args, &mut config, lambdas.as_deref(), out_type)?;
-    for place in config.drop_unused() {
-        eprintln!("note: config key `{place}` has no effect with {kind}; left out");
-    }
+    let dropped = config.drop_unused();
     let granularity = Granularity::parse(&args.granularity).expect("clap checked --granularity");
     if let (Some(dir), Granularity::Group | Granularity::Tensor) =
         (&args.from_analysis, granularity)
@@ -132,6 +127,14 @@ fn run(args: Args) -> Result<()> {
     // A weight that varies by tensor (--granularity group|tensor) is shown
     // as such, not as the model-level weight no tensor is merged with.
     let mut recipe = recipe::from_config(&config, family.base.names().iter().map(String::as_str))?;
+    // Said once the settings are checked, so that a refused run prints only
+    // its error.
+    for note in config.notes() {
+        eprintln!("note: {note}");
+    }
+    for place in &dropped {
+        eprintln!("note: config key `{place}` has no effect with {kind}; left out");
+    }
     if let Some(note) = default_density_note(&config) {
         eprintln!("note: {note}");
     }
@@ -305,8 +308,9 @@ fn base_config(args: &Args) -> Result<MergeConfig> {
     Ok(config)
 }
 
-/// Refuses a flag that the method would ignore (a slip, or a flag meant for
-/// another method), naming the methods it applies to.
+/// Refuses a method parameter flag that the method would ignore (a slip, or
+/// a flag meant for another method), naming the methods it applies to;
+/// notes weights given to a method that uses none.
 fn refuse_unused_flags(args: &Args, kind: MethodKind) -> Result<()> {
     let given = [
         ("--density", ParamKey::Density, args.density.is_some()),
@@ -324,13 +328,6 @@ fn refuse_unused_flags(args: &Args, kind: MethodKind) -> Result<()> {
             args.density_scope.is_some(),
         ),
         ("--filter-wise", ParamKey::FilterWise, args.filter_wise),
-        ("--lambdas", ParamKey::Weight, args.lambdas.is_some()),
-        ("--l2-norms", ParamKey::Weight, args.l2_norms.is_some()),
-        (
-            "--from-analysis",
-            ParamKey::Weight,
-            args.from_analysis.is_some(),
-        ),
     ];
     for (flag, key, present) in given {
         if present && !key.applies_to(kind) {
@@ -338,6 +335,18 @@ fn refuse_unused_flags(args: &Args, kind: MethodKind) -> Result<()> {
                 "{flag} has no effect with --method {kind}; it applies to {}",
                 key.methods()
             );
+        }
+    }
+    // Scripts pass the models' norms whatever the method (merge_commands.sh
+    // does): for a method that weighs no models they are only noted.
+    let weights = [
+        ("--lambdas", args.lambdas.is_some()),
+        ("--l2-norms", args.l2_norms.is_some()),
+        ("--from-analysis", args.from_analysis.is_some()),
+    ];
+    for (flag, present) in weights {
+        if present && !kind.uses_weights() {
+            eprintln!("note: {flag} has no effect with --method {kind}: it weighs no models");
         }
     }
     Ok(())

@@ -194,8 +194,8 @@ pub fn analyze(family: &Family, opts: AnalyzeOptions, progress: &dyn Progress) -
         Ok(alignment) => alignment.filter(Alignment::needed),
         Err(e) => {
             notes.push(format!(
-                "resized embedding rows are not matched by token (as ta-merge --vocab base \
-                 would match them), so those tensors are skipped: {e}"
+                "resized embedding rows are not matched by token, so those tensors are \
+                 skipped (ta-merge would refuse them: {e})"
             ));
             None
         }

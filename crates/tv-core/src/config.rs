@@ -463,7 +463,7 @@ impl MergeConfig {
         match (self.dtype, self.out_dtype) {
             (Some(_), Some(_)) => notes.push(
                 "config key `dtype` has no effect here (arithmetic is always f64; `out_dtype` \
-                 names the output type)"
+                 or --dtype names the output type)"
                     .to_string(),
             ),
             (Some(dtype), None) => notes.push(format!(

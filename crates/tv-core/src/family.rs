@@ -200,10 +200,13 @@ impl Family {
                 )));
             }
             // Same names but no same shape: another size of the architecture.
+            // Embeddings and lm_head are left out: a resized vocabulary is
+            // matched by token.
             let mut pairs = self
                 .base
                 .names()
                 .iter()
+                .filter(|n| !crate::vocab::is_vocab_tensor(n))
                 .filter_map(|n| Some((n, self.base.get(n)?, model.get(n)?)));
             if pairs.clone().all(|(_, b, m)| b.shape != m.shape) {
                 if let Some((n, b, m)) = pairs.next() {

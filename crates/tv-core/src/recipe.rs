@@ -10,7 +10,7 @@
 
 use crate::config::{MergeConfig, ParamKey};
 use crate::error::{Error, Result};
-use crate::methods::{DensityScope, Rescale, Sparsification};
+use crate::methods::{DensityScope, Rescale};
 use crate::methods::{MethodSettings, ParamSource, Recipe, TensorParams};
 use crate::params::ParamValue;
 use crate::params::{layer_count, LayerPos};
@@ -124,31 +124,28 @@ pub fn from_config<'a>(
 /// the merge without relying on defaults. Rescaling is written as mergekit's boolean
 /// (`true` is L1) unless it is `inverse`.
 pub fn pin_settings(config: &mut MergeConfig, s: &MethodSettings) -> Result<()> {
-    let kind = s.kind;
-    if kind.uses_weights() && kind != crate::methods::MethodKind::Slerp {
+    let uses = |key: ParamKey| key.applies_to(s.kind);
+    if uses(ParamKey::Normalize) {
         config.set_param(ParamKey::Normalize, ParamValue::Bool(s.normalize))?;
     }
-    if let Some(sparsification) = kind.sparsification() {
+    if uses(ParamKey::Rescale) {
         let rescale = match s.rescale {
             Rescale::L1 => ParamValue::Bool(true),
             Rescale::None => ParamValue::Bool(false),
             Rescale::Inverse => ParamValue::Text("inverse".into()),
         };
         config.set_param(ParamKey::Rescale, rescale)?;
-        if matches!(
-            sparsification,
-            Sparsification::Random | Sparsification::DellaMagprune
-        ) {
-            config.set_param(ParamKey::Seed, ParamValue::Number(s.seed as f64))?;
-        }
+    }
+    if uses(ParamKey::Seed) {
+        config.set_param(ParamKey::Seed, ParamValue::Number(s.seed as f64))?;
     }
     if s.density_scope == DensityScope::Model {
         config.set_param(ParamKey::DensityScope, ParamValue::Text("model".into()))?;
     }
-    if kind == crate::methods::MethodKind::ModelStock {
+    if uses(ParamKey::FilterWise) {
         config.set_param(ParamKey::FilterWise, ParamValue::Bool(s.filter_wise))?;
     }
-    if kind == crate::methods::MethodKind::Slerp && config.global_param(ParamKey::T).is_none() {
+    if uses(ParamKey::T) && config.global_param(ParamKey::T).is_none() {
         // mergekit requires `t`: the default is written out.
         config.set_param(ParamKey::T, ParamValue::Number(DEFAULT_T))?;
     }

@@ -467,22 +467,25 @@ pub fn norms_from_analysis(dir: &Path, names: &[String]) -> Result<Vec<f64>> {
 /// `base` and `models` (`(name, spec)`, the specs as given now): one line per
 /// difference, naming both. A spec that exists locally is compared by its
 /// canonical path, so `./fam/base` and `fam/base` are the same; hub ids as
-/// written. Nothing when the file is absent or does not record paths.
-pub fn analysis_differences(
-    dir: &Path,
-    base: &str,
-    models: &[(String, String)],
-) -> Result<Vec<String>> {
+/// written. A recorded path that does not exist from here (the analysis ran
+/// in another folder) says nothing. Nothing either when the file is absent,
+/// unreadable or records no paths: the norms come from the summaries.
+pub fn analysis_differences(dir: &Path, base: &str, models: &[(String, String)]) -> Vec<String> {
     let path = dir.join("analysis.json");
-    let Some(text) = crate::sidecar::read_side_text_if_present(&path)? else {
-        return Ok(Vec::new());
+    let Ok(Some(text)) = crate::sidecar::read_side_text_if_present(&path) else {
+        return Vec::new();
     };
-    let v: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::bad_file(&path, format!("not valid JSON: {e}")))?;
-    let same = |a: &str, b: &str| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
+    let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        return Vec::new();
     };
+    let same =
+        |then: &str, now: &str| match (std::fs::canonicalize(then), std::fs::canonicalize(now)) {
+            (Ok(a), Ok(b)) => a == b,
+            (Err(_), Err(_)) => then == now,
+            // Recorded relative to another folder: no judgement.
+            (Err(_), Ok(_)) => true,
+            (Ok(_), Err(_)) => then == now,
+        };
     let mut out = Vec::new();
     if let Some(then) = v.get("base").and_then(Value::as_str) {
         if !same(then, base) {
@@ -507,7 +510,7 @@ pub fn analysis_differences(
             }
         }
     }
-    Ok(out)
+    out
 }
 
 /// Each model's `magnitude_histogram` entry from `DIR/analysis.json`, for

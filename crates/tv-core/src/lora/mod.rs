@@ -87,14 +87,25 @@ pub fn adapter_folder(spec: &str) -> Option<PathBuf> {
         .then_some(folder)
 }
 
-/// The adapter weight file in `spec`'s folder when the folder has no
-/// `adapter_config.json` to go with it (a copy that lost its config).
+/// The adapter weight file in `spec`'s folder when it is the folder's only
+/// weight file and no `adapter_config.json` goes with it (an adapter copied
+/// without its config); `None` for a checkpoint folder, even one that also
+/// holds an adapter's weights.
 pub fn adapter_weights_without_config(spec: &str) -> Option<PathBuf> {
     let folder = crate::locate::folder_of(spec)?;
     if folder.join("adapter_config.json").is_file() {
         return None;
     }
-    ["adapter_model.safetensors", "adapter_model.bin"]
+    let adapter_files = ["adapter_model.safetensors", "adapter_model.bin"];
+    let other_weights = std::fs::read_dir(&folder).ok()?.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let weights = name.ends_with(".safetensors") || name.ends_with(".bin");
+        weights && !adapter_files.contains(&name.as_str())
+    });
+    if other_weights {
+        return None;
+    }
+    adapter_files
         .into_iter()
         .map(|f| folder.join(f))
         .find(|p| p.exists())
