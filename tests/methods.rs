@@ -1071,6 +1071,19 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
         (
             &[
                 "--method",
+                "della",
+                "--lambdas",
+                "1",
+                "1",
+                "1",
+                "--density",
+                "0.9",
+            ],
+            "della needs density ± epsilon inside (0, 1), got density 0.9 and epsilon 0.15",
+        ),
+        (
+            &[
+                "--method",
                 "ties",
                 "--lambdas",
                 "1",

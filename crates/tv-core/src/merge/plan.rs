@@ -436,7 +436,7 @@ fn plan_tensor(
         (Action::Copy, None)
     } else {
         let params = recipe.params.tensor_params(name)?;
-        check_params(name, &params, family)?;
+        check_params(name, &params, recipe.settings.kind, family)?;
         (Action::Merge(sources), Some(params))
     };
     Ok(PlannedTensor {
@@ -527,7 +527,7 @@ fn plan_rows(
         });
     }
     let params = recipe.params.tensor_params(name)?;
-    check_params(name, &params, family)?;
+    check_params(name, &params, kind, family)?;
     let divides = kind == MethodKind::Linear && recipe.settings.normalize;
     check_row_weights(name, alignment, &sources, &params, divides)?;
     Ok(PlannedTensor {
@@ -584,7 +584,7 @@ fn check_model_count(kind: MethodKind, models: usize) -> Result<()> {
 }
 
 /// Refuses parameters that are not finite numbers.
-fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
+fn check_params(name: &str, p: &TensorParams, kind: MethodKind, family: &Family) -> Result<()> {
     let per_model = [
         ("weight", &p.weight),
         ("density", &p.density),
@@ -604,6 +604,11 @@ fn check_params(name: &str, p: &TensorParams, family: &Family) -> Result<()> {
             return Err(Error::InvalidArgument(format!(
                 "tensor '{name}': {what} {v} is not a finite number"
             )));
+        }
+    }
+    if kind.sparsification() == Some(crate::methods::Sparsification::DellaMagprune) {
+        for (&rho, &eps) in p.density.iter().zip(&p.epsilon) {
+            crate::methods::sparsify::check_della(name, rho, eps)?;
         }
     }
     Ok(())

@@ -158,13 +158,7 @@ impl Sparsifier {
                     Sparsification::DellaMagprune if rho <= 0.0 => Pending::Ready(Mask::Nothing),
                     Sparsification::DellaMagprune => {
                         let eps = p.epsilon[m];
-                        if !(rho - eps > 0.0 && rho + eps < 1.0) {
-                            return Err(Error::InvalidArgument(format!(
-                                "tensor '{}': della needs density ± epsilon inside (0, 1), \
-                                 got density {rho} and epsilon {eps}",
-                                t.name
-                            )));
-                        }
+                        check_della(t.name, rho, eps)?;
                         Pending::Ready(Mask::Della {
                             density: rho,
                             epsilon: eps,
@@ -348,6 +342,19 @@ impl ThinLoop for WeightedSum<'_> {
             *s += *x;
         }
     }
+}
+
+/// DELLA's keep probabilities ρ ± ε must lie inside (0, 1) when it drops
+/// anything (0 < ρ < 1); checked when the merge is planned, and again
+/// where the mask is made.
+pub(crate) fn check_della(tensor: &str, rho: f64, eps: f64) -> Result<()> {
+    if rho <= 0.0 || rho >= 1.0 || (rho - eps > 0.0 && rho + eps < 1.0) {
+        return Ok(());
+    }
+    Err(Error::InvalidArgument(format!(
+        "tensor '{tensor}': della needs density ± epsilon inside (0, 1), got density {rho} \
+         and epsilon {eps}"
+    )))
 }
 
 /// ⌊ρn⌋, the number of entries a density keeps.
