@@ -1003,6 +1003,20 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
     let out_s = out.to_string_lossy().into_owned();
     let base = f.path("base");
     let models = f.models();
+    let merge_with = |flags: &[&str]| -> std::process::Output {
+        let mut args = vec!["--base-model-path", base.as_str(), "--other-model-paths"];
+        args.extend(models.iter().map(String::as_str));
+        args.extend(["--output-path", out_s.as_str(), "--quiet"]);
+        args.extend_from_slice(flags);
+        run("ta-merge", &args)
+    };
+    let merge_config = |config: &Path| {
+        let config = config.to_string_lossy();
+        run(
+            "ta-merge",
+            &["--config", &config, "--output-path", &out_s, "--quiet"],
+        )
+    };
     for (flags, named) in [
         (
             &["--lambdas", "1", "1", "1", "--density", "0.3"][..],
@@ -1095,11 +1109,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
             "rescale `inverse` (--rescale, or `rescale` in a config) applies to dare and della",
         ),
     ] {
-        let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
-        args.extend(models.iter().map(String::as_str));
-        args.extend(["--output-path", &out_s, "--quiet"]);
-        args.extend_from_slice(flags);
-        let o = run("ta-merge", &args);
+        let o = merge_with(flags);
         assert_eq!(o.status.code(), Some(1), "{flags:?}: {}", stderr(&o));
         assert_one_line_error(&o, &[named]);
         assert!(!out.exists(), "{flags:?}");
@@ -1116,16 +1126,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
     }
     text.push_str("parameters: {t: 0.3, lambda: 0.9}\ndtype: float32\n");
     std::fs::write(&config, text).unwrap();
-    let o = run(
-        "ta-merge",
-        &[
-            "--config",
-            &config.to_string_lossy(),
-            "--output-path",
-            &out_s,
-            "--quiet",
-        ],
-    );
+    let o = merge_config(&config);
     assert!(o.status.success(), "{}", stderr(&o));
     let said = stderr(&o);
     for note in [
@@ -1159,16 +1160,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
         models[0], models[1]
     );
     std::fs::write(&config, text).unwrap();
-    let o = run(
-        "ta-merge",
-        &[
-            "--config",
-            &config.to_string_lossy(),
-            "--output-path",
-            &out_s,
-            "--quiet",
-        ],
-    );
+    let o = merge_config(&config);
     assert_one_line_error(
         &o,
         &[
@@ -1180,20 +1172,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
 
     // Weights given to a method that weighs no models are only noted:
     // scripts pass the norms whatever the method.
-    let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
-    args.extend(models.iter().map(String::as_str));
-    args.extend([
-        "--output-path",
-        &out_s,
-        "--quiet",
-        "--method",
-        "magmax",
-        "--l2-norms",
-        "1",
-        "2",
-        "3",
-    ]);
-    let o = run("ta-merge", &args);
+    let o = merge_with(&["--method", "magmax", "--l2-norms", "1", "2", "3"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o)
@@ -1204,20 +1183,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
     std::fs::remove_dir_all(&out).unwrap();
 
     // A method that thins with no density anywhere says that it keeps all.
-    let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
-    args.extend(models.iter().map(String::as_str));
-    args.extend([
-        "--output-path",
-        &out_s,
-        "--quiet",
-        "--method",
-        "della",
-        "--lambdas",
-        "1",
-        "1",
-        "1",
-    ]);
-    let o = run("ta-merge", &args);
+    let o = merge_with(&["--method", "della", "--lambdas", "1", "1", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("no density given: della keeps every entry"),
