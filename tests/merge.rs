@@ -570,7 +570,10 @@ fn bad_weights_and_flags_are_refused_with_one_line() {
             vec!["--l2_norms", "1", "0", "--mode", "power"],
             vec!["m1", "--mode exp"],
         ),
-        (vec!["--l2_norms", "0", "0"], vec!["every norm is 0"]),
+        (
+            vec!["--l2_norms", "0", "0"],
+            vec!["--l2_norms: every norm is 0"],
+        ),
         (
             vec!["--l2_norms", "1", "2", "--lambdas", "1", "2"],
             vec!["--lambdas"],

@@ -63,8 +63,8 @@ fn fam_with(ty: Ty, shards: usize, tied: bool, scales: &[f64], big: &[usize]) ->
     Fam { dir, base, models }
 }
 
-/// Runs ta-merge on `f` into `out` with `extra` flags; panics on failure.
-fn merge(f: &Fam, out: &Path, extra: &[&str]) {
+/// Runs ta-merge on `f` into `out` with `extra` flags.
+fn merge_output(f: &Fam, out: &Path, extra: &[&str]) -> std::process::Output {
     let base = f.path("base");
     let models = f.models();
     let out_s = out.to_string_lossy().into_owned();
@@ -72,8 +72,25 @@ fn merge(f: &Fam, out: &Path, extra: &[&str]) {
     args.extend(models.iter().map(String::as_str));
     args.extend(["--output-path", &out_s, "--quiet"]);
     args.extend_from_slice(extra);
-    let o = run("ta-merge", &args);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    run("ta-merge", &args)
+}
+
+/// [`merge_output`], panicking on failure.
+fn merge(f: &Fam, out: &Path, extra: &[&str]) {
+    let o = merge_output(f, out, extra);
+    assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+}
+
+/// Runs ta-analyze on `f` into `stats`; panics on failure.
+fn analyse(f: &Fam, stats: &Path) {
+    let base = f.path("base");
+    let models = f.models();
+    let stats_s = stats.to_string_lossy().into_owned();
+    let mut args = vec!["--base", &base, "--models"];
+    args.extend(models.iter().map(String::as_str));
+    args.extend(["--outdir", &stats_s, "--quiet"]);
+    let o = run("ta-analyze", &args);
+    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// Compares the merged folder with `want` (exact merged values per
@@ -753,12 +770,7 @@ fn whole_model_ties_from_an_analysis_uses_its_counts_and_writes_the_same_bytes()
     let f = fam(Ty::BF16, 2, false, &SCALES);
     let stats = f.dir.path().join("stats");
     let (base, models) = (f.path("base"), f.models());
-    let stats_s = stats.to_string_lossy().into_owned();
-    let mut args = vec!["--base", &base, "--models"];
-    args.extend(models.iter().map(String::as_str));
-    args.extend(["--outdir", &stats_s, "--quiet"]);
-    let o = run("ta-analyze", &args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    analyse(&f, &stats);
     // The same analysis without analysis.json: summaries only.
     let bare = f.dir.path().join("bare");
     for name in ["m0", "m1", "m2"] {
@@ -935,14 +947,8 @@ fn group(name: &str) -> String {
 fn weights_per_group_and_per_tensor_come_from_the_analysis_norms() {
     let f = fam(Ty::BF16, 1, false, &SCALES);
     let stats = f.dir.path().join("stats");
-    let base = f.path("base");
-    let models = f.models();
-    let mut args = vec!["--base", &base, "--models"];
-    args.extend(models.iter().map(String::as_str));
     let stats_s = stats.to_string_lossy().into_owned();
-    args.extend(["--outdir", &stats_s, "--quiet"]);
-    let o = run("ta-analyze", &args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    analyse(&f, &stats);
     for granularity in ["group", "tensor"] {
         let out = f.dir.path().join(format!("out-{granularity}"));
         merge(
@@ -1003,13 +1009,7 @@ fn flags_a_method_ignores_are_refused_and_config_keys_it_ignores_are_left_out() 
     let out_s = out.to_string_lossy().into_owned();
     let base = f.path("base");
     let models = f.models();
-    let merge_with = |flags: &[&str]| -> std::process::Output {
-        let mut args = vec!["--base-model-path", base.as_str(), "--other-model-paths"];
-        args.extend(models.iter().map(String::as_str));
-        args.extend(["--output-path", out_s.as_str(), "--quiet"]);
-        args.extend_from_slice(flags);
-        run("ta-merge", &args)
-    };
+    let merge_with = |flags: &[&str]| merge_output(&f, &out, flags);
     let merge_config = |config: &Path| {
         let config = config.to_string_lossy();
         run(
@@ -1199,11 +1199,7 @@ fn an_analysis_of_other_checkpoints_is_named_in_a_note() {
     let stats_s = stats.to_string_lossy().into_owned();
     let base = f.path("base");
     let models = f.models();
-    let mut args = vec!["--base", &base, "--models"];
-    args.extend(models.iter().map(String::as_str));
-    args.extend(["--outdir", &stats_s, "--quiet"]);
-    let o = run("ta-analyze", &args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    analyse(&f, &stats);
     // A copy of the second model under another folder, same name.
     let elsewhere = f.dir.path().join("elsewhere");
     let moved = elsewhere.join("m1");
@@ -1273,20 +1269,8 @@ fn an_analysis_of_other_checkpoints_is_named_in_a_note() {
             std::fs::write(relative_stats.join("analysis.json"), "{\"trunc").unwrap();
         }
         let out = f.dir.path().join(format!("out-relative-{damage}"));
-        let mut args = vec!["--base-model-path", &base, "--other-model-paths"];
-        args.extend(models.iter().map(String::as_str));
-        let (stats_s, out_s) = (
-            relative_stats.to_string_lossy().into_owned(),
-            out.to_string_lossy().into_owned(),
-        );
-        args.extend([
-            "--from-analysis",
-            &stats_s,
-            "--output-path",
-            &out_s,
-            "--quiet",
-        ]);
-        let o = run("ta-merge", &args);
+        let stats_s = relative_stats.to_string_lossy().into_owned();
+        let o = merge_output(&f, &out, &["--from-analysis", &stats_s]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(
             !stderr(&o).contains("note: --from-analysis"),
@@ -1294,4 +1278,19 @@ fn an_analysis_of_other_checkpoints_is_named_in_a_note() {
             stderr(&o)
         );
     }
+
+    // A norm the weights cannot use is blamed on the analysis it came from.
+    let zero = f.dir.path().join("zero-stats");
+    for (name, norm) in [("m0", 0.0), ("m1", 1.0), ("m2", 2.0)] {
+        std::fs::create_dir_all(zero.join(name)).unwrap();
+        let summary = format!("{{\"global_l2\": {norm}}}");
+        std::fs::write(zero.join(name).join("summary.json"), summary).unwrap();
+    }
+    let zero_s = zero.to_string_lossy().into_owned();
+    let out = f.dir.path().join("out-zero");
+    let o = merge_output(&f, &out, &["--from-analysis", &zero_s, "--mode", "linear"]);
+    assert_one_line_error(
+        &o,
+        &[&format!("--from-analysis {zero_s}: model 'm0' has norm 0")],
+    );
 }

@@ -96,17 +96,10 @@ fn run(args: Args) -> Result<()> {
     };
     let lambdas = match (&norms, &args.lambdas) {
         (Some(norms), _) => Some(
-            weights::lambdas_from_norms(&family.names, norms, params).map_err(|e| {
-                // The norms' messages name --l2_norms; name the analysis when
-                // the norms came from it.
-                let message = e.to_string();
+            weights::lambdas_from_norms(&family.names, norms, params).with_context(|| {
                 match (&args.l2_norms, &args.from_analysis) {
-                    (None, Some(dir)) => anyhow::anyhow!(message.replacen(
-                        "--l2_norms",
-                        &format!("--from-analysis {}", dir.display()),
-                        1
-                    )),
-                    _ => anyhow::anyhow!(message),
+                    (None, Some(dir)) => format!("--from-analysis {}", dir.display()),
+                    _ => "--l2_norms".to_string(),
                 }
             })?,
         ),
@@ -254,7 +247,8 @@ fn weights_per_tensor(
             _ => format!("tensor '{t}'"),
         })
         .collect();
-    let per_tensor = weights::lambdas_per_tensor(&family.names, &norms, &what, params)?;
+    let per_tensor = weights::lambdas_per_tensor(&family.names, &norms, &what, params)
+        .with_context(|| format!("--from-analysis {}", dir.display()))?;
     for i in 0..family.models.len() {
         let entries = tensors
             .iter()

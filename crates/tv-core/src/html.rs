@@ -161,13 +161,11 @@ pub fn write_report(analysis: &Analysis, dir: &Path) -> Result<()> {
                 let _ = write!(h, "<td>{x:.6}</td>");
             }),
             Err(e) => {
-                // The message names ta-merge's flag; here the norms are the analysis'.
-                let e = e.strip_prefix("--l2_norms: ").unwrap_or(&e);
                 let _ = write!(
                     h,
                     "<td class=\"l\" colspan=\"{}\">{}</td>",
                     names.len(),
-                    esc(e)
+                    esc(&e)
                 );
             }
         }

@@ -90,7 +90,8 @@ impl Default for WeightParams {
 }
 
 /// Computes normalised weights from L2 norms. `names` label the models in
-/// error messages and must be as long as `norms`.
+/// error messages and must be as long as `norms`; the messages do not say
+/// where the norms came from (a flag, an analysis): the caller does.
 pub fn lambdas_from_norms(
     names: &[String],
     norms: &[f64],
@@ -98,7 +99,7 @@ pub fn lambdas_from_norms(
 ) -> Result<Vec<f64>> {
     if names.len() != norms.len() {
         return Err(Error::InvalidArgument(format!(
-            "--l2_norms: got {} norms for {} models; give one norm per model, in the same order",
+            "got {} norms for {} models; give one norm per model, in the same order",
             norms.len(),
             names.len()
         )));
@@ -109,7 +110,7 @@ pub fn lambdas_from_norms(
     for (name, &l) in names.iter().zip(norms) {
         if !l.is_finite() || l < 0.0 {
             return Err(Error::InvalidArgument(format!(
-                "--l2_norms: norm {l} for model '{name}' is not a finite non-negative number"
+                "norm {l} for model '{name}' is not a finite non-negative number"
             )));
         }
     }
@@ -130,7 +131,7 @@ pub fn lambdas_from_norms(
         Mode::Linear | Mode::Power => {
             if let Some((name, _)) = names.iter().zip(norms).find(|(_, &l)| l == 0.0) {
                 return Err(Error::InvalidArgument(format!(
-                    "--l2_norms: model '{name}' has norm 0 (it equals the base), and {} mode \
+                    "model '{name}' has norm 0 (it equals the base), and {} mode \
                      divides by the norm; use --mode exp, or leave the model out",
                     params.mode.name()
                 )));
@@ -146,7 +147,7 @@ pub fn lambdas_from_norms(
             let mean = norms.iter().sum::<f64>() / norms.len() as f64;
             if mean == 0.0 {
                 return Err(Error::InvalidArgument(
-                    "--l2_norms: every norm is 0, so every model equals the base and exp mode \
+                    "every norm is 0, so every model equals the base and exp mode \
                      has no scale; there is nothing to merge"
                         .into(),
                 ));
