@@ -332,16 +332,6 @@ pub(crate) struct DellaScratch {
     pub order: Vec<(u64, u32)>,
     pub packed: Vec<u64>,
     pub probability: Vec<f64>,
-    pub tables: Vec<RankTable>,
-}
-
-/// DELLA's keep probability by rank, for rows of `by_rank.len()` entries
-/// and the parameters whose bits are kept.
-#[derive(Debug)]
-pub(crate) struct RankTable {
-    pub density_bits: u64,
-    pub epsilon_bits: u64,
-    pub by_rank: Vec<f64>,
 }
 
 /// A merge method: a pre-pass per tensor, then a per-block combine.

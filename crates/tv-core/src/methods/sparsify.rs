@@ -15,9 +15,7 @@ use super::fused::{Lane, ThinLoop};
 use super::inputs::{fixed_parts, Block, TensorInputs, Visit, BLOCK};
 use super::rng::Draws;
 use super::select::{self, Cut, Target};
-use super::{
-    DellaScratch, MethodSettings, RankTable, Rescale, Scratch, Sparsification, TensorParams,
-};
+use super::{DellaScratch, MethodSettings, Rescale, Scratch, Sparsification, TensorParams};
 use crate::error::{Error, Result};
 use crate::simd::keep_or_zero;
 use std::sync::Arc;
@@ -40,10 +38,10 @@ pub(crate) enum Mask {
         p: f64,
         draws: Draws,
     },
-    /// Kept with probability (ρ − ε) + 2ε · (rank of |d| in its row)/(row − 1).
+    /// Kept with probability (ρ − ε) + 2ε · (rank of |d| in its row)/(row − 1):
+    /// `by_rank`, one entry per rank of the tensor's rows.
     Della {
-        density: f64,
-        epsilon: f64,
+        by_rank: Arc<[f64]>,
         draws: Draws,
     },
 }
@@ -160,8 +158,7 @@ impl Sparsifier {
                         let eps = p.epsilon[m];
                         check_della(t.name, rho, eps)?;
                         Pending::Ready(Mask::Della {
-                            density: rho,
-                            epsilon: eps,
+                            by_rank: keep_probabilities(t.row_len(), rho, eps),
                             draws: Draws::new(settings.seed, m, t.name),
                         })
                     }
@@ -223,24 +220,13 @@ impl Sparsifier {
                     *o = keep_or_zero(*o * scale, u < *p);
                 }
             }
-            Mask::Della {
-                density,
-                epsilon,
-                draws,
-            } => {
+            Mask::Della { by_rank, draws } => {
                 scratch.a.resize(block.len, 0.0);
                 draws.fill(block.first, &mut scratch.a);
                 let row = t.row_len();
                 for (r, out) in out.chunks_mut(row).enumerate() {
                     let draws = &scratch.a[r * row..r * row + out.len()];
-                    della_row(
-                        out,
-                        draws,
-                        *density,
-                        *epsilon,
-                        self.inverse,
-                        &mut scratch.della,
-                    );
+                    della_row(out, draws, by_rank, self.inverse, &mut scratch.della);
                 }
             }
         }
@@ -371,26 +357,24 @@ pub(crate) fn outlier_window(rho: f64, gamma: f64, n: u64) -> (u64, u64) {
 }
 
 /// DELLA on one row: ranks by |d| ascending (equal magnitudes in index
-/// order), keep probability from the rank, drop or keep by the draws.
+/// order), keep probability `by_rank[rank]`, drop or keep by the draws.
 /// Inlined so that it is compiled into the vectorised copy of the merge.
 #[inline(always)]
 fn della_row(
     row: &mut [f64],
     draws: &[f64],
-    density: f64,
-    epsilon: f64,
+    by_rank: &[f64],
     inverse: bool,
     buffers: &mut DellaScratch,
 ) {
+    assert_eq!(row.len(), by_rank.len(), "a whole row");
     let DellaScratch {
         order,
         packed,
         probability,
-        tables,
     } = buffers;
     probability.clear();
     probability.resize(row.len(), 0.0);
-    let by_rank = keep_probabilities(tables, row.len(), density, epsilon);
     // Order by |d| bits, then index. When the magnitudes' low bits are free
     // (deltas of bf16 or f16 values usually leave them zero), the index is
     // packed into them and plain u64s are sorted, which is faster.
@@ -429,38 +413,18 @@ fn della_row(
 
 /// DELLA's keep probability of each rank in a row of `n` entries:
 /// (ρ − ε) + 2ε · rank/(n − 1) (rank scaled to 0.5 in a row of one). The
-/// same for every row of a tensor, so computed once per row length and
-/// parameters and kept in `tables` (a few: one per model's parameters).
-fn keep_probabilities(tables: &mut Vec<RankTable>, n: usize, density: f64, epsilon: f64) -> &[f64] {
-    let matches = |t: &RankTable| {
-        t.by_rank.len() == n
-            && t.density_bits == density.to_bits()
-            && t.epsilon_bits == epsilon.to_bits()
-    };
-    let at = match tables.iter().position(matches) {
-        Some(at) => at,
-        None => {
-            if tables.len() >= 8 {
-                tables.clear();
-            }
-            let scaled = |rank: usize| {
-                if n == 1 {
-                    0.5
-                } else {
-                    rank as f64 / (n - 1) as f64
-                }
-            };
-            tables.push(RankTable {
-                density_bits: density.to_bits(),
-                epsilon_bits: epsilon.to_bits(),
-                by_rank: (0..n)
-                    .map(|rank| (density - epsilon) + 2.0 * epsilon * scaled(rank))
-                    .collect(),
-            });
-            tables.len() - 1
+/// same for every row of a tensor, so made once per tensor and model.
+fn keep_probabilities(n: usize, density: f64, epsilon: f64) -> Arc<[f64]> {
+    let scaled = |rank: usize| {
+        if n == 1 {
+            0.5
+        } else {
+            rank as f64 / (n - 1) as f64
         }
     };
-    &tables[at].by_rank
+    (0..n)
+        .map(|rank| (density - epsilon) + 2.0 * epsilon * scaled(rank))
+        .collect()
 }
 
 /// Σ|d| and Σ|thinned d| per model.
