@@ -112,6 +112,21 @@ pub(crate) fn bf16_is_finite(bits: u16) -> bool {
     bits & 0x7F80 != 0x7F80
 }
 
+/// `bytes` as little-endian bf16 words, when they are aligned for `u16` on a
+/// little-endian machine (the common case: read in place); `None` otherwise.
+#[inline(always)]
+pub(crate) fn bf16_words(bytes: &[u8]) -> Option<&[u16]> {
+    #[cfg(target_endian = "little")]
+    {
+        bytemuck::try_cast_slice::<u8, u16>(bytes).ok()
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        let _ = bytes;
+        None
+    }
+}
+
 /// Decodes bf16 words into f64 and tells whether every one is finite (the
 /// test vectorises with the conversion, so it costs next to nothing).
 #[inline(always)]
@@ -135,8 +150,7 @@ pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
         FloatType::BF16 => {
             // Aligned little-endian data is read as u16 words (much faster);
             // the byte-wise loop covers any alignment.
-            #[cfg(target_endian = "little")]
-            if let Ok(words) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+            if let Some(words) = bf16_words(bytes) {
                 decode_bf16_words(words, out);
                 return;
             }
@@ -167,9 +181,8 @@ pub fn decode_f64(ty: FloatType, bytes: &[u8], out: &mut [f64]) {
 /// the values a second time.
 #[inline(always)]
 pub fn decode_f64_finite(ty: FloatType, bytes: &[u8], out: &mut [f64]) -> bool {
-    #[cfg(target_endian = "little")]
     if ty == FloatType::BF16 {
-        if let Ok(words) = bytemuck::try_cast_slice::<u8, u16>(bytes) {
+        if let Some(words) = bf16_words(bytes) {
             return decode_bf16_words(words, out);
         }
     }

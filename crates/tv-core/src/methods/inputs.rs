@@ -13,7 +13,7 @@
 
 use super::operands::Bf16Block;
 use crate::checkpoint::{Checkpoint, TensorRef};
-use crate::dtype::{all_finite, decode_f64_finite, FloatType};
+use crate::dtype::{decode_f64_finite, FloatType};
 use crate::error::{Error, Result};
 use crate::family::ModelTensor;
 use crate::interrupt;
@@ -249,10 +249,12 @@ impl<'a> TensorInputs<'a> {
                 ModelInput::Stored(s) => decode_f64_finite(s.ty, s.range(start, end), out),
                 ModelInput::Adapter { .. } => {
                     let d = expanded.delta(i, start, end);
+                    let mut all = true;
                     for ((o, &d), &b) in out.iter_mut().zip(d).zip(base.iter()) {
                         *o = b + d;
+                        all &= o.is_finite();
                     }
-                    all_finite(out)
+                    all
                 }
                 ModelInput::Untouched => {
                     out.copy_from_slice(base);
@@ -270,9 +272,11 @@ impl<'a> TensorInputs<'a> {
     }
 
     /// Elements `start..end` as the stored words, when the base and every
-    /// model store the tensor as bf16 at an aligned offset; `words` is
-    /// filled with the models' slices. None otherwise (other types,
-    /// adapters, or a big-endian machine): the block is decoded.
+    /// stored model hold the tensor as bf16 at an aligned offset; `words`
+    /// is filled with the models' slices (a model an adapter leaves
+    /// untouched reads the base's). None otherwise (other types, adapters
+    /// that change the tensor, or a big-endian machine): the block is
+    /// decoded.
     #[inline(always)]
     pub fn bf16_block<'s>(
         &'s self,
@@ -280,34 +284,27 @@ impl<'a> TensorInputs<'a> {
         end: usize,
         words: &'s mut Vec<&'a [u16]>,
     ) -> Option<Bf16Block<'s>> {
-        #[cfg(target_endian = "little")]
-        {
-            let stored = |input: &Input<'a>| -> Option<&'a [u16]> {
-                if input.ty != FloatType::BF16 {
-                    return None;
-                }
-                bytemuck::try_cast_slice(input.range(start, end)).ok()
-            };
-            let base = stored(&self.base)?;
-            words.clear();
-            for (_, m) in &self.models {
-                match m {
-                    ModelInput::Stored(s) => words.push(stored(s)?),
-                    ModelInput::Adapter { .. } | ModelInput::Untouched => return None,
-                }
+        let stored = |input: &Input<'a>| -> Option<&'a [u16]> {
+            if input.ty != FloatType::BF16 {
+                return None;
             }
-            Some(Bf16Block {
-                first: start,
-                len: end - start,
-                base,
-                models: words,
-            })
+            crate::dtype::bf16_words(input.range(start, end))
+        };
+        let base = stored(&self.base)?;
+        words.clear();
+        for (_, m) in &self.models {
+            match m {
+                ModelInput::Stored(s) => words.push(stored(s)?),
+                ModelInput::Untouched => words.push(base),
+                ModelInput::Adapter { .. } => return None,
+            }
         }
-        #[cfg(not(target_endian = "little"))]
-        {
-            let _ = (start, end, words);
-            None
-        }
+        Some(Bf16Block {
+            first: start,
+            len: end - start,
+            base,
+            models: words,
+        })
     }
 
     /// Lets a pre-pass leave the tensor's pages resident for the merge
