@@ -19,11 +19,12 @@ use crate::interrupt;
 use crate::kernels::{convert_range, merge_range, Addend};
 use crate::methods::gta::Gta;
 use crate::methods::inputs::{
-    Block, Expanded, Input, ModelInput, Scratch as DecodeScratch, TensorInputs, SEGMENT,
+    Expanded, Input, ModelInput, Scratch as DecodeScratch, TensorInputs, SEGMENT,
 };
 use crate::methods::linear::Linear;
 use crate::methods::magmax::Magmax;
 use crate::methods::model_stock::ModelStock;
+use crate::methods::operands::{Operands, Values};
 use crate::methods::select;
 use crate::methods::slerp::Slerp;
 use crate::methods::sparsify::{ModelCut, Pending};
@@ -437,33 +438,32 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
         while s < last {
             let e = (s + self.block).min(last);
             merged.resize(e - s, 0.0);
-            // Straight from the stored words where the method can; a block
-            // with a non-finite input is done again below, decoded, so that
-            // its NaN reaches the output.
-            let done = match self.inputs.bf16_block(s, e, &mut words) {
-                Some(stored) => {
-                    self.method.combine_bf16(
-                        self.state,
-                        self.inputs,
-                        self.params,
-                        &stored,
-                        &mut scratch,
-                        &mut merged,
-                    ) && stored.finite()
-                }
-                None => false,
-            };
-            if !done {
-                let b = self.inputs.decode(s, e, self.expanded, &mut decoded);
-                self.method.combine(
+            // Straight from the stored words where the method can, else
+            // decoded; either way a non-finite input makes its entry NaN.
+            let from_words = self.inputs.bf16_block(s, e, &mut words).filter(|stored| {
+                self.method.combine_bf16(
                     self.state,
                     self.inputs,
                     self.params,
-                    &b,
+                    stored,
                     &mut scratch,
                     &mut merged,
-                );
-                propagate_nonfinite(&b, &mut merged);
+                )
+            });
+            match from_words {
+                Some(stored) => propagate_nonfinite(&stored, &mut merged),
+                None => {
+                    let b = self.inputs.decode(s, e, self.expanded, &mut decoded);
+                    self.method.combine(
+                        self.state,
+                        self.inputs,
+                        self.params,
+                        &b,
+                        &mut scratch,
+                        &mut merged,
+                    );
+                    propagate_nonfinite(&b, &mut merged);
+                }
             }
             let bytes = &mut self.out[out_type.byte_range(s - self.first, e - self.first)];
             encode_f64(out_type, &merged, bytes);
@@ -479,15 +479,17 @@ impl<M: Method> crate::simd::Kernel for CombineTask<'_, M> {
 /// such an entry out), so the non-finite check refuses it and names the
 /// input, as for Task Arithmetic.
 #[inline(always)]
-fn propagate_nonfinite(block: &Block<'_>, merged: &mut [f64]) {
-    // Inputs are nearly always finite (decoding tells): a block is
-    // rewritten only when it holds a non-finite input.
-    if block.finite {
+fn propagate_nonfinite<O: Operands>(block: &O, merged: &mut [f64]) {
+    // Inputs are nearly always finite: a block is rewritten only when it
+    // holds a non-finite input.
+    if block.finite() {
         return;
     }
-    for input in std::iter::once(block.base).chain(block.models.chunks(block.len.max(1))) {
-        for (m, &x) in merged.iter_mut().zip(input) {
-            *m = crate::simd::nan_if(*m, !x.is_finite());
+    let inputs =
+        std::iter::once(block.base()).chain((0..block.model_count()).map(|i| block.model(i)));
+    for input in inputs {
+        for (j, m) in merged.iter_mut().enumerate() {
+            *m = crate::simd::nan_if(*m, !input.at(j).is_finite());
         }
     }
 }

@@ -103,6 +103,10 @@ pub(crate) unsafe trait Operands {
     fn base(&self) -> Self::Values<'_>;
     /// Model `i` (position among the tensor's models).
     fn model(&self, i: usize) -> Self::Values<'_>;
+    /// Number of models.
+    fn model_count(&self) -> usize;
+    /// Whether every value of the base and of every model is finite.
+    fn finite(&self) -> bool;
 }
 
 // SAFETY: the slices are fields of the block, the same on every call;
@@ -132,6 +136,17 @@ unsafe impl Operands for Block<'_> {
     fn model(&self, i: usize) -> &[f64] {
         Block::model(self, i)
     }
+
+    #[inline(always)]
+    fn model_count(&self) -> usize {
+        self.models.len().checked_div(self.len).unwrap_or(0)
+    }
+
+    /// Known from decoding.
+    #[inline(always)]
+    fn finite(&self) -> bool {
+        self.finite
+    }
 }
 
 /// A block of a tensor whose base and models are all stored as aligned
@@ -142,19 +157,6 @@ pub(crate) struct Bf16Block<'a> {
     pub len: usize,
     pub base: &'a [u16],
     pub models: &'a [&'a [u16]],
-}
-
-impl Bf16Block<'_> {
-    /// Whether every value is finite (no bf16 with all exponent bits set).
-    #[inline(always)]
-    pub fn finite(&self) -> bool {
-        let finite = |words: &[u16]| {
-            words
-                .iter()
-                .fold(true, |all, &w| all & crate::dtype::bf16_is_finite(w))
-        };
-        finite(self.base) && self.models.iter().all(|m| finite(m))
-    }
 }
 
 // SAFETY: the slices are fields of the block, the same on every call;
@@ -183,6 +185,22 @@ unsafe impl Operands for Bf16Block<'_> {
     #[inline(always)]
     fn model(&self, i: usize) -> &[u16] {
         self.models[i]
+    }
+
+    #[inline(always)]
+    fn model_count(&self) -> usize {
+        self.models.len()
+    }
+
+    /// A scan of the words: none has every exponent bit set.
+    #[inline(always)]
+    fn finite(&self) -> bool {
+        let finite = |words: &[u16]| {
+            words
+                .iter()
+                .fold(true, |all, &w| all & crate::dtype::bf16_is_finite(w))
+        };
+        finite(self.base) && self.models.iter().all(|m| finite(m))
     }
 }
 
