@@ -13,3 +13,18 @@ pub(crate) fn noise(seed: u64, n: usize, scale: f64) -> Vec<f64> {
         })
         .collect()
 }
+
+/// `values` stored as bf16: the little-endian words, and the values those
+/// words decode to (the rounding of each value to bf16).
+pub(crate) fn stored_bf16(values: &[f64]) -> (Vec<u16>, Vec<f64>) {
+    use crate::dtype::{decode_f64, encode_f64, FloatType};
+    let mut bytes = vec![0u8; 2 * values.len()];
+    encode_f64(FloatType::BF16, values, &mut bytes);
+    let mut decoded = vec![0.0; values.len()];
+    decode_f64(FloatType::BF16, &bytes, &mut decoded);
+    let words = bytes
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    (words, decoded)
+}

@@ -314,11 +314,10 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::{decode_f64, encode_f64, FloatType};
     use crate::methods::inputs::Block;
     use crate::methods::operands::Bf16Block;
     use crate::simd::{with_variant, Variant};
-    use crate::testdata::noise;
+    use crate::testdata::{noise, stored_bf16};
 
     /// The merged value of entry `j`, straight from the definition in
     /// [`super::super::gta`], one entry at a time in f64.
@@ -415,19 +414,8 @@ mod tests {
         models[3 * len + 7] = f64::NAN;
         models[3 * len + 8] = f64::INFINITY;
         // Stored as bf16: the words, and the values they decode to.
-        let stored = |v: &[f64]| -> (Vec<u16>, Vec<f64>) {
-            let mut bytes = vec![0u8; 2 * v.len()];
-            encode_f64(FloatType::BF16, v, &mut bytes);
-            let mut decoded = vec![0.0; v.len()];
-            decode_f64(FloatType::BF16, &bytes, &mut decoded);
-            let words = bytes
-                .chunks_exact(2)
-                .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                .collect();
-            (words, decoded)
-        };
-        let (base_words, base) = stored(&base);
-        let (model_words, models) = stored(&models);
+        let (base_words, base) = stored_bf16(&base);
+        let (model_words, models) = stored_bf16(&models);
         let block = Block {
             first: 0,
             len,

@@ -91,9 +91,9 @@ impl Values for &[u16] {
 /// every model.
 ///
 /// # Safety
-/// The AVX2 loops check the lengths once and then load without checks:
-/// `base()` and every `model(i)` must return the same values on every call,
-/// each holding at least `len()` entries.
+/// The AVX2 loops check the lengths once (`fused::combine` and
+/// `window::classify` assert them) and then load without checks: `base()`
+/// and every `model(i)` must return the same slices on every call.
 pub(crate) unsafe trait Operands {
     type Values<'s>: Values
     where
@@ -109,8 +109,7 @@ pub(crate) unsafe trait Operands {
     fn finite(&self) -> bool;
 }
 
-// SAFETY: the slices are fields of the block, the same on every call;
-// decoding makes the base and every model `len` long.
+// SAFETY: the slices are fields of the block, the same on every call.
 unsafe impl Operands for Block<'_> {
     type Values<'s>
         = &'s [f64]
@@ -159,8 +158,7 @@ pub(crate) struct Bf16Block<'a> {
     pub models: &'a [&'a [u16]],
 }
 
-// SAFETY: the slices are fields of the block, the same on every call;
-// `TensorInputs::bf16_block` makes the base and every model `len` long.
+// SAFETY: the slices are fields of the block, the same on every call.
 unsafe impl Operands for Bf16Block<'_> {
     type Values<'s>
         = &'s [u16]
@@ -222,8 +220,7 @@ pub(crate) fn avx2() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dtype::{decode_f64, encode_f64, FloatType};
-    use crate::testdata::noise;
+    use crate::testdata::{noise, stored_bf16};
 
     #[test]
     fn stored_words_read_as_their_decoded_values() {
@@ -232,14 +229,7 @@ mod tests {
         values[9] = f64::INFINITY;
         values[10] = -0.0;
         values[11] = 1e-40; // subnormal in f32 and in bf16
-        let mut bytes = vec![0u8; 2 * values.len()];
-        encode_f64(FloatType::BF16, &values, &mut bytes);
-        let mut decoded = vec![0f64; values.len()];
-        decode_f64(FloatType::BF16, &bytes, &mut decoded);
-        let words: Vec<u16> = bytes
-            .chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]))
-            .collect();
+        let (words, decoded) = stored_bf16(&values);
         let bits = |x: f64| x.to_bits();
         for (j, &x) in decoded.iter().enumerate() {
             assert_eq!(bits(words.as_slice().at(j)), bits(x), "{j}");

@@ -782,6 +782,7 @@ impl WindowAcc {
 mod tests {
     use super::*;
     use crate::simd::{with_variant, Variant};
+    use crate::testdata::stored_bf16;
 
     #[test]
     fn classify_counts_as_the_definition_says_in_every_form() {
@@ -822,13 +823,11 @@ mod tests {
             };
             // The grid's values are exact in bf16: the stored words too.
             let words = |v: &[f64]| -> Vec<u16> {
-                v.iter()
-                    .map(|&x| {
-                        let bits = (x as f32).to_bits();
-                        assert_eq!(bits & 0xFFFF, 0, "{x} is a bf16");
-                        (bits >> 16) as u16
-                    })
-                    .collect()
+                let (words, decoded) = stored_bf16(v);
+                for (x, d) in v.iter().zip(&decoded) {
+                    assert_eq!(x.to_bits(), d.to_bits(), "{x} is a bf16");
+                }
+                words
             };
             let (m16, b16) = (words(&m), words(&b));
             let counts = |c: &Classified| (c.above, c.equal, c.inside);
