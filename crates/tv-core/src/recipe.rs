@@ -19,8 +19,8 @@ use crate::params::{layer_count, LayerPos};
 const DEFAULT_DENSITY: f64 = 1.0;
 const DEFAULT_GAMMA: f64 = 0.01;
 const DEFAULT_EPSILON: f64 = 0.15;
-const DEFAULT_LAMBDA: f64 = 1.0;
-const DEFAULT_T: f64 = 0.5;
+pub(crate) const DEFAULT_LAMBDA: f64 = 1.0;
+pub(crate) const DEFAULT_T: f64 = 0.5;
 
 /// Each tensor's parameters, read from a config.
 #[derive(Debug)]

@@ -291,10 +291,10 @@ impl RecordSettings {
         };
         Self {
             scale: uses(ParamKey::Lambda)
-                .then(|| number(ParamKey::Lambda, 1.0))
+                .then(|| number(ParamKey::Lambda, crate::recipe::DEFAULT_LAMBDA))
                 .flatten(),
             t: uses(ParamKey::T)
-                .then(|| number(ParamKey::T, 0.5))
+                .then(|| number(ParamKey::T, crate::recipe::DEFAULT_T))
                 .flatten(),
             normalize: uses(ParamKey::Normalize).then_some(s.normalize),
             rescale: uses(ParamKey::Rescale).then(|| s.rescale.name()),
